@@ -1,0 +1,73 @@
+"""Typed domain errors.
+
+Every layer raises these; the API maps each class to one HTTP status in one place. A message always
+says what went wrong *and* what the user should do next.
+"""
+
+
+class ClaasError(Exception):
+    """Base class of every claas domain error."""
+
+    status_code = 500
+
+
+class InvalidRequest(ClaasError):
+    """Input that can never succeed as sent (bad shapes, bad ids, bad config)."""
+
+    status_code = 422
+
+
+class InvalidLoraId(InvalidRequest):
+    """A `lora_id` that is not `owner/name` with the allowed characters."""
+
+
+class InvalidFeedback(InvalidRequest):
+    """A feedback request that cannot be trained on."""
+
+
+class ContextTooLong(InvalidRequest):
+    """A prompt (student or teacher) that does not fit the model's context window."""
+
+
+class NotFound(ClaasError):
+    status_code = 404
+
+
+class AdapterNotFound(NotFound):
+    pass
+
+
+class VersionNotFound(NotFound):
+    pass
+
+
+class RolloutNotFound(NotFound):
+    pass
+
+
+class FeedbackNotFound(NotFound):
+    pass
+
+
+class CheckpointNotFound(NotFound):
+    """A checkpoint path that does not exist or lies outside the storage dir."""
+
+
+class ModelNotFound(NotFound):
+    """A configured model that is not installed locally."""
+
+
+class Conflict(ClaasError):
+    status_code = 409
+
+
+class AdapterExists(Conflict):
+    pass
+
+
+class NothingToTrain(Conflict):
+    """Feedback on a rollout that came from the base model, which has no adapter to train."""
+
+
+class TrainingFailed(ClaasError):
+    status_code = 500

@@ -1,0 +1,76 @@
+"""Prompt rendering: the student's chat prompt and the teacher's hindsight prompt.
+
+The teacher is the frozen base model, shown the student's conversation with the user's feedback
+appended to the last user turn as hindsight context (DESIGN.md, "Teacher prompt"). The response
+tokens are scored unchanged after it. This module is the one place that renders either prompt.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from transformers import PreTrainedTokenizerBase
+
+Message = Mapping[str, Any]
+
+
+def chat_prompt_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    add_generation_prompt: bool = True,
+) -> list[int]:
+    """Token ids of `messages` rendered with the tokenizer's chat template."""
+    encoded = tokenizer.apply_chat_template(
+        [{**m, "content": message_text(m["content"])} for m in messages],
+        add_generation_prompt=add_generation_prompt,
+        tokenize=True,
+        return_dict=True,
+    )
+    return [int(t) for t in encoded["input_ids"]]
+
+
+HINDSIGHT_HEADER = "=== HINDSIGHT CONTEXT ==="
+HINDSIGHT_INTRO = (
+    "The following is a future message from the user. Use it to guide your answer to the "
+    "message above."
+)
+
+
+def message_text(content: Any) -> str:
+    """A message's text: a plain string, or OpenAI-style content parts of type text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, Sequence):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, Mapping))
+    raise ValueError(f"message content must be a string or a list of text parts, not {content!r}")
+
+
+def teacher_messages(
+    messages: Sequence[Message], feedback: str, repetitions: int = 1
+) -> list[dict[str, Any]]:
+    """The student's conversation with `feedback` appended to the last user turn as hindsight.
+
+    The system prompt and earlier turns are unchanged. `repetitions` > 1 repeats the feedback
+    (separated by blank lines) to strengthen the hindsight signal.
+    """
+    rendered = [{**m, "content": message_text(m["content"])} for m in messages]
+    last_user = max((i for i, m in enumerate(rendered) if m["role"] == "user"), default=None)
+    if last_user is None:
+        raise ValueError("the conversation has no user turn to attach the feedback to")
+    hint = "\n\n".join([feedback.strip()] * repetitions)
+    rendered[last_user]["content"] += f"\n\n{HINDSIGHT_HEADER}\n{HINDSIGHT_INTRO}\n{hint}"
+    return rendered
+
+
+def teacher_prompt_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    feedback: str,
+    repetitions: int = 1,
+) -> list[int]:
+    """The teacher's prompt: hindsight messages, chat template, generation prompt.
+
+    The response tokens are appended unchanged by the caller, never re-encoded or truncated.
+    """
+    return chat_prompt_tokens(tokenizer, teacher_messages(messages, feedback, repetitions))

@@ -1,0 +1,34 @@
+"""Shared fixtures: the real embedded model and the tiny random Llama, each loaded once.
+
+The model cache lives in `<repo>/.cache/models` (override with CLAAS_TEST_MODEL_CACHE), so the
+one-time GGUF conversion is shared by every test of a run and by later runs.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from claas.models import LoadedModel, load_model, tiny_llama
+from claas.settings import EMBEDDED_MODEL
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def model_cache() -> Path:
+    return Path(os.environ.get("CLAAS_TEST_MODEL_CACHE", REPO / ".cache" / "models"))
+
+
+@pytest.fixture(scope="session")
+def tiny(model_cache: Path) -> LoadedModel:
+    """Tiny random Llama (2 layers, hidden 64) with the real SmolLM2 tokenizer."""
+    return tiny_llama(model_cache, seed=0)
+
+
+@pytest.fixture(scope="session")
+def smol(model_cache: Path) -> LoadedModel:
+    """The real embedded SmolLM2-135M-Instruct, on CPU."""
+    return load_model(EMBEDDED_MODEL, model_cache, device="cpu")
