@@ -1,0 +1,144 @@
+"""Torch kernels of the local service: next-token log-probs, prompt scoring and sampling.
+
+Pure functions of a causal LM and token ids; they know nothing of adapters, futures or Tinker
+types. Log-probs are always full-vocabulary, temperature-1, float32 (`logits − logsumexp`), so the
+log-prob a sampler reports for a token is the same number a training forward pass computes for it.
+
+Alignment: logits at position i predict token i + 1. A prompt of length L therefore has L − 1
+scored positions; position 0 has no preceding context.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+StopCheck = Callable[[list[int]], bool]
+
+
+def log_softmax_f32(logits: torch.Tensor) -> torch.Tensor:
+    """Full-vocabulary log-probs in float32, whatever the model's dtype."""
+    logits = logits.float()
+    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+
+
+@dataclass(frozen=True)
+class PromptScores:
+    """Scores of a prompt's own tokens. Row i of each tensor describes prompt position i + 1."""
+
+    token_logprobs: torch.Tensor  # (L-1,) log-prob of prompt[i+1]
+    topk_ids: torch.Tensor | None  # (L-1, k)
+    topk_logprobs: torch.Tensor | None  # (L-1, k)
+    target_logprobs: torch.Tensor | None  # (L-1, K) at the requested ids, 0.0 where id == -1
+
+
+def score_prompt(
+    logits: torch.Tensor, prompt: torch.Tensor, topk: int, targets: torch.Tensor | None
+) -> PromptScores:
+    """Score a prompt from its prefill logits (L, V) and ids (L,)."""
+    logprobs = log_softmax_f32(logits[:-1])  # (L-1, V): row i predicts prompt[i+1]
+    token_logprobs = logprobs.gather(-1, prompt[1:, None]).squeeze(-1)
+    topk_ids = topk_logprobs = None
+    if topk > 0:
+        topk_logprobs, topk_ids = logprobs.topk(min(topk, logprobs.shape[-1]), dim=-1)
+    target_logprobs = None
+    if targets is not None:
+        skip = targets < 0
+        target_logprobs = logprobs.gather(-1, targets.clamp(min=0)).masked_fill(skip, 0.0)
+    return PromptScores(token_logprobs, topk_ids, topk_logprobs, target_logprobs)
+
+
+@dataclass(frozen=True)
+class SamplingRule:
+    temperature: float
+    top_k: int
+    top_p: float
+
+
+def choose_next(
+    logits: torch.Tensor, rule: SamplingRule, generator: torch.Generator
+) -> torch.Tensor:
+    """Pick one token per row of `logits` (n, V). Temperature 0 is greedy."""
+    if rule.temperature <= 0:
+        return logits.argmax(dim=-1)
+    scaled = logits.float() / rule.temperature
+    if 0 < rule.top_k < scaled.shape[-1]:
+        kth = scaled.topk(rule.top_k, dim=-1).values[..., -1:]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    if rule.top_p < 1.0:
+        sorted_logits, order = scaled.sort(dim=-1, descending=True)
+        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
+        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= rule.top_p
+        drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+        scaled = scaled.masked_fill(drop, float("-inf"))
+    probs = scaled.softmax(dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    logprobs: list[float]
+    stopped: bool  # True: a stop token or string ended it; False: max_tokens did
+
+
+def prefill(model: Any, prompt: torch.Tensor) -> tuple[torch.Tensor, Any]:
+    """Run the prompt (L,) once. Returns its logits (L, V) and the KV cache."""
+    out = model(input_ids=prompt[None], use_cache=True)
+    return out.logits[0], out.cache
+
+
+def generate(
+    model: Any,
+    prompt_logits_last: torch.Tensor,
+    cache: Any,
+    num_samples: int,
+    max_tokens: int,
+    rule: SamplingRule,
+    stop_ids: Sequence[int],
+    stop_check: StopCheck | None,
+    generator: torch.Generator,
+    on_token: Callable[[int, int, float], None] | None = None,
+) -> list[Generation]:
+    """Sample `num_samples` continuations in one batch, after a prefill of batch size 1.
+
+    `on_token(sample_index, token, logprob)` is called as each token is chosen, for streaming.
+    """
+    if num_samples > 1:
+        cache.batch_repeat_interleave(num_samples)
+    logits = prompt_logits_last[None].expand(num_samples, -1)
+    generations = [Generation([], [], False) for _ in range(num_samples)]
+    active = list(range(num_samples))
+    stop_set = set(stop_ids)
+    for _ in range(max_tokens):
+        next_tokens = choose_next(logits, rule, generator)
+        next_logprobs = log_softmax_f32(logits).gather(-1, next_tokens[:, None]).squeeze(-1)
+        still_active = []
+        for row, index in enumerate(active):
+            token, logprob = int(next_tokens[row]), float(next_logprobs[row])
+            generation = generations[index]
+            generation.tokens.append(token)
+            generation.logprobs.append(logprob)
+            if on_token is not None:
+                on_token(index, token, logprob)
+            if token in stop_set or (stop_check is not None and stop_check(generation.tokens)):
+                generation.stopped = True
+            else:
+                still_active.append(row)
+        if len(still_active) < len(active):
+            if not still_active:
+                break
+            keep = torch.tensor(still_active, device=next_tokens.device)
+            cache.batch_select_indices(keep)
+            next_tokens = next_tokens[keep]
+            active = [active[row] for row in still_active]
+        if len(generations[active[0]].tokens) >= max_tokens:
+            break
+        out = model(input_ids=next_tokens[:, None], cache=cache, use_cache=True)
+        logits = out.logits[:, -1]
+        cache = out.cache
+    return generations

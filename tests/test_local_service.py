@@ -1,0 +1,509 @@
+"""The local training service against Tinker's semantics, on the tiny Llama (and a few on SmolLM2).
+
+References are computed independently in each test: a plain forward pass of an untouched copy of
+the model, or a plain PEFT model, never the service's own code path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from tinker import types
+
+from claas.errors import CheckpointNotFound, ContextTooLong, InvalidRequest
+from claas.models import LoadedModel, tiny_llama
+from claas.prompts import chat_prompt_tokens
+from claas.services.local import LocalServiceClient, LocalTrainingClient
+
+TOKENS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 2]
+
+
+@pytest.fixture
+def reference(model_cache: Path) -> LoadedModel:
+    """An untouched copy of the tiny model (same seed as the service's)."""
+    return tiny_llama(model_cache, seed=0)
+
+
+@pytest.fixture
+def service(model_cache: Path, tmp_path: Path) -> Iterator[LocalServiceClient]:
+    svc = LocalServiceClient(tiny_llama(model_cache, seed=0), tmp_path / "checkpoints")
+    yield svc
+    svc.close()
+
+
+def plain_logprobs(model: Any, tokens: list[int]) -> torch.Tensor:
+    """(L-1, V) log-probs; row i predicts tokens[i+1]. Independent of claas code."""
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([tokens])).logits[0].float()
+    return torch.log_softmax(logits, dim=-1)[:-1]
+
+
+def ce_datum(tokens: list[int], k: int = 0, seed: int = 0) -> types.Datum:
+    rng = np.random.default_rng(seed)
+    n = len(tokens) - 1
+    if k == 0:
+        targets = np.asarray(tokens[1:], dtype=np.int64)
+        weights = rng.uniform(0.1, 1.0, size=n).astype(np.float32)
+    else:
+        targets = rng.integers(0, 49152, size=(n, k)).astype(np.int64)
+        weights = rng.normal(size=(n, k)).astype(np.float32)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={"target_tokens": targets, "weights": weights},
+    )
+
+
+def perturb(trainer: LocalTrainingClient, seed: int = 1) -> None:
+    """Give the adapter non-zero B matrices so gradients reach every LoRA weight."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in trainer.lora_parameters().values():
+            param.add_(0.05 * torch.randn(param.shape, generator=generator))
+
+
+def new_trainer(service: LocalServiceClient, seed: int = 0, rank: int = 4) -> LocalTrainingClient:
+    return service.create_lora_training_client(
+        service.base_model, rank=rank, seed=seed, train_unembed=False
+    ).result()
+
+
+# ---------------------------------------------------------------------------------------------
+# Losses and gradients
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cross_entropy_loss_is_tinkers_plain_sum(
+    service: LocalServiceClient, reference: LoadedModel
+) -> None:
+    trainer = new_trainer(service)  # fresh LoRA (B = 0) computes exactly the base model
+    datums = [ce_datum(TOKENS, seed=0), ce_datum(TOKENS[:9], seed=1)]
+    out = trainer.forward_backward(datums, "cross_entropy").result()
+    expected = 0.0
+    for datum, output in zip(datums, out.loss_fn_outputs, strict=True):
+        tokens = datum.model_input.to_ints()
+        targets = datum.loss_fn_inputs["target_tokens"].to_numpy()
+        weights = datum.loss_fn_inputs["weights"].to_numpy()
+        logprobs = plain_logprobs(reference.model, [*tokens, int(targets[-1])])
+        picked = logprobs[torch.arange(len(tokens)), torch.from_numpy(targets)].numpy()
+        np.testing.assert_allclose(output["logprobs"].to_numpy(), picked, atol=1e-5)
+        expected += float(-(picked * weights).sum())
+    assert out.metrics["loss:sum"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_importance_sampling_loss_is_tinkers_formula(
+    service: LocalServiceClient, reference: LoadedModel
+) -> None:
+    trainer = new_trainer(service)
+    targets = np.asarray(TOKENS[1:], dtype=np.int64)
+    sampling = np.full(len(targets), -9.0, dtype=np.float32)
+    advantages = np.linspace(-1, 1, len(targets)).astype(np.float32)
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+        loss_fn_inputs={"target_tokens": targets, "logprobs": sampling, "advantages": advantages},
+    )
+    out = trainer.forward([datum], "importance_sampling").result()
+    logprobs = plain_logprobs(reference.model, TOKENS)
+    picked = logprobs[torch.arange(len(targets)), torch.from_numpy(targets)].numpy()
+    expected = -(np.exp(picked - sampling) * advantages).sum()
+    assert out.metrics["loss:sum"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_topk_cross_entropy_gradient_equals_autograd(
+    service: LocalServiceClient, model_cache: Path
+) -> None:
+    trainer = new_trainer(service)
+    perturb(trainer)
+    datums = [ce_datum(TOKENS, k=5, seed=2), ce_datum(TOKENS[:7], k=5, seed=3)]
+    trainer.forward_backward(datums, "cross_entropy").result()
+    got = {name: p.grad.clone() for name, p in trainer.lora_parameters().items()}
+
+    # Independent: a plain PEFT model with the same weights, the loss written out by hand.
+    config = LoraConfig(
+        r=4,
+        lora_alpha=32,
+        target_modules=[
+            "q_proj",
+            "k_proj",
+            "v_proj",
+            "o_proj",
+            "gate_proj",
+            "up_proj",
+            "down_proj",
+        ],
+        lora_dropout=0.0,
+    )
+    peft = get_peft_model(tiny_llama(model_cache, seed=0).model, config)
+    params = {n.replace(".default.", "."): p for n, p in peft.named_parameters() if "lora_" in n}
+    with torch.no_grad():
+        for name, value in trainer.lora_parameters().items():
+            params[name].copy_(value)
+    loss = torch.zeros(())
+    for datum in datums:
+        logits = peft(input_ids=torch.tensor([datum.model_input.to_ints()])).logits[0]
+        logprobs = torch.log_softmax(logits.float(), dim=-1)
+        targets = datum.loss_fn_inputs["target_tokens"].to_torch()
+        weights = datum.loss_fn_inputs["weights"].to_torch()
+        loss = loss - (logprobs.gather(-1, targets) * weights).sum()
+    loss.backward()
+    assert set(got) == set(params)
+    for name, param in params.items():
+        assert param.grad is not None
+        scale = float(param.grad.abs().max())  # float32 sums in another order: relative atol
+        torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-5 * max(scale, 1e-3))
+    assert any(g.abs().max() > 0 for g in got.values())
+
+
+def test_importance_sampling_step_raises_the_advantaged_token(
+    service: LocalServiceClient,
+) -> None:
+    trainer = new_trainer(service)
+    sampler = trainer.save_weights_and_get_sampling_client(kind="inflight").result()
+    prompt = types.ModelInput.from_ints(TOKENS)
+    before = sampler.compute_logprobs(prompt).result()
+    targets = np.asarray(TOKENS[1:], dtype=np.int64)
+    advantages = np.zeros(len(targets), dtype=np.float32)
+    advantages[5] = 1.0
+    datum = types.Datum(
+        model_input=types.ModelInput.from_ints(TOKENS[:-1]),
+        loss_fn_inputs={
+            "target_tokens": targets,
+            "logprobs": np.asarray(before[1:], dtype=np.float32),
+            "advantages": advantages,
+        },
+    )
+    fwd = trainer.forward_backward([datum], "importance_sampling")
+    opt = trainer.optim_step(types.AdamParams(learning_rate=1e-3))
+    fwd.result(), opt.result()
+    after = sampler.compute_logprobs(prompt).result()
+    assert after[6] is not None and before[6] is not None
+    assert after[6] > before[6] + 1e-3
+
+
+def test_optim_step_honours_grad_clip_and_weight_decay(service: LocalServiceClient) -> None:
+    trainer = new_trainer(service)
+    perturb(trainer)
+    start = {n: p.detach().clone() for n, p in trainer.lora_parameters().items()}
+    trainer.forward_backward([ce_datum(TOKENS, k=3)], "cross_entropy").result()
+    grads = {n: p.grad.clone() for n, p in trainer.lora_parameters().items()}
+    norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
+    params = types.AdamParams(
+        learning_rate=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_clip_norm=0.5
+    )
+    out = trainer.optim_step(params).result()
+    assert out.metrics is not None and out.metrics["grad_norm"] == pytest.approx(norm, rel=1e-5)
+    # Independent AdamW step on copies, with the gradient clipped to norm 0.5.
+    copies = {n: torch.nn.Parameter(v.clone()) for n, v in start.items()}
+    for name, copy in copies.items():
+        copy.grad = grads[name] * min(1.0, 0.5 / (norm + 1e-6))
+    torch.optim.AdamW(
+        list(copies.values()), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1
+    ).step()
+    for name, param in trainer.lora_parameters().items():
+        torch.testing.assert_close(param.detach(), copies[name].detach(), rtol=1e-5, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------
+# Sampling and scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def test_prompt_scores_align_with_a_plain_forward_pass(
+    service: LocalServiceClient, reference: LoadedModel
+) -> None:
+    sampler = service.create_sampling_client(base_model=service.base_model).result()
+    n = len(TOKENS)
+    targets = torch.full((n - 1, 3), -1, dtype=torch.int64)
+    targets[:, 0] = torch.tensor(TOKENS[1:])  # the actual next tokens
+    targets[4, 1] = 7
+    targets[4, 2] = 11
+    out = sampler.sample(
+        types.ModelInput.from_ints(TOKENS),
+        1,
+        types.SamplingParams(max_tokens=1, temperature=0.0),
+        include_prompt_logprobs=True,
+        topk_prompt_logprobs=4,
+        target_prompt_logprobs=types.TensorData.from_torch_sparse(targets, pad_value=-1),
+    ).result()
+    expected = plain_logprobs(reference.model, TOKENS)  # row i predicts TOKENS[i+1]
+    assert out.prompt_logprobs is not None and out.prompt_logprobs[0] is None
+    for position in range(1, n):  # prompt_logprobs[i] scores TOKENS[i] given TOKENS[:i]
+        assert out.prompt_logprobs[position] == pytest.approx(
+            float(expected[position - 1, TOKENS[position]]), abs=1e-5
+        )
+    assert out.topk_prompt_logprobs is not None and out.topk_prompt_logprobs[0] is None
+    top = out.topk_prompt_logprobs[3]
+    assert top is not None
+    values, ids = expected[2].topk(4)
+    assert [t for t, _ in top] == ids.tolist()
+    assert [lp for _, lp in top] == sorted((lp for _, lp in top), reverse=True)
+    np.testing.assert_allclose([lp for _, lp in top], values.numpy(), atol=1e-5)
+    assert out.target_prompt_logprobs is not None
+    scored = out.target_prompt_logprobs.to_numpy()
+    assert scored.shape == (n - 1, 3)
+    np.testing.assert_allclose(  # row i scores position i+1: equals prompt_logprobs[i+1]
+        scored[:, 0], np.asarray(out.prompt_logprobs[1:], dtype=np.float32), atol=1e-6
+    )
+    assert scored[4, 1] == pytest.approx(float(expected[4, 7]), abs=1e-5)
+    assert scored[3, 1] == 0.0  # -1 means skip
+    computed = sampler.compute_logprobs(types.ModelInput.from_ints(TOKENS)).result()
+    assert computed == pytest.approx(out.prompt_logprobs, abs=1e-6)
+
+
+def test_greedy_sampling_matches_argmax_decoding(
+    service: LocalServiceClient, reference: LoadedModel
+) -> None:
+    sampler = service.create_sampling_client(base_model=service.base_model).result()
+    out = sampler.sample(
+        types.ModelInput.from_ints(TOKENS[:6]), 1, types.SamplingParams(max_tokens=8, temperature=0)
+    ).result()
+    sequence = out.sequences[0]
+    tokens = list(TOKENS[:6])
+    for token, logprob in zip(sequence.tokens, sequence.logprobs or [], strict=True):
+        row = plain_logprobs(reference.model, [*tokens, 0])[-1]
+        assert token == int(row.argmax())
+        assert logprob == pytest.approx(float(row[token]), abs=1e-4)
+        tokens.append(token)
+    assert len(sequence.tokens) == 8 and sequence.stop_reason == "length"
+
+
+def test_sampling_params_are_honoured(service: LocalServiceClient) -> None:
+    sampler = service.create_sampling_client(base_model=service.base_model).result()
+    prompt = types.ModelInput.from_ints(TOKENS[:6])
+
+    def run(n: int = 1, **params: Any) -> types.SampleResponse:
+        return sampler.sample(prompt, n, types.SamplingParams(**params)).result()
+
+    first = run(4, max_tokens=6, temperature=1.0, seed=7)
+    again = run(4, max_tokens=6, temperature=1.0, seed=7)
+    assert len(first.sequences) == 4
+    assert [s.tokens for s in first.sequences] == [s.tokens for s in again.sequences]
+    assert len({tuple(s.tokens) for s in first.sequences}) > 1  # batched rows differ
+    greedy = run(max_tokens=6, temperature=0).sequences[0].tokens
+    assert run(max_tokens=6, temperature=1.0, top_k=1, seed=3).sequences[0].tokens == greedy
+    assert run(max_tokens=6, temperature=1.0, top_p=1e-6, seed=3).sequences[0].tokens == greedy
+    stop_at = greedy[2]
+    stopped = run(max_tokens=6, temperature=0, stop=[stop_at]).sequences[0]
+    assert stopped.tokens == greedy[: greedy.index(stop_at) + 1]
+    assert stopped.stop_reason == "stop"
+    text = service.get_tokenizer().decode(greedy[:3])
+    by_string = run(max_tokens=6, temperature=0, stop=[text[-2:]]).sequences[0]
+    assert by_string.stop_reason == "stop" and len(by_string.tokens) <= 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------
+
+
+def _train_steps(trainer: LocalTrainingClient, seeds: list[int]) -> None:
+    for seed in seeds:
+        trainer.forward_backward([ce_datum(TOKENS, k=3, seed=seed)], "cross_entropy")
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2, weight_decay=0.01)).result()
+
+
+def _weights(trainer: LocalTrainingClient) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in trainer.lora_parameters().items()}
+
+
+def test_resume_with_optimizer_equals_training_straight_through(
+    service: LocalServiceClient,
+) -> None:
+    straight = new_trainer(service, seed=5)
+    perturb(straight)
+    _train_steps(straight, [1, 2, 3])
+
+    first = new_trainer(service, seed=5)
+    perturb(first)
+    _train_steps(first, [1, 2])
+    path = first.save_state("step2").result().path
+    assert path.startswith("local://") and "/weights/step2" in path
+
+    resumed = service.create_training_client_from_state_with_optimizer(path).result()
+    _train_steps(resumed, [3])
+    for name, value in _weights(straight).items():
+        torch.testing.assert_close(_weights(resumed)[name], value, rtol=1e-6, atol=1e-8)
+
+    weights_only = service.create_training_client_from_state(path).result()
+    _train_steps(weights_only, [3])  # fresh Adam moments: must differ from straight-through
+    assert any(
+        not torch.allclose(_weights(weights_only)[n], v) for n, v in _weights(straight).items()
+    )
+
+
+def test_checkpoint_loads_in_plain_peft(service: LocalServiceClient, model_cache: Path) -> None:
+    trainer = new_trainer(service)
+    perturb(trainer)
+    path = trainer.save_weights_for_sampler("v1").result().path
+    directory = service.storage_dir / path.removeprefix("local://")
+    assert {p.name for p in directory.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    assert not (directory / "optimizer.pt").exists()
+    plain = PeftModel.from_pretrained(tiny_llama(model_cache, seed=0).model, directory)
+    sampler = service.create_sampling_client(model_path=path).result()
+    ours = sampler.compute_logprobs(types.ModelInput.from_ints(TOKENS)).result()
+    expected = plain_logprobs(plain, TOKENS)[torch.arange(len(TOKENS) - 1), TOKENS[1:]]
+    np.testing.assert_allclose(np.asarray(ours[1:], dtype=np.float32), expected.numpy(), atol=1e-5)
+    base = service.create_sampling_client(base_model=service.base_model).result()
+    assert base.compute_logprobs(types.ModelInput.from_ints(TOKENS)).result() != ours
+
+
+def test_adapters_do_not_contaminate_each_other_or_the_base(service: LocalServiceClient) -> None:
+    prompt = types.ModelInput.from_ints(TOKENS)
+    base = service.create_sampling_client(base_model=service.base_model).result()
+    other = new_trainer(service, seed=9)
+    perturb(other, seed=9)
+    other_sampler = service.create_sampling_client(
+        model_path=other.save_weights_for_sampler("frozen").result().path
+    ).result()
+    base_before = base.compute_logprobs(prompt).result()
+    other_before = other_sampler.compute_logprobs(prompt).result()
+
+    trainer = new_trainer(service, seed=1)
+    perturb(trainer)
+    live = trainer.save_weights_and_get_sampling_client(kind="inflight").result()
+    live_before = live.compute_logprobs(prompt).result()
+    for _ in range(3):
+        trainer.forward_backward([ce_datum(TOKENS, k=3)], "cross_entropy")
+        # Interleave: sample the other adapter and the base between training calls.
+        other_sampler.compute_logprobs(prompt)
+        base.compute_logprobs(prompt)
+        trainer.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+
+    assert base.compute_logprobs(prompt).result() == base_before
+    assert other_sampler.compute_logprobs(prompt).result() == other_before
+    assert live.compute_logprobs(prompt).result() != live_before  # training did change it
+
+
+def test_concurrent_async_callers_get_correct_results(service: LocalServiceClient) -> None:
+    prompt = types.ModelInput.from_ints(TOKENS)
+    base = service.create_sampling_client(base_model=service.base_model).result()
+    trainer = new_trainer(service)
+    perturb(trainer)
+    snapshot = trainer.save_weights_and_get_sampling_client().result()
+    expected_base = base.compute_logprobs(prompt).result()
+    expected_snap = snapshot.compute_logprobs(prompt).result()
+
+    async def main() -> list[Any]:
+        calls: list[Any] = []
+        for _ in range(4):
+            calls.append(base.compute_logprobs(prompt))
+            calls.append(snapshot.compute_logprobs(prompt))
+            calls.append(trainer.forward_backward([ce_datum(TOKENS, k=2)], "cross_entropy"))
+            calls.append(trainer.optim_step(types.AdamParams(learning_rate=1e-2)))
+        return list(await asyncio.gather(*calls))
+
+    results = asyncio.run(main())
+    for index in range(0, len(results), 4):
+        assert results[index] == expected_base
+        assert results[index + 1] == expected_snap  # a snapshot does not follow training
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors(service: LocalServiceClient) -> None:
+    trainer = new_trainer(service)
+    datum = ce_datum(TOKENS)
+    with pytest.raises(InvalidRequest, match="loss_fn 'dpo' is not supported"):
+        trainer.forward_backward([datum], "dpo")  # type: ignore[arg-type]
+    short = types.Datum(
+        model_input=datum.model_input,
+        loss_fn_inputs={"target_tokens": np.asarray(TOKENS[1:4]), "weights": np.ones(3)},
+    )
+    with pytest.raises(InvalidRequest, match="target_tokens has shape"):
+        trainer.forward_backward([short], "cross_entropy")
+    mismatched = types.Datum(
+        model_input=datum.model_input,
+        loss_fn_inputs={"target_tokens": np.asarray(TOKENS[1:]), "weights": np.ones(3)},
+    )
+    with pytest.raises(InvalidRequest, match="weights has shape"):
+        trainer.forward_backward([mismatched], "cross_entropy")
+    nan = types.Datum(
+        model_input=datum.model_input,
+        loss_fn_inputs={
+            "target_tokens": np.asarray(TOKENS[1:]),
+            "weights": np.full(len(TOKENS) - 1, np.nan),
+        },
+    )
+    with pytest.raises(InvalidRequest, match="NaN"):
+        trainer.forward_backward([nan], "cross_entropy")
+    with pytest.raises(InvalidRequest, match="missing"):
+        trainer.forward_backward([datum], "importance_sampling")
+    with pytest.raises(InvalidRequest, match="not served here"):
+        service.create_lora_training_client("Qwen/Qwen3-8B")
+    for bad in [
+        "local://run-x/weights/nope",
+        "local://../../etc/weights/passwd",
+        "local://run-x/weights/..",
+        "local://run-x/../../weights/x",
+        "tinker://run-x/weights/x",
+        "/etc/passwd",
+    ]:
+        with pytest.raises(CheckpointNotFound):
+            service.create_training_client_from_state(bad)
+        with pytest.raises(CheckpointNotFound):
+            service.create_sampling_client(model_path=bad)
+    with pytest.raises(InvalidRequest, match="not allowed"):
+        trainer.save_state("../escape")
+    sampler = service.create_sampling_client(base_model=service.base_model).result()
+    with pytest.raises(ContextTooLong, match="exceeds the model's context"):
+        sampler.sample(types.ModelInput.from_ints(TOKENS), 1, types.SamplingParams(max_tokens=4096))
+    with pytest.raises(InvalidRequest, match="shape"):
+        sampler.sample(
+            types.ModelInput.from_ints(TOKENS),
+            1,
+            types.SamplingParams(max_tokens=1),
+            target_prompt_logprobs=types.TensorData.from_numpy(np.zeros((3, 2), dtype=np.int64)),
+        )
+    # Nothing above touched the adapter: it still trains.
+    assert trainer.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"] > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_real_model_scoring_and_greedy_answer(smol: LoadedModel, tmp_path: Path) -> None:
+    """On SmolLM2 (shared, untouched: the service gets its own copy of the weights)."""
+    import copy
+
+    service = LocalServiceClient(
+        LoadedModel(smol.name, copy.deepcopy(smol.model), smol.tokenizer, smol.device), tmp_path
+    )
+    try:
+        sampler = service.create_sampling_client(base_model=service.base_model).result()
+        messages = [{"role": "user", "content": "What is the capital of France?"}]
+        prompt = chat_prompt_tokens(smol.tokenizer, messages)
+        out = sampler.sample(
+            types.ModelInput.from_ints(prompt),
+            1,
+            types.SamplingParams(max_tokens=24, temperature=0),
+            include_prompt_logprobs=True,
+        ).result()
+        answer = smol.tokenizer.decode(out.sequences[0].tokens, skip_special_tokens=True)
+        assert "Paris" in answer
+        assert out.sequences[0].stop_reason == "stop"
+        assert out.sequences[0].tokens[-1] in smol.stop_token_ids
+        expected = plain_logprobs(smol.model, prompt)[torch.arange(len(prompt) - 1), prompt[1:]]
+        np.testing.assert_allclose(
+            np.asarray(out.prompt_logprobs[1:], dtype=np.float32), expected.numpy(), atol=1e-4
+        )
+        trainer = service.create_lora_training_client(service.base_model, rank=8, seed=0).result()
+        datum = ce_datum(prompt, k=4)
+        loss = trainer.forward_backward([datum], "cross_entropy").result().metrics["loss:sum"]
+        assert np.isfinite(loss)
+    finally:
+        service.close()
