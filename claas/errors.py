@@ -71,3 +71,9 @@ class NothingToTrain(Conflict):
 
 class TrainingFailed(ClaasError):
     status_code = 500
+
+
+class IncompatibleDatabase(ClaasError):
+    """A database written by a newer claas, whose schema this version does not know."""
+
+    status_code = 500

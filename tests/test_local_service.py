@@ -256,6 +256,35 @@ def test_prompt_scores_align_with_a_plain_forward_pass(
     assert computed == pytest.approx(out.prompt_logprobs, abs=1e-6)
 
 
+def test_last_n_scores_only_the_tail(service: LocalServiceClient) -> None:
+    sampler = service.create_sampling_client(base_model=service.base_model).result()
+    prompt = types.ModelInput.from_ints(TOKENS)
+    full = sampler.sample(
+        prompt, 1, types.SamplingParams(max_tokens=1), True, topk_prompt_logprobs=3
+    ).result()
+    tail = sampler.sample(
+        prompt,
+        1,
+        types.SamplingParams(max_tokens=1),
+        True,
+        topk_prompt_logprobs=3,
+        prompt_logprobs_last_n=4,
+    ).result()
+    assert tail.prompt_logprobs is not None and full.prompt_logprobs is not None
+    assert tail.prompt_logprobs[:-4] == [None] * (len(TOKENS) - 4)
+    assert tail.prompt_logprobs[-4:] == pytest.approx(full.prompt_logprobs[-4:], abs=1e-6)
+    assert tail.topk_prompt_logprobs is not None and full.topk_prompt_logprobs is not None
+    assert tail.topk_prompt_logprobs[:-4] == [None] * (len(TOKENS) - 4)
+    assert [[i for i, _ in row or []] for row in tail.topk_prompt_logprobs[-4:]] == [
+        [i for i, _ in row or []] for row in full.topk_prompt_logprobs[-4:]
+    ]
+    computed = sampler.compute_logprobs(prompt, prompt_logprobs_last_n=2).result()
+    assert computed[:-2] == [None] * (len(TOKENS) - 2)
+    assert computed[-2:] == pytest.approx(full.prompt_logprobs[-2:], abs=1e-6)
+    with pytest.raises(InvalidRequest, match="prompt_logprobs_last_n"):
+        sampler.compute_logprobs(prompt, prompt_logprobs_last_n=len(TOKENS))
+
+
 def test_greedy_sampling_matches_argmax_decoding(
     service: LocalServiceClient, reference: LoadedModel
 ) -> None:

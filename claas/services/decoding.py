@@ -1,8 +1,9 @@
 """Torch kernels of the local service: next-token log-probs, prompt scoring and sampling.
 
 Pure functions of a causal LM and token ids; they know nothing of adapters, futures or Tinker
-types. Log-probs are always full-vocabulary, temperature-1, float32 (`logits − logsumexp`), so the
-log-prob a sampler reports for a token is the same number a training forward pass computes for it.
+types. Log-probs are always full-vocabulary and temperature-1, reported as float32 with the
+normaliser taken to ~1e-7, so the log-prob a sampler reports for a token is the number a training
+forward pass computes for it (to float32 rounding).
 
 Alignment: logits at position i predict token i + 1. A prompt of length L therefore has L − 1
 scored positions; position 0 has no preceding context.
@@ -19,36 +20,64 @@ import torch
 StopCheck = Callable[[list[int]], bool]
 
 
-def log_softmax_f32(logits: torch.Tensor) -> torch.Tensor:
-    """Full-vocabulary log-probs in float32, whatever the model's dtype."""
-    logits = logits.float()
-    return logits - torch.logsumexp(logits, dim=-1, keepdim=True)
+def log_normaliser(logits: torch.Tensor) -> torch.Tensor:
+    """logsumexp over the vocabulary (..., 1), accurate to ~1e-7.
+
+    Exponentials in float32 after a max shift, summed in float64: a plain float32 logsumexp
+    rounds by ~1e-6, enough to push a top-K mass over 1, which the divergence rightly refuses.
+    """
+    peak = logits.amax(dim=-1, keepdim=True)
+    total = torch.exp(logits - peak).sum(dim=-1, keepdim=True, dtype=torch.float64)
+    return peak.double() + total.log()
+
+
+def logprobs_at(
+    logits: torch.Tensor, ids: torch.Tensor, normaliser: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Full-vocabulary log-probs of `ids` (..., k) under float32 `logits` (..., V), as float32.
+
+    Pass `normaliser` (from `log_normaliser`) to reuse it across several gathers.
+    """
+    lse = log_normaliser(logits) if normaliser is None else normaliser
+    return (logits.gather(-1, ids).double() - lse).float()
 
 
 @dataclass(frozen=True)
 class PromptScores:
-    """Scores of a prompt's own tokens. Row i of each tensor describes prompt position i + 1."""
+    """Scores of a prompt's own tokens, for rows first_row .. L-2.
 
-    token_logprobs: torch.Tensor  # (L-1,) log-prob of prompt[i+1]
-    topk_ids: torch.Tensor | None  # (L-1, k)
-    topk_logprobs: torch.Tensor | None  # (L-1, k)
-    target_logprobs: torch.Tensor | None  # (L-1, K) at the requested ids, 0.0 where id == -1
+    Row i describes prompt position i + 1 (the token predicted by the logits at position i).
+    Rows before `first_row` were not computed (Tinker's `prompt_logprobs_last_n`).
+    """
+
+    first_row: int
+    token_logprobs: torch.Tensor  # (rows,) log-prob of prompt[i+1]
+    topk_ids: torch.Tensor | None  # (rows, k)
+    topk_logprobs: torch.Tensor | None  # (rows, k)
+    target_logprobs: torch.Tensor | None  # (rows, K) at the requested ids, 0.0 where id == -1
 
 
 def score_prompt(
-    logits: torch.Tensor, prompt: torch.Tensor, topk: int, targets: torch.Tensor | None
+    logits: torch.Tensor,
+    prompt: torch.Tensor,
+    topk: int,
+    targets: torch.Tensor | None,
+    first_row: int = 0,
 ) -> PromptScores:
-    """Score a prompt from its prefill logits (L, V) and ids (L,)."""
-    logprobs = log_softmax_f32(logits[:-1])  # (L-1, V): row i predicts prompt[i+1]
-    token_logprobs = logprobs.gather(-1, prompt[1:, None]).squeeze(-1)
+    """Score a prompt (L,) from the logits of its positions first_row .. L-1."""
+    length = prompt.shape[0]
+    logits = logits[-(length - first_row) : -1].float()  # row j is prompt position first_row+j
+    lse = log_normaliser(logits)
+    token_logprobs = logprobs_at(logits, prompt[first_row + 1 :, None], lse).squeeze(-1)
     topk_ids = topk_logprobs = None
     if topk > 0:
-        topk_logprobs, topk_ids = logprobs.topk(min(topk, logprobs.shape[-1]), dim=-1)
+        topk_ids = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices
+        topk_logprobs = logprobs_at(logits, topk_ids, lse)
     target_logprobs = None
     if targets is not None:
-        skip = targets < 0
-        target_logprobs = logprobs.gather(-1, targets.clamp(min=0)).masked_fill(skip, 0.0)
-    return PromptScores(token_logprobs, topk_ids, topk_logprobs, target_logprobs)
+        rows = targets[first_row:]
+        target_logprobs = logprobs_at(logits, rows.clamp(min=0), lse).masked_fill(rows < 0, 0.0)
+    return PromptScores(first_row, token_logprobs, topk_ids, topk_logprobs, target_logprobs)
 
 
 @dataclass(frozen=True)
@@ -86,9 +115,10 @@ class Generation:
     stopped: bool  # True: a stop token or string ended it; False: max_tokens did
 
 
-def prefill(model: Any, prompt: torch.Tensor) -> tuple[torch.Tensor, Any]:
-    """Run the prompt (L,) once. Returns its logits (L, V) and the KV cache."""
-    out = model(input_ids=prompt[None], use_cache=True)
+def prefill(model: Any, prompt: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, Any]:
+    """Run the prompt (L,) once. Returns the logits of its last `keep` positions (all if 0),
+    shape (keep, V), and the KV cache. Unneeded positions skip the vocabulary projection."""
+    out = model(input_ids=prompt[None], use_cache=True, logits_to_keep=keep)
     return out.logits[0], out.cache
 
 
@@ -116,7 +146,7 @@ def generate(
     stop_set = set(stop_ids)
     for _ in range(max_tokens):
         next_tokens = choose_next(logits, rule, generator)
-        next_logprobs = log_softmax_f32(logits).gather(-1, next_tokens[:, None]).squeeze(-1)
+        next_logprobs = logprobs_at(logits.float(), next_tokens[:, None]).squeeze(-1)
         still_active = []
         for row, index in enumerate(active):
             token, logprob = int(next_tokens[row]), float(next_logprobs[row])

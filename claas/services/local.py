@@ -63,6 +63,7 @@ from claas.services.checkpoints import (
     write_checkpoint,
 )
 from claas.services.decoding import (
+    PromptScores,
     SamplingRule,
     generate,
     prefill,
@@ -750,33 +751,42 @@ class LocalSamplingClient:
         *,
         on_token: TokenCallback | None = None,
     ) -> APIFuture[types.SampleResponse]:
-        """Tinker's `sample`. Beyond it: `on_token(sample, token, logprob)` for streaming."""
-        if topk_sample_logprobs or prompt_alt_tokens_k or prompt_logprobs_last_n:
+        """Tinker's `sample`. Beyond it: `on_token(sample, token, logprob)` for streaming.
+
+        `prompt_logprobs_last_n` scores only the last N prompt positions (prompt and top-K
+        log-probs of earlier ones are None), and rows of `target_prompt_logprobs` before the
+        first requested id are not computed, as on Tinker; both skip work here.
+        """
+        if topk_sample_logprobs or prompt_alt_tokens_k:
             raise InvalidRequest(
-                "topk_sample_logprobs, prompt_alt_tokens_k and prompt_logprobs_last_n are not "
-                "supported by the local service"
+                "topk_sample_logprobs and prompt_alt_tokens_k are not supported by the local "
+                "service"
             )
         request = self._validate(
             prompt, num_samples, sampling_params, topk_prompt_logprobs, target_prompt_logprobs
         )
+        first_row = _first_scored_row(
+            len(request.prompt), prompt_logprobs_last_n, include_prompt_logprobs, request.targets
+        )
         return self.host.submit(
-            lambda: self._sample(request, include_prompt_logprobs, topk_prompt_logprobs, on_token)
+            lambda: self._sample(
+                request, include_prompt_logprobs, topk_prompt_logprobs, on_token, first_row
+            )
         )
 
     def compute_logprobs(
         self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
     ) -> APIFuture[list[float | None]]:
         request = self._validate(prompt, 1, types.SamplingParams(max_tokens=1), 0, None)
+        first_row = _first_scored_row(len(request.prompt), prompt_logprobs_last_n, True, None)
 
         def score() -> list[float | None]:
+            length = len(request.prompt)
             with self._active() as model, torch.inference_mode():
-                logits, _ = prefill(model, request.prompt)
-                scores = score_prompt(logits, request.prompt, 0, None)
-            values: list[float | None] = [None, *scores.token_logprobs.tolist()]
-            if prompt_logprobs_last_n is not None:
-                cut = len(values) - prompt_logprobs_last_n
-                values[:cut] = [None] * cut
-            return values
+                logits, _ = prefill(model, request.prompt, keep=length - first_row)
+                scores = score_prompt(logits, request.prompt, 0, None, first_row)
+            values: list[float | None] = [None] * (first_row + 1)
+            return values + scores.token_logprobs.tolist()
 
         return self.host.submit(score)
 
@@ -855,6 +865,7 @@ class LocalSamplingClient:
         include_prompt_logprobs: bool,
         topk: int,
         on_token: TokenCallback | None,
+        first_row: int,
     ) -> types.SampleResponse:
         tokenizer = self.host.loaded.tokenizer
         generator = torch.Generator(device=request.prompt.device)
@@ -870,10 +881,12 @@ class LocalSamplingClient:
                 return any(s in tail for s in request.stop_strings)
 
         with self._active() as model, torch.inference_mode():
-            logits, cache = prefill(model, request.prompt)
+            scoring = include_prompt_logprobs or topk > 0 or request.targets is not None
+            keep = len(request.prompt) - first_row if scoring else 1
+            logits, cache = prefill(model, request.prompt, keep)
             scores = None
-            if include_prompt_logprobs or topk or request.targets is not None:
-                scores = score_prompt(logits, request.prompt, topk, request.targets)
+            if scoring:
+                scores = score_prompt(logits, request.prompt, topk, request.targets, first_row)
             generations = generate(
                 model,
                 logits[-1],
@@ -895,7 +908,22 @@ class LocalSamplingClient:
             )
             for g in generations
         ]
-        return _sample_response(sequences, scores, include_prompt_logprobs)
+        return _sample_response(sequences, scores, include_prompt_logprobs, len(request.prompt))
+
+
+def _first_scored_row(
+    length: int, last_n: int | None, all_prompt: bool, targets: torch.Tensor | None
+) -> int:
+    """The first logits row (row i predicts prompt[i+1]) any requested score needs."""
+    if last_n is not None and not 1 <= last_n <= length - 1:
+        raise InvalidRequest(
+            f"prompt_logprobs_last_n must be in 1..len(prompt) - 1 = {length - 1}, got {last_n}"
+        )
+    first = length - 1 - last_n if last_n is not None else (0 if all_prompt else length - 1)
+    if targets is not None:
+        named = torch.nonzero((targets >= 0).any(dim=-1))
+        first = min(first, int(named[0, 0]) if len(named) else length - 1)
+    return max(0, first)
 
 
 @dataclass(frozen=True)
@@ -911,24 +939,31 @@ class _SampleRequest:
 
 
 def _sample_response(
-    sequences: list[types.SampledSequence], scores: Any, include_prompt_logprobs: bool
+    sequences: list[types.SampledSequence],
+    scores: PromptScores | None,
+    include_prompt_logprobs: bool,
+    length: int,
 ) -> types.SampleResponse:
+    """Tinker's layout: prompt position p is row p − 1 of the scores; unscored rows are empty
+    (NaN prompt log-prob, sentinel top-K row, 0.0 target log-prob)."""
     prompt_logprobs = topk = target = None
     if scores is not None:
+        start = scores.first_row + 1  # the first prompt position with a score
         if include_prompt_logprobs:
-            values = scores.token_logprobs.cpu().numpy().astype(np.float32)
-            prompt_logprobs = np.concatenate([[np.nan], values]).astype(np.float32)
-        if scores.topk_ids is not None:
+            prompt_logprobs = np.full(length, np.nan, dtype=np.float32)
+            prompt_logprobs[start:] = scores.token_logprobs.cpu().numpy()
+        if scores.topk_ids is not None and scores.topk_logprobs is not None:
             k = scores.topk_ids.shape[1]
-            ids = np.zeros((len(scores.topk_ids) + 1, k), dtype=np.int32)
-            logprobs = np.full((len(scores.topk_ids) + 1, k), MASK_LOGPROB, dtype=np.float32)
-            ids[1:] = scores.topk_ids.cpu().numpy()
-            logprobs[1:] = scores.topk_logprobs.cpu().numpy()
+            ids = np.zeros((length, k), dtype=np.int32)
+            logprobs = np.full((length, k), MASK_LOGPROB, dtype=np.float32)
+            ids[start:] = scores.topk_ids.cpu().numpy()
+            logprobs[start:] = scores.topk_logprobs.cpu().numpy()
             topk = TopkLogprobs(token_ids=ids, logprobs=logprobs)
         if scores.target_logprobs is not None:
-            target = types.TensorData.from_numpy(
-                scores.target_logprobs.cpu().numpy().astype(np.float32)
-            )
+            rows = scores.target_logprobs.cpu().numpy()
+            full = np.zeros((length - 1, rows.shape[1]), dtype=np.float32)
+            full[scores.first_row :] = rows
+            target = types.TensorData.from_numpy(full)
     return types.SampleResponse(
         sequences=sequences,
         prompt_logprobs_np=prompt_logprobs,

@@ -1,0 +1,779 @@
+"""The durable state of claas: one SQLite database (WAL, foreign keys on).
+
+It holds five kinds of record:
+- **adapters**: one row per `owner/name`, with its LoRA shape and `current_version`, the version
+  that is served and trained from (None until the first version exists);
+- **adapter versions**: numbered 1, 2, 3, … per adapter, never reused, each pointing at the
+  checkpoint paths of its training state and its sampler weights;
+- **rollouts**: what the sampler produced, token for token, with the behavior log-probs that the
+  importance ratios of a later training step need;
+- **feedback requests**: the durable training queue, with each request's status
+  (queued → running → done | failed) in arrival order;
+- **eval runs**: an eval's config and results (which always name their `divergence_mode`).
+
+Adapter weights are not here: they live on disk in PEFT format. The atomicity rule: a new
+version's files are written to a temp dir and renamed into place by the caller *first*; only then
+is the version committed here, in one transaction that also moves the adapter's
+`current_version`. A crash therefore never leaves "latest" pointing at a half-written version.
+
+One `Store` is shared by the API's event loop and the training worker thread. A lock serialises
+access to its single connection, and every write is one short `BEGIN IMMEDIATE` transaction, which
+also keeps a second process (the CLI) on the same file correct.
+
+    with Store(Path("~/.local/share/claas/claas.db").expanduser()) as store:
+        store.create_adapter("alice/assistant", "SmolLM2-135M-Instruct", 32, 32.0, ["q_proj"])
+        store.add_version("alice/assistant", "local://r/weights/v1", "local://r/sw/v1", None, {})
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sqlite3
+import threading
+import time
+import unicodedata
+import uuid
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from claas.errors import (
+    AdapterExists,
+    AdapterNotFound,
+    Conflict,
+    FeedbackNotFound,
+    IncompatibleDatabase,
+    InvalidLoraId,
+    InvalidRequest,
+    RolloutNotFound,
+    VersionNotFound,
+)
+
+SCHEMA_VERSION = 1
+LORA_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+FeedbackStatus = Literal["queued", "running", "done", "failed"]
+DIVERGENCE_MODES = ("topk_gjs", "scalar_kl")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS adapters (
+    lora_id TEXT PRIMARY KEY,
+    base_model TEXT NOT NULL,
+    rank INTEGER NOT NULL,
+    lora_alpha REAL NOT NULL,
+    target_modules TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    current_version INTEGER
+);
+CREATE TABLE IF NOT EXISTS adapter_versions (
+    lora_id TEXT NOT NULL REFERENCES adapters(lora_id) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    state_path TEXT NOT NULL,
+    sampler_path TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    feedback_id TEXT,
+    metrics TEXT NOT NULL,
+    PRIMARY KEY (lora_id, version)
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id TEXT PRIMARY KEY,
+    lora_id TEXT,
+    adapter_version INTEGER,
+    model TEXT NOT NULL,
+    messages TEXT NOT NULL,
+    prompt_tokens TEXT NOT NULL,
+    response_tokens TEXT NOT NULL,
+    behavior_logprobs TEXT NOT NULL,
+    sampling_params TEXT NOT NULL,
+    response_text TEXT NOT NULL,
+    prompt_hash TEXT NOT NULL,
+    response_hash TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    expires_at REAL
+);
+CREATE INDEX IF NOT EXISTS rollouts_by_text ON rollouts (lora_id, prompt_hash, response_hash);
+CREATE INDEX IF NOT EXISTS rollouts_by_expiry ON rollouts (expires_at);
+CREATE TABLE IF NOT EXISTS feedback (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT UNIQUE NOT NULL,
+    lora_id TEXT NOT NULL,
+    status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed')),
+    items TEXT NOT NULL,
+    training TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    started_at REAL,
+    finished_at REAL,
+    error TEXT,
+    metrics TEXT NOT NULL,
+    version INTEGER,
+    coalesced_into TEXT
+);
+CREATE INDEX IF NOT EXISTS feedback_by_adapter ON feedback (lora_id, status, seq);
+CREATE TABLE IF NOT EXISTS eval_runs (
+    id TEXT PRIMARY KEY,
+    lora_id TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    config TEXT NOT NULL,
+    results TEXT NOT NULL
+);
+"""
+
+
+def parse_lora_id(lora_id: str) -> tuple[str, str]:
+    """Split `owner/name`, refusing anything else: no dots, no extra slashes, no whitespace.
+
+    Each part is `[A-Za-z0-9][A-Za-z0-9_-]{0,63}`, so a lora_id can never be a path that leaves
+    its directory (`..`, `.hidden`, `/abs`, `a\\b`).
+    """
+    parts = lora_id.split("/") if isinstance(lora_id, str) else []
+    if len(parts) != 2 or not all(LORA_ID_PART.fullmatch(part) for part in parts):
+        raise InvalidLoraId(
+            "lora_id must look like 'owner/name' (letters, digits, '_' and '-', up to 64 each, "
+            f"starting with a letter or digit); got {lora_id!r}"
+        )
+    return parts[0], parts[1]
+
+
+def validate_lora_id(lora_id: str) -> str:
+    """Return `lora_id` unchanged if it is a valid `owner/name`, else raise `InvalidLoraId`."""
+    parse_lora_id(lora_id)
+    return lora_id
+
+
+def text_hash(text: str) -> str:
+    """sha256 of the text after NFC normalisation, stripping, and collapsing whitespace runs.
+
+    Prompt and response hashes both use it, so feedback that quotes an answer with different
+    line wrapping or Unicode composition still finds the rollout.
+    """
+    normal = " ".join(unicodedata.normalize("NFC", text).split())
+    return hashlib.sha256(normal.encode("utf-8")).hexdigest()
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Adapter(_Frozen):
+    lora_id: str
+    base_model: str
+    rank: int
+    lora_alpha: float
+    target_modules: list[str]
+    created_at: float
+    current_version: int | None  # served and trained from; None before the first version
+
+
+class AdapterVersion(_Frozen):
+    lora_id: str
+    version: int
+    state_path: str
+    sampler_path: str
+    created_at: float
+    feedback_id: str | None
+    metrics: dict[str, Any]
+
+
+class Rollout(_Frozen):
+    id: str
+    lora_id: str | None  # None: sampled from the base model
+    adapter_version: int | None
+    model: str
+    messages: list[dict[str, Any]]
+    prompt_tokens: list[int]
+    response_tokens: list[int]
+    behavior_logprobs: list[float]
+    sampling_params: dict[str, Any]
+    response_text: str
+    prompt_hash: str
+    response_hash: str
+    created_at: float
+    expires_at: float | None  # None: never expires
+
+
+class FeedbackRequest(_Frozen):
+    id: str
+    lora_id: str
+    status: FeedbackStatus
+    items: list[dict[str, Any]]
+    training: dict[str, Any]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    metrics: dict[str, Any]
+    version: int | None  # the adapter version this request produced
+    coalesced_into: str | None  # the id of the request whose training step carried this one
+
+
+class EvalRun(_Frozen):
+    id: str
+    lora_id: str
+    created_at: float
+    config: dict[str, Any]
+    results: dict[str, Any]
+
+    @property
+    def divergence_mode(self) -> str:
+        return str(self.results["divergence_mode"])
+
+
+_JSON_COLUMNS = frozenset(
+    {
+        "target_modules",
+        "metrics",
+        "messages",
+        "prompt_tokens",
+        "response_tokens",
+        "behavior_logprobs",
+        "sampling_params",
+        "items",
+        "training",
+        "config",
+        "results",
+    }
+)
+
+
+def _fields(row: sqlite3.Row) -> dict[str, Any]:
+    """A row as model fields: JSON columns decoded, the internal `seq` dropped."""
+    return {
+        key: json.loads(row[key]) if key in _JSON_COLUMNS else row[key]
+        for key in row.keys()  # noqa: SIM118 - sqlite3.Row is not a mapping
+        if key != "seq"
+    }
+
+
+def _as_ids(ids: str | Sequence[str]) -> list[str]:
+    # A bare string is one id, not a sequence of one-character ids.
+    return [ids] if isinstance(ids, str) else list(dict.fromkeys(ids))
+
+
+def _expired_message(rollout_id: str) -> str:
+    return (
+        f"rollout {rollout_id!r} has expired or never existed; chat again and give feedback "
+        "on the new completion id"
+    )
+
+
+class Store:
+    """Adapters, versions, rollouts, the feedback queue and eval runs, in one SQLite file."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Reentrant, so a write transaction can use the read helpers while it holds the lock.
+        self._lock = threading.RLock()
+        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.execute("PRAGMA busy_timeout=10000")
+            self._create_schema()
+        except BaseException:
+            self._db.close()
+            raise
+
+    def _create_schema(self) -> None:
+        with self._transaction() as db:
+            (found,) = db.execute("PRAGMA user_version").fetchone()
+            if found > SCHEMA_VERSION:
+                raise IncompatibleDatabase(
+                    f"{self.path} has schema version {found}, newer than this claas knows "
+                    f"({SCHEMA_VERSION}); upgrade claas, or use another data dir"
+                )
+            for statement in _SCHEMA.split(";"):
+                if statement.strip():
+                    db.execute(statement)
+            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; IMMEDIATE takes the write lock up front, so reads inside it
+        (max(version), existence checks) cannot go stale before the write."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
+        with self._lock:
+            row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
+            return row
+
+    def _all(self, sql: str, args: Sequence[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return list(self._db.execute(sql, args).fetchall())
+
+    def ping(self) -> bool:
+        """True when the database answers a query."""
+        try:
+            return self._one("SELECT 1") is not None
+        except sqlite3.Error:
+            return False
+
+    # -- adapters ---------------------------------------------------------------------------
+    def create_adapter(
+        self,
+        lora_id: str,
+        base_model: str,
+        rank: int,
+        lora_alpha: float,
+        target_modules: Sequence[str],
+    ) -> Adapter:
+        adapter = Adapter(
+            lora_id=validate_lora_id(lora_id),
+            base_model=base_model,
+            rank=rank,
+            lora_alpha=lora_alpha,
+            target_modules=list(target_modules),
+            created_at=time.time(),
+            current_version=None,
+        )
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, NULL)",
+                    (
+                        adapter.lora_id,
+                        adapter.base_model,
+                        adapter.rank,
+                        adapter.lora_alpha,
+                        json.dumps(adapter.target_modules),
+                        adapter.created_at,
+                    ),
+                )
+        except sqlite3.IntegrityError:
+            raise AdapterExists(
+                f"adapter {lora_id} already exists; use it, pick another name, or delete it first"
+            ) from None
+        return adapter
+
+    def get_adapter(self, lora_id: str) -> Adapter:
+        validate_lora_id(lora_id)
+        row = self._one("SELECT * FROM adapters WHERE lora_id = ?", (lora_id,))
+        if row is None:
+            raise AdapterNotFound(
+                f"adapter {lora_id} does not exist; create it first with POST /v1/adapters "
+                "or `claas adapters create`"
+            )
+        return Adapter(**_fields(row))
+
+    def list_adapters(self, prefix: str = "") -> list[Adapter]:
+        """Adapters whose lora_id starts with `prefix`, exactly and case-sensitively.
+
+        substr() rather than LIKE: LIKE treats `%`/`_` as wildcards and ignores ASCII case, and
+        the API scopes an API key to `owner/` with this prefix.
+        """
+        rows = self._all(
+            "SELECT * FROM adapters WHERE substr(lora_id, 1, ?) = ? ORDER BY lora_id",
+            (len(prefix), prefix),
+        )
+        return [Adapter(**_fields(r)) for r in rows]
+
+    def delete_adapter(self, lora_id: str) -> list[AdapterVersion]:
+        """Delete the adapter with its versions, rollouts, feedback requests and eval runs.
+
+        Returns the versions removed, so the caller can delete their checkpoint files. Its
+        rollouts go too: an adapter re-created under the same name must not train on answers
+        the deleted one gave.
+        """
+        with self._transaction() as db:
+            versions = self.list_versions(lora_id)  # raises AdapterNotFound
+            db.execute("DELETE FROM rollouts WHERE lora_id = ?", (lora_id,))
+            db.execute("DELETE FROM feedback WHERE lora_id = ?", (lora_id,))
+            db.execute("DELETE FROM eval_runs WHERE lora_id = ?", (lora_id,))
+            db.execute("DELETE FROM adapters WHERE lora_id = ?", (lora_id,))  # cascades versions
+        return versions
+
+    # -- versions ---------------------------------------------------------------------------
+    def add_version(
+        self,
+        lora_id: str,
+        state_path: str,
+        sampler_path: str,
+        feedback_id: str | None,
+        metrics: dict[str, Any],
+    ) -> AdapterVersion:
+        """Register a version whose files are already in place, and make it current.
+
+        The number is max(existing) + 1, so numbers are never reused, even after a rollback.
+        """
+        with self._transaction() as db:
+            self.get_adapter(lora_id)
+            (latest,) = db.execute(
+                "SELECT COALESCE(MAX(version), 0) FROM adapter_versions WHERE lora_id = ?",
+                (lora_id,),
+            ).fetchone()
+            version = AdapterVersion(
+                lora_id=lora_id,
+                version=int(latest) + 1,
+                state_path=state_path,
+                sampler_path=sampler_path,
+                created_at=time.time(),
+                feedback_id=feedback_id,
+                metrics=metrics,
+            )
+            db.execute(
+                "INSERT INTO adapter_versions VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (
+                    lora_id,
+                    version.version,
+                    state_path,
+                    sampler_path,
+                    version.created_at,
+                    feedback_id,
+                    json.dumps(metrics),
+                ),
+            )
+            db.execute(
+                "UPDATE adapters SET current_version = ? WHERE lora_id = ?",
+                (version.version, lora_id),
+            )
+        return version
+
+    def list_versions(self, lora_id: str) -> list[AdapterVersion]:
+        """All versions of the adapter, oldest first."""
+        with self._lock:
+            self.get_adapter(lora_id)
+            rows = self._all(
+                "SELECT * FROM adapter_versions WHERE lora_id = ? ORDER BY version", (lora_id,)
+            )
+        return [AdapterVersion(**_fields(r)) for r in rows]
+
+    def get_version(self, lora_id: str, version: int) -> AdapterVersion:
+        with self._lock:
+            self.get_adapter(lora_id)
+            row = self._one(
+                "SELECT * FROM adapter_versions WHERE lora_id = ? AND version = ?",
+                (lora_id, version),
+            )
+            if row is None:
+                existing = [v.version for v in self.list_versions(lora_id)]
+                raise VersionNotFound(
+                    f"adapter {lora_id} has no version {version}; its versions are {existing}"
+                )
+        return AdapterVersion(**_fields(row))
+
+    def latest_version(self, lora_id: str) -> AdapterVersion | None:
+        """The current version: the one served and trained from (a rollback moves it)."""
+        with self._lock:
+            adapter = self.get_adapter(lora_id)
+            if adapter.current_version is None:
+                return None
+            return self.get_version(lora_id, adapter.current_version)
+
+    def rollback(self, lora_id: str, version: int) -> Adapter:
+        """Serve and train from an existing `version` again; later versions are kept."""
+        with self._transaction() as db:
+            self.get_version(lora_id, version)
+            db.execute(
+                "UPDATE adapters SET current_version = ? WHERE lora_id = ?", (version, lora_id)
+            )
+            return self.get_adapter(lora_id)
+
+    # -- rollouts ---------------------------------------------------------------------------
+    def add_rollout(
+        self,
+        *,
+        id: str,
+        lora_id: str | None,
+        adapter_version: int | None,
+        model: str,
+        messages: list[dict[str, Any]],
+        prompt_tokens: list[int],
+        response_tokens: list[int],
+        behavior_logprobs: list[float],
+        sampling_params: dict[str, Any],
+        response_text: str,
+        prompt_hash: str,
+        response_hash: str,
+        expires_at: float | None,
+    ) -> Rollout:
+        """Record a sampled completion; `id` is the caller's (e.g. "chatcmpl-…")."""
+        if lora_id is not None:
+            validate_lora_id(lora_id)
+        rollout = Rollout(
+            id=id,
+            lora_id=lora_id,
+            adapter_version=adapter_version,
+            model=model,
+            messages=messages,
+            prompt_tokens=prompt_tokens,
+            response_tokens=response_tokens,
+            behavior_logprobs=behavior_logprobs,
+            sampling_params=sampling_params,
+            response_text=response_text,
+            prompt_hash=prompt_hash,
+            response_hash=response_hash,
+            created_at=time.time(),
+            expires_at=expires_at,
+        )
+        values = rollout.model_dump()
+        columns = ", ".join(values)
+        marks = ", ".join("?" for _ in values)
+        try:
+            with self._transaction() as db:
+                db.execute(
+                    f"INSERT INTO rollouts ({columns}) VALUES ({marks})",
+                    [json.dumps(v) if k in _JSON_COLUMNS else v for k, v in values.items()],
+                )
+        except sqlite3.IntegrityError:
+            raise Conflict(
+                f"rollout {id!r} already exists; give each completion a new id"
+            ) from None
+        return rollout
+
+    def get_rollout(self, rollout_id: str) -> Rollout:
+        """The rollout, unless it expired (`expires_at <= now`) or never existed."""
+        row = self._one(
+            "SELECT * FROM rollouts WHERE id = ? AND (expires_at IS NULL OR expires_at > ?)",
+            (rollout_id, time.time()),
+        )
+        if row is None:
+            raise RolloutNotFound(_expired_message(rollout_id))
+        return Rollout(**_fields(row))
+
+    def find_rollout(self, lora_id: str, prompt_hash: str, response_hash: str) -> Rollout:
+        """The newest unexpired rollout of the adapter with these `text_hash`es."""
+        validate_lora_id(lora_id)
+        row = self._one(
+            "SELECT * FROM rollouts WHERE lora_id = ? AND prompt_hash = ? AND response_hash = ? "
+            "AND (expires_at IS NULL OR expires_at > ?) "
+            "ORDER BY created_at DESC, rowid DESC LIMIT 1",
+            (lora_id, prompt_hash, response_hash, time.time()),
+        )
+        if row is None:
+            raise RolloutNotFound(
+                f"no unexpired rollout of {lora_id} has that prompt and response text (it expired "
+                "or never existed); chat again and give feedback on the new completion id"
+            )
+        return Rollout(**_fields(row))
+
+    def purge_expired_rollouts(self, now: float | None = None) -> int:
+        """Delete rollouts with `expires_at <= now`; returns how many."""
+        with self._transaction() as db:
+            cursor = db.execute(
+                "DELETE FROM rollouts WHERE expires_at IS NOT NULL AND expires_at <= ?",
+                (time.time() if now is None else now,),
+            )
+            return int(cursor.rowcount)
+
+    # -- the feedback queue -----------------------------------------------------------------
+    def enqueue_feedback(
+        self, lora_id: str, items: list[dict[str, Any]], training: dict[str, Any]
+    ) -> FeedbackRequest:
+        """Append a `queued` request; its place in line is its arrival (the `seq` column)."""
+        request = FeedbackRequest(
+            id=f"fb-{uuid.uuid4().hex}",
+            lora_id=validate_lora_id(lora_id),
+            status="queued",
+            items=items,
+            training=training,
+            created_at=time.time(),
+            started_at=None,
+            finished_at=None,
+            error=None,
+            metrics={},
+            version=None,
+            coalesced_into=None,
+        )
+        with self._transaction() as db:
+            db.execute(
+                "INSERT INTO feedback (id, lora_id, status, items, training, created_at, metrics)"
+                " VALUES (?, ?, 'queued', ?, ?, ?, '{}')",
+                (request.id, lora_id, json.dumps(items), json.dumps(training), request.created_at),
+            )
+        return request
+
+    def get_feedback(self, feedback_id: str) -> FeedbackRequest:
+        row = self._one("SELECT * FROM feedback WHERE id = ?", (feedback_id,))
+        if row is None:
+            raise FeedbackNotFound(
+                f"feedback request {feedback_id!r} does not exist; use the feedback_id returned "
+                "by POST /v1/feedback (requests of a deleted adapter are deleted with it)"
+            )
+        return FeedbackRequest(**_fields(row))
+
+    def list_feedback(
+        self, lora_id: str, limit: int = 50, offset: int = 0
+    ) -> list[FeedbackRequest]:
+        """The adapter's requests, newest first."""
+        validate_lora_id(lora_id)
+        rows = self._all(
+            "SELECT * FROM feedback WHERE lora_id = ? ORDER BY created_at DESC, seq DESC "
+            "LIMIT ? OFFSET ?",
+            (lora_id, limit, offset),
+        )
+        return [FeedbackRequest(**_fields(r)) for r in rows]
+
+    def next_queued(self, lora_id: str | None = None) -> FeedbackRequest | None:
+        """The oldest queued request (of one adapter, or of any)."""
+        if lora_id is None:
+            row = self._one("SELECT * FROM feedback WHERE status = 'queued' ORDER BY seq LIMIT 1")
+        else:
+            row = self._one(
+                "SELECT * FROM feedback WHERE lora_id = ? AND status = 'queued' "
+                "ORDER BY seq LIMIT 1",
+                (validate_lora_id(lora_id),),
+            )
+        return None if row is None else FeedbackRequest(**_fields(row))
+
+    def queued_for(self, lora_id: str, limit: int) -> list[FeedbackRequest]:
+        """The adapter's queued requests, oldest first (arrival order)."""
+        rows = self._all(
+            "SELECT * FROM feedback WHERE lora_id = ? AND status = 'queued' ORDER BY seq LIMIT ?",
+            (validate_lora_id(lora_id), limit),
+        )
+        return [FeedbackRequest(**_fields(r)) for r in rows]
+
+    def adapters_with_queued(self) -> list[str]:
+        """Adapters with queued requests, the one waiting longest first."""
+        rows = self._all(
+            "SELECT lora_id, MIN(seq) AS first FROM feedback WHERE status = 'queued' "
+            "GROUP BY lora_id ORDER BY first"
+        )
+        return [str(r["lora_id"]) for r in rows]
+
+    def queue_depth(self, lora_id: str | None = None) -> int:
+        if lora_id is None:
+            row = self._one("SELECT COUNT(*) FROM feedback WHERE status = 'queued'")
+        else:
+            row = self._one(
+                "SELECT COUNT(*) FROM feedback WHERE status = 'queued' AND lora_id = ?",
+                (validate_lora_id(lora_id),),
+            )
+        assert row is not None  # COUNT(*) always returns a row
+        return int(row[0])
+
+    def mark_running(self, ids: str | Sequence[str]) -> None:
+        self._set_status(ids, "running", "started_at = ?", [time.time()])
+
+    def mark_coalesced(self, feedback_id: str, into: str) -> None:
+        """Record that `feedback_id` trains in the same step as the leader `into`.
+
+        A coalesced request then finishes with its leader: the worker passes the whole batch's
+        ids to `mark_done` / `mark_failed`.
+        """
+        with self._transaction() as db:
+            leader = self.get_feedback(into)
+            follower = self.get_feedback(feedback_id)
+            if follower.lora_id != leader.lora_id:
+                raise InvalidRequest(
+                    f"cannot coalesce {feedback_id} ({follower.lora_id}) into {into} "
+                    f"({leader.lora_id}); only requests of one adapter train together"
+                )
+            db.execute("UPDATE feedback SET coalesced_into = ? WHERE id = ?", (into, feedback_id))
+
+    def mark_done(self, ids: str | Sequence[str], version: int, metrics: dict[str, Any]) -> None:
+        """Finish the requests (a leader and its coalesced followers) with the version made."""
+        self._set_status(
+            ids,
+            "done",
+            "finished_at = ?, version = ?, metrics = ?, error = NULL",
+            [time.time(), version, json.dumps(metrics)],
+        )
+
+    def mark_failed(
+        self, ids: str | Sequence[str], error: str, metrics: dict[str, Any] | None = None
+    ) -> None:
+        self._set_status(
+            ids,
+            "failed",
+            "finished_at = ?, version = NULL, error = ?, metrics = ?",
+            [time.time(), error, json.dumps(metrics or {})],
+        )
+
+    def requeue_running(self) -> int:
+        """At start-up: requests left `running` by a dead process go back to `queued`.
+
+        Their `seq` (arrival order) is unchanged, so they run before anything newer. Their
+        coalescing is undone; the worker forms batches again.
+        """
+        with self._transaction() as db:
+            cursor = db.execute(
+                "UPDATE feedback SET status = 'queued', started_at = NULL, coalesced_into = NULL "
+                "WHERE status = 'running'"
+            )
+            return int(cursor.rowcount)
+
+    def _set_status(
+        self,
+        ids: str | Sequence[str],
+        status: FeedbackStatus,
+        assignments: str,
+        values: list[Any],
+    ) -> None:
+        wanted = _as_ids(ids)
+        if not wanted:
+            return
+        marks = ", ".join("?" for _ in wanted)
+        with self._transaction() as db:
+            cursor = db.execute(
+                f"UPDATE feedback SET status = ?, {assignments} WHERE id IN ({marks})",
+                [status, *values, *wanted],
+            )
+            if cursor.rowcount != len(wanted):  # all or nothing: the transaction rolls back
+                found = {
+                    r["id"]
+                    for r in self._all(f"SELECT id FROM feedback WHERE id IN ({marks})", wanted)
+                }
+                missing = [i for i in wanted if i not in found]
+                raise FeedbackNotFound(
+                    f"feedback requests {missing} do not exist (was the adapter deleted?); "
+                    "nothing was marked"
+                )
+
+    # -- eval runs --------------------------------------------------------------------------
+    def add_eval_run(
+        self, lora_id: str, config: dict[str, Any], results: dict[str, Any]
+    ) -> EvalRun:
+        """Record an eval; `results` must name its `divergence_mode`."""
+        validate_lora_id(lora_id)
+        if results.get("divergence_mode") not in DIVERGENCE_MODES:
+            raise InvalidRequest(
+                f"eval results must carry divergence_mode, one of {list(DIVERGENCE_MODES)}; "
+                f"got {results.get('divergence_mode')!r}"
+            )
+        run = EvalRun(
+            id=f"eval-{uuid.uuid4().hex}",
+            lora_id=lora_id,
+            created_at=time.time(),
+            config=config,
+            results=results,
+        )
+        with self._transaction() as db:
+            self.get_adapter(lora_id)
+            db.execute(
+                "INSERT INTO eval_runs VALUES (?, ?, ?, ?, ?)",
+                (run.id, lora_id, run.created_at, json.dumps(config), json.dumps(results)),
+            )
+        return run
+
+    def list_eval_runs(self, lora_id: str) -> list[EvalRun]:
+        """The adapter's eval runs, oldest first."""
+        validate_lora_id(lora_id)
+        rows = self._all(
+            "SELECT * FROM eval_runs WHERE lora_id = ? ORDER BY created_at, rowid", (lora_id,)
+        )
+        return [EvalRun(**_fields(r)) for r in rows]

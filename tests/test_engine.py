@@ -1,0 +1,382 @@
+"""The SDPO engine on the local service: exact gradients, the learning signal, failure hygiene.
+
+The loss in `test_topk_gradient_is_exact` is written here independently, in torch, from
+DESIGN.md: token mean of r_t·GJS_t + kl_reg_weight·k3_t per sample, mean over samples.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from peft import PeftModel
+from pydantic import ValidationError
+from tinker import types
+
+from claas.adapters import Adapters, AdapterSpec
+from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig
+from claas.errors import ContextTooLong, InvalidFeedback
+from claas.models import LoadedModel, tiny_llama
+from claas.prompts import chat_prompt_tokens, teacher_prompt_tokens
+from claas.services.local import LocalServiceClient, LocalTrainingClient
+from claas.store import Store
+
+LORA = "alice/assistant"
+FEEDBACK = "Way too long. Answer in one short sentence."
+
+
+class Harness:
+    """A local service, a store and an engine in a temp dir."""
+
+    def __init__(self, loaded: LoadedModel, root: Path) -> None:
+        self.root = root
+        self.service = LocalServiceClient(loaded, root / "checkpoints")
+        self.store = Store(root / "claas.db")
+        self.adapters = Adapters(self.service, self.store, loaded.name)
+        self.engine = SDPOEngine(self.service, self.store, loaded.name, loaded.max_context)
+        self.tokenizer = loaded.tokenizer
+
+    def run(self, coroutine: Any) -> Any:
+        return asyncio.run(coroutine)
+
+    def rollout(
+        self, question: str, max_tokens: int, temperature: float = 0.0, seed: int = 0
+    ) -> tuple[list[dict[str, Any]], list[int], types.SampledSequence]:
+        """Sample an answer from the adapter's current version, as the API would."""
+        messages = [{"role": "user", "content": question}]
+        prompt = chat_prompt_tokens(self.tokenizer, messages)
+        version = self.store.latest_version(LORA)
+        assert version is not None
+        sampler = self.service.create_sampling_client(model_path=version.sampler_path).result()
+        params = types.SamplingParams(max_tokens=max_tokens, temperature=temperature, seed=seed)
+        sequence = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result()
+        return messages, prompt, sequence.sequences[0]
+
+    def sample_for(
+        self, question: str, max_tokens: int = 12, temperature: float = 1.0, seed: int = 0
+    ) -> FeedbackSample:
+        messages, prompt, sequence = self.rollout(question, max_tokens, temperature, seed)
+        return FeedbackSample(
+            lora_id=LORA,
+            messages=messages,
+            prompt_tokens=prompt,
+            response_tokens=sequence.tokens,
+            behavior_logprobs=list(sequence.logprobs or []),
+            feedback=FEEDBACK,
+        )
+
+    def checkpoint_files(self) -> set[Path]:
+        return {p for p in (self.root / "checkpoints").rglob("*") if p.is_file()}
+
+    def close(self) -> None:
+        self.service.close()
+        self.store.close()
+
+
+@pytest.fixture
+def harness(model_cache: Path, tmp_path: Path) -> Iterator[Harness]:
+    h = Harness(tiny_llama(model_cache, seed=0), tmp_path)
+    h.run(h.adapters.init(LORA, AdapterSpec(rank=4, seed=0)))
+    yield h
+    h.close()
+
+
+class GradientSpy:
+    """A spy (not a fake) on the local training client: it records the accumulated LoRA
+    gradients just before each `optim_step`, and counts steps. Everything runs for real."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.grads: list[dict[str, torch.Tensor]] = []
+        self.weights: list[dict[str, torch.Tensor]] = []
+        real_step = LocalTrainingClient.optim_step
+        spy = self
+
+        def optim_step(client: LocalTrainingClient, *args: Any, **kwargs: Any) -> Any:
+            def record() -> None:
+                params = client.lora_parameters()
+                spy.grads.append(
+                    {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+                )
+                spy.weights.append({n: p.detach().clone() for n, p in params.items()})
+
+            client.host.submit(record)  # runs on the worker, after forward_backward
+            return real_step(client, *args, **kwargs)
+
+        monkeypatch.setattr(LocalTrainingClient, "optim_step", optim_step)
+
+
+def perturb_latest(h: Harness, seed: int = 3) -> None:
+    """Replace the latest version by one with non-zero B, so every LoRA weight gets gradient."""
+    version = h.store.latest_version(LORA)
+    assert version is not None
+    trainer = h.service.create_training_client_from_state_with_optimizer(
+        version.state_path
+    ).result()
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in trainer.lora_parameters().values():
+            param.add_(0.2 * torch.randn(param.shape, generator=generator))
+    state = trainer.save_state("perturbed").result().path
+    sampler = trainer.save_weights_for_sampler("perturbed").result().path
+    h.store.add_version(LORA, state, sampler, None, {})
+
+
+# ---------------------------------------------------------------------------------------------
+# The independent reference loss (torch, float32 model, float64 divergence)
+# ---------------------------------------------------------------------------------------------
+
+
+def reference_gjs(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
+    """GJS over K+1 buckets from (T, K) log-probs, written from DESIGN.md in torch."""
+
+    def buckets(logprobs: torch.Tensor) -> torch.Tensor:
+        lse = torch.logsumexp(logprobs, dim=-1, keepdim=True).clamp(max=-1e-7)
+        tail = torch.log1p(-torch.exp(lse))
+        return torch.cat([logprobs, tail], dim=-1).exp()
+
+    p, q = buckets(s), buckets(t)
+
+    def kl(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        return (a * (a.log() - b.log())).sum(-1)
+
+    if alpha == 0.0:
+        return kl(q, p)
+    if alpha == 1.0:
+        return kl(p, q)
+    m = alpha * q + (1 - alpha) * p
+    return alpha * kl(q, m) + (1 - alpha) * kl(p, m)
+
+
+def reference_loss(
+    student: Any,
+    base: Any,
+    samples: list[FeedbackSample],
+    tokenizer: Any,
+    config: TrainingConfig,
+) -> torch.Tensor:
+    per_sample = []
+    for sample in samples:
+        prompt, response = sample.prompt_tokens, sample.response_tokens
+        teacher_prompt = teacher_prompt_tokens(tokenizer, sample.messages, sample.feedback)
+        n_q, n_p, n_t = len(teacher_prompt), len(prompt), len(response)
+        with torch.no_grad():
+            teacher_logits = base(input_ids=torch.tensor([teacher_prompt + response])).logits[0]
+            teacher_all = torch.log_softmax(teacher_logits.double(), -1)[n_q - 1 : n_q - 1 + n_t]
+            base_logits = base(input_ids=torch.tensor([prompt + response])).logits[0]
+            base_all = torch.log_softmax(base_logits.double(), -1)[n_p - 1 : n_p - 1 + n_t]
+        teacher_top, teacher_ids = teacher_all.topk(config.teacher_top_k, dim=-1)
+        logits = student(input_ids=torch.tensor([prompt + response])).logits[0]
+        student_all = torch.log_softmax(logits.float(), -1)[n_p - 1 : n_p - 1 + n_t].double()
+        s_support = student_all.gather(-1, teacher_ids)
+        y = torch.tensor(response)[:, None]
+        s_y = student_all.gather(-1, y)[:, 0]
+        b_y = base_all.gather(-1, y)[:, 0]
+        behavior = torch.tensor(sample.behavior_logprobs, dtype=torch.float64)
+        ratio = torch.exp((s_y.detach() - behavior).clamp(-20, 20)).clamp(max=config.is_clip)
+        gjs_t = reference_gjs(s_support, teacher_top, config.alpha)
+        k3_t = torch.exp(b_y - s_y) - 1 - (b_y - s_y)
+        per_sample.append((ratio * gjs_t + config.kl_reg_weight * k3_t).mean())
+    return torch.stack(per_sample).mean()
+
+
+@pytest.mark.parametrize("alpha", [0.5, 0.0, 1.0])
+def test_topk_gradient_is_exact(
+    harness: Harness, model_cache: Path, monkeypatch: pytest.MonkeyPatch, alpha: float
+) -> None:
+    perturb_latest(harness)
+    version = harness.store.latest_version(LORA)
+    assert version is not None
+    samples = [
+        harness.sample_for("Tell me about the sea.", seed=1),
+        harness.sample_for("Name a colour.", max_tokens=7, seed=2),
+    ]
+    # Make the importance ratios differ from 1 (one is clipped) so they matter in the gradient.
+    shifted = [*samples[0].behavior_logprobs]
+    shifted[0] -= 0.4
+    shifted[1] -= 3.0  # exp(3) ≈ 20 > is_clip = 5, so this ratio is clipped
+    samples[0] = samples[0].model_copy(update={"behavior_logprobs": shifted})
+    config = TrainingConfig(
+        steps_per_batch=1, teacher_top_k=6, alpha=alpha, kl_reg_weight=0.3, learning_rate=1e-3
+    )
+    spy = GradientSpy(monkeypatch)
+    result = harness.run(harness.engine.distill(samples, config))
+    assert result.metrics["clip_fraction"] > 0
+    assert len(spy.grads) == 1
+
+    # Independent: plain PEFT on the version's checkpoint, and an untouched base.
+    base = tiny_llama(model_cache, seed=0).model
+    state_dir = harness.service.checkpoint_dir(version.state_path)
+    student = PeftModel.from_pretrained(tiny_llama(model_cache, seed=0).model, state_dir)
+    params = {n.replace(".default.", "."): p for n, p in student.named_parameters() if "lora" in n}
+    for param in params.values():
+        param.requires_grad_(True)
+    reference_loss(student, base, samples, harness.tokenizer, config).backward()
+    got = spy.grads[0]
+    assert set(got) == set(params)
+    for name, param in params.items():
+        assert param.grad is not None
+        scale = float(param.grad.abs().max()) + 1e-12
+        torch.testing.assert_close(got[name], param.grad, rtol=2e-3, atol=2e-4 * scale)
+    assert result.steps[0].loss == pytest.approx(
+        float(reference_loss(student, base, samples, harness.tokenizer, config).detach()), rel=1e-4
+    )
+
+
+def test_first_step_is_topk_and_moves_gjs(harness: Harness) -> None:
+    perturb_latest(harness)
+    samples = [harness.sample_for("Tell me about the sea.", seed=1)]
+    result = harness.run(
+        harness.engine.distill(samples, TrainingConfig(steps_per_batch=1, learning_rate=1e-2))
+    )
+    assert result.divergence_mode == "topk_gjs"
+    assert result.metrics["divergence_mode"] == "topk_gjs"
+    assert result.metrics["steps_per_batch_applied"] == 1
+    assert result.metrics["gjs_mean_after"] < result.metrics["gjs_mean"]
+    assert result.steps[0].mean_is_ratio == pytest.approx(1.0, abs=1e-3)  # on-policy step 1
+    assert result.version == 3
+    assert harness.store.latest_version(LORA).version == 3  # type: ignore[union-attr]
+    assert "HINDSIGHT CONTEXT" in result.teacher_texts[0]
+    assert set(result.timings) >= {"teacher_scoring", "student_scoring", "train", "save"}
+
+
+def test_multi_step_keeps_the_rollout_behavior(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = [harness.sample_for("Tell me about the sea.", seed=1)]
+    spy = GradientSpy(monkeypatch)
+    config = TrainingConfig(steps_per_batch=4, learning_rate=5e-3)
+    result = harness.run(harness.engine.distill(samples, config))
+    assert len(spy.grads) == 4 and len(result.steps) == 4
+    assert result.metrics["steps_per_batch_applied"] == 4
+    ratios = [s.mean_is_ratio for s in result.steps]
+    assert ratios[0] == pytest.approx(1.0, abs=1e-3)
+    # Later steps compare the moved student with the *rollout's* log-probs, so r drifts from 1.
+    assert abs(ratios[-1] - 1.0) > 1e-3
+    moved = [
+        any(not torch.equal(a[n], b[n]) for n in a)
+        for a, b in zip(spy.weights, spy.weights[1:], strict=False)
+    ]
+    assert all(moved)  # every step changed the weights
+
+
+def test_scalar_mode_uses_importance_sampling(harness: Harness) -> None:
+    samples = [harness.sample_for("Tell me about the sea.", seed=1)]
+    config = TrainingConfig(use_topk_divergence=False, steps_per_batch=2, learning_rate=1e-2)
+    result = harness.run(harness.engine.distill(samples, config))
+    assert result.divergence_mode == "scalar_kl"
+    assert result.metrics["divergence_mode"] == "scalar_kl"
+    assert "gjs_mean" not in result.metrics
+    assert 1.0 <= float(result.metrics["adv_gain"]) <= 4.0
+    assert result.steps[0].adv_abs_mean is not None and result.steps[0].adv_abs_mean > 0
+
+
+def test_failure_mid_request_leaves_no_trace(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    samples = [harness.sample_for("Tell me about the sea.", seed=1)]
+    before_version = harness.store.latest_version(LORA)
+    before_files = harness.checkpoint_files()
+
+    def broken_save(*args: Any, **kwargs: Any) -> Any:  # injected failure after save_state
+        raise OSError("disk full (injected)")
+
+    monkeypatch.setattr(LocalTrainingClient, "save_weights_for_sampler", broken_save)
+    with pytest.raises(OSError, match="injected"):
+        harness.run(harness.engine.distill(samples, TrainingConfig(steps_per_batch=1)))
+    assert harness.store.latest_version(LORA) == before_version
+    assert [v.version for v in harness.store.list_versions(LORA)] == [1]
+    harness.service.host.submit(lambda: None).result()  # let queued cleanup finish
+    assert harness.checkpoint_files() == before_files
+    staging = [p for p in (harness.root / "checkpoints").rglob(".*")]
+    assert staging == []
+
+
+def test_validation_errors(harness: Harness) -> None:
+    good = harness.sample_for("Tell me about the sea.", seed=1)
+    config = TrainingConfig(steps_per_batch=1)
+
+    def distill(samples: list[FeedbackSample]) -> Any:
+        return harness.run(harness.engine.distill(samples, config))
+
+    with pytest.raises(InvalidFeedback, match="one request trains one adapter"):
+        distill([good, good.model_copy(update={"lora_id": "bob/other"})])
+    with pytest.raises(InvalidFeedback, match="must align"):
+        distill([good.model_copy(update={"behavior_logprobs": good.behavior_logprobs[:-1]})])
+    with pytest.raises(InvalidFeedback, match="response is empty"):
+        distill([good.model_copy(update={"response_tokens": [], "behavior_logprobs": []})])
+    with pytest.raises(InvalidFeedback, match="finite"):
+        distill([good.model_copy(update={"behavior_logprobs": [float("nan")] * 12})])
+    long_turns = [{"role": "user", "content": "word " * 2500}, *good.messages]
+    with pytest.raises(ContextTooLong, match="never truncated"):
+        distill([good.model_copy(update={"messages": long_turns})])
+    with pytest.raises(InvalidFeedback, match="no user turn"):
+        distill([good.model_copy(update={"messages": [{"role": "system", "content": "x"}]})])
+    with pytest.raises(ValidationError, match="feedback is empty"):
+        FeedbackSample.model_validate({**good.model_dump(), "feedback": " "})
+    for field, value in [("alpha", 1.5), ("teacher_top_k", 0), ("steps_per_batch", 65)]:
+        with pytest.raises(ValidationError, match=field):
+            TrainingConfig.model_validate({field: value})
+    with pytest.raises(ValidationError, match="extra"):
+        TrainingConfig.model_validate({"beta": 0.5})
+    assert [v.version for v in harness.store.list_versions(LORA)] == [1]
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model: the learning signal
+# ---------------------------------------------------------------------------------------------
+
+
+def end_of_turn_logprob(h: Harness, sample: FeedbackSample, model_path: str | None) -> float:
+    """The student's mean log-prob of <|im_end|> over the response positions."""
+    sampler = h.service.create_sampling_client(
+        model_path=model_path, base_model=None if model_path else h.service.base_model
+    ).result()
+    eot = h.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    tokens = sample.prompt_tokens + sample.response_tokens
+    ids = np.full((len(tokens) - 1, 1), -1, dtype=np.int64)
+    ids[len(sample.prompt_tokens) - 1 :] = eot
+    out = sampler.sample(
+        types.ModelInput.from_ints(tokens),
+        1,
+        types.SamplingParams(max_tokens=1),
+        target_prompt_logprobs=types.TensorData.from_numpy(ids),
+    ).result()
+    values = out.target_prompt_logprobs.to_numpy()[len(sample.prompt_tokens) - 1 :, 0]
+    return float(values.mean())
+
+
+@pytest.mark.real_model
+@pytest.mark.parametrize("topk", [True, False], ids=["topk_gjs", "scalar_kl"])
+def test_real_model_learns_from_feedback(smol: LoadedModel, tmp_path: Path, topk: bool) -> None:
+    own = LoadedModel(smol.name, copy.deepcopy(smol.model), smol.tokenizer, smol.device)
+    h = Harness(own, tmp_path)
+    try:
+        h.run(h.adapters.init(LORA, AdapterSpec(seed=0)))
+        messages, prompt, sequence = h.rollout("Explain how a rainbow forms.", max_tokens=64)
+        sample = FeedbackSample(
+            lora_id=LORA,
+            messages=messages,
+            prompt_tokens=prompt,
+            response_tokens=sequence.tokens,
+            behavior_logprobs=list(sequence.logprobs or []),
+            feedback=FEEDBACK,
+        )
+        before = h.store.latest_version(LORA)
+        assert before is not None
+        eot_before = end_of_turn_logprob(h, sample, before.sampler_path)
+        config = TrainingConfig(use_topk_divergence=topk)  # the defaults
+        result = h.run(h.engine.distill([sample], config))
+        after = h.store.latest_version(LORA)
+        assert after is not None and after.version == result.version == 2
+        eot_after = end_of_turn_logprob(h, sample, after.sampler_path)
+        assert eot_after > eot_before, (eot_before, eot_after)
+        if topk:
+            assert result.metrics["gjs_mean_after"] < result.metrics["gjs_mean"]
+    finally:
+        h.close()

@@ -1,0 +1,154 @@
+"""Hosted Tinker: what can be tested without reaching it.
+
+Tests cannot reach the Tinker service, so there is no fake of it here either: the SDK's own
+`ServiceClient` is built and pointed at nothing (its construction makes no request), the engine's
+datums go through the SDK's own wire encoder, and every call the engine makes on the local
+service is bound against the installed SDK's method signatures, so an SDK change breaks a test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import tinker
+from tinker import types
+from tinker.proto import tinker_public_pb2 as public_pb
+from tinker.proto.request_conv import forward_backward_request_to_proto
+
+from claas import datums
+from claas.adapters import Adapters, AdapterSpec
+from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig
+from claas.errors import InvalidRequest
+from claas.models import tiny_llama
+from claas.prompts import chat_prompt_tokens
+from claas.services import local
+from claas.services.tinker import build_service_client, tinker_api_key
+from claas.store import Store
+
+SDK_CLASS = {
+    local.LocalServiceClient: tinker.ServiceClient,
+    local.LocalTrainingClient: tinker.TrainingClient,
+    local.LocalSamplingClient: tinker.SamplingClient,
+    local.LocalRestClient: tinker.RestClient,
+}
+
+
+def test_service_client_is_built_from_config() -> None:
+    client = build_service_client(environ={"TINKER_API_KEY": "tml-test"})
+    assert isinstance(client, tinker.ServiceClient)
+    assert tinker_api_key({"CLAAS_TINKER_API_KEY": "a", "TINKER_API_KEY": "b"}) == "a"
+    with pytest.raises(InvalidRequest, match="CLAAS_TINKER_API_KEY or TINKER_API_KEY"):
+        build_service_client(environ={})
+
+
+def _decoded_dtypes(datum: types.Datum) -> dict[str, tuple[int, list[int]]]:
+    request = types.ForwardBackwardRequest(
+        forward_backward_input=types.ForwardBackwardInput(data=[datum], loss_fn="cross_entropy"),
+        model_id="model-1",
+        seq_id=1,
+    )
+    wire = forward_backward_request_to_proto(request)
+    decoded = public_pb.ForwardBackwardRequest.FromString(wire.SerializeToString())
+    return {
+        name: (tensor.dtype, list(tensor.shape))
+        for name, tensor in decoded.data[0].loss_fn_inputs.items()
+    }
+
+
+def test_engine_datums_encode_with_tinkers_dtypes() -> None:
+    prompt, response = [1, 5, 9, 4], [7, 8, 2]
+    teacher = np.array([[3, 4], [5, 6], [2, 9]], dtype=np.int64)
+    weights = np.full((3, 2), 0.1)
+    topk = datums.topk_datum(prompt, response, teacher, weights, np.zeros(3))
+    fields = _decoded_dtypes(topk)
+    int64, float32 = public_pb.DTYPE_INT64, public_pb.DTYPE_FLOAT32
+    assert fields == {"target_tokens": (int64, [6, 3]), "weights": (float32, [6, 3])}
+    assert topk.model_input.to_ints() == (prompt + response)[:-1]
+
+    scalar = datums.scalar_datum(prompt, response, np.full(3, -1.0), np.full(3, 0.5))
+    assert _decoded_dtypes(scalar) == {
+        "target_tokens": (int64, [6]),
+        "logprobs": (float32, [6]),
+        "advantages": (float32, [6]),
+    }
+
+
+class CallRecorder:
+    """Records every call the engine makes on the local service's classes (a spy; the calls
+    run for real)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls: list[tuple[type, str, tuple[Any, ...], dict[str, Any]]] = []
+        self.recording = True
+        for cls in SDK_CLASS:
+            for name, member in vars(cls).items():
+                if callable(member) and not name.startswith("_") and name != "lora_parameters":
+                    monkeypatch.setattr(cls, name, self._wrap(cls, name, member))
+
+    def _wrap(self, cls: type, name: str, method: Callable[..., Any]) -> Callable[..., Any]:
+        def recorded(instance: Any, *args: Any, **kwargs: Any) -> Any:
+            if self.recording:
+                self.calls.append((cls, name, args, kwargs))
+            return method(instance, *args, **kwargs)
+
+        return recorded
+
+
+@pytest.mark.parametrize("topk", [True, False])
+def test_engine_calls_match_the_sdk_signatures(
+    model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, topk: bool
+) -> None:
+    loaded = tiny_llama(model_cache, seed=0)
+    service = local.LocalServiceClient(loaded, tmp_path / "checkpoints")
+    store = Store(tmp_path / "claas.db")
+    try:
+        asyncio.run(Adapters(service, store, loaded.name).init("a/b", AdapterSpec(rank=2)))
+        messages = [{"role": "user", "content": "hello"}]
+        prompt = chat_prompt_tokens(loaded.tokenizer, messages)
+        sample = FeedbackSample(
+            lora_id="a/b",
+            messages=messages,
+            prompt_tokens=prompt,
+            response_tokens=[10, 11, 2],
+            behavior_logprobs=[-10.0, -10.0, -10.0],
+            feedback="shorter",
+        )
+        recorder = CallRecorder(monkeypatch)
+        engine = SDPOEngine(service, store, loaded.name, loaded.max_context)
+        config = TrainingConfig(
+            use_topk_divergence=topk, steps_per_batch=2, teacher_top_k=3, kl_reg_weight=0.1
+        )
+        asyncio.run(engine.distill([sample], config))
+        recorder.recording = False  # only the engine's own calls; not the test's clean-up
+    finally:
+        service.close()
+        store.close()
+
+    used = {(cls, name) for cls, name, _, _ in recorder.calls}
+    assert (local.LocalTrainingClient, "forward_backward") in used
+    assert (local.LocalSamplingClient, "sample" if topk else "compute_logprobs") in used
+    for cls, name, args, kwargs in recorder.calls:
+        sdk_method = getattr(SDK_CLASS[cls], name, None)
+        assert sdk_method is not None, f"{SDK_CLASS[cls].__name__} has no method {name}"
+        inspect.signature(sdk_method).bind(None, *args, **kwargs)  # raises on a mismatch
+
+
+def test_adapter_init_arguments_bind_to_the_sdk() -> None:
+    """Against a real ServiceClient, init passes only Tinker's own LoRA arguments."""
+    client = build_service_client(environ={"TINKER_API_KEY": "tml-test"})
+    adapters = Adapters(client, store=None, base_model="Qwen/Qwen3-8B")  # type: ignore[arg-type]
+    kwargs = adapters._lora_kwargs(
+        AdapterSpec(rank=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    )
+    inspect.signature(tinker.ServiceClient.create_lora_training_client).bind(
+        client, "Qwen/Qwen3-8B", **kwargs
+    )
+    assert kwargs["train_attn"] and not kwargs["train_mlp"] and not kwargs["train_unembed"]
+    with pytest.raises(InvalidRequest, match="whole groups"):
+        adapters._lora_kwargs(AdapterSpec(target_modules=["q_proj"]))
