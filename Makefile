@@ -1,11 +1,10 @@
 # Two entry points for a fresh machine with Python 3.11, pip and make:
-#   make run   - set up .venv, install claas and the embedded model, run the main job
+#   make run   - set up .venv, install claas and the embedded model, serve the API on it
 #   make test  - the same set-up, then ruff, mypy and pytest
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.claas-installed
-PROMPT ?= In two sentences, what is continual learning?
 
 .PHONY: run test setup lint clean
 
@@ -20,7 +19,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/claas generate "$(PROMPT)"
+	$(BIN)/claas serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check claas tests benchmarks

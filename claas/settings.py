@@ -47,6 +47,36 @@ class Settings(BaseSettings):
     service: Literal["local", "tinker"] = Field(
         "local", description="Training service: in-process (local) or hosted Tinker."
     )
+    tinker_base_model: str | None = Field(
+        None, description="Base model name on hosted Tinker (with --service tinker)."
+    )
+    allowed_base_models: list[str] = Field(
+        default_factory=list,
+        description="Base models adapters may be created on (default: the served model).",
+    )
+
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind (0 picks a free one).")
+    api_keys: dict[str, str] = Field(
+        default_factory=dict,
+        description='API key -> owner, e.g. CLAAS_API_KEYS=\'{"sk-alice": "alice"}\'. A key '
+        "reaches only its owner's adapters, rollouts and feedback.",
+    )
+    admin_key: str | None = Field(None, description="API key that reaches every owner.")
+    insecure: bool = Field(
+        False, description="Allow binding a non-loopback address without API keys."
+    )
+
+    max_body_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
+    max_messages: int = Field(256, ge=1, description="Most messages in one chat request.")
+    max_tokens_cap: int = Field(2048, ge=1, description="Largest max_tokens a request may ask.")
+    max_samples: int = Field(8, ge=1, le=64, description="Largest n of one chat request.")
+    rollout_ttl_seconds: float = Field(
+        7 * 24 * 3600.0, gt=0, description="How long a rollout can receive feedback."
+    )
+    max_coalesce: int = Field(
+        8, ge=1, le=64, description="Most queued feedback requests trained as one batch."
+    )
 
     @property
     def model_cache_dir(self) -> Path:

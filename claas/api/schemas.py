@@ -1,0 +1,97 @@
+"""Request and response bodies of the HTTP API (OpenAI-compatible where OpenAI has one)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from claas.adapters import AdapterSpec
+from claas.feedback import FeedbackItem
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    type: Literal["text"] = "text"
+    text: str = Field(max_length=200_000)
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[TextPart] = Field(max_length=200_000)
+
+    def as_template_message(self) -> dict[str, Any]:
+        text = (
+            self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
+        )
+        return {"role": "system" if self.role == "developer" else self.role, "content": text}
+
+
+class SamplingFields(BaseModel):
+    """The sampling knobs shared by chat and plain completions."""
+
+    model: str = Field(min_length=1, max_length=300)
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float = Field(1.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    n: int = Field(1, ge=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=0)  # accepted, not computed (only 0)
+    stream: bool = False
+    user: str | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, value: str | list[str] | None) -> str | list[str] | None:
+        stops = [value] if isinstance(value, str) else value or []
+        if len(stops) > 8 or any(not s or len(s) > 200 for s in stops):
+            raise ValueError("stop takes up to 8 non-empty strings of at most 200 characters")
+        return value
+
+
+class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(extra="ignore")
+
+    messages: list[ChatMessage] = Field(min_length=1)
+
+
+class CompletionRequest(SamplingFields):
+    model_config = ConfigDict(extra="ignore")
+
+    prompt: str = Field(min_length=1, max_length=200_000)
+
+
+class ScoreRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(min_length=1, max_length=300)
+    messages: list[ChatMessage] = Field(min_length=1)
+    completion: str = Field(min_length=1, max_length=200_000)
+
+
+class FeedbackRequestBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    items: list[FeedbackItem] = Field(min_length=1, max_length=64)
+
+
+class AdapterCreate(AdapterSpec):
+    lora_id: str = Field(max_length=200, description="owner/name")
+
+
+class RollbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    version: int = Field(ge=1)
+
+
+class ErrorBody(BaseModel):
+    message: str
+    type: str
+    code: int

@@ -1,0 +1,276 @@
+"""Serving: sample an answer from an adapter's current version and record its rollout.
+
+The first half of the data flow in DESIGN.md. A chat request names a model: an adapter
+`owner/name` (its current version), `owner/name@N` (a pinned version) or the base model. The
+answer is sampled through the training service's sampling client, so the served weights are
+exactly the ones the engine trains. Before the answer is returned, its rollout (messages, prompt
+and response token ids from the sampler, the sampler's log-probs, adapter version, sampling
+params) is stored, so feedback can later name it by completion id.
+
+    chat = ChatService(service, store, base_model, tokenizer, max_context, rollout_ttl)
+    completion = await chat.complete(chat.resolve("alice/assistant"), messages, params)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from tinker import types
+
+from claas.errors import AdapterNotFound, ContextTooLong, InvalidRequest, VersionNotFound
+from claas.prompts import Message, chat_prompt_tokens, message_text
+from claas.store import Store, text_hash, validate_lora_id
+
+THINK_BLOCK = re.compile(r"<think>.*?(</think>\s*|$)", re.DOTALL)
+THINK_OPEN = "<think>"
+
+
+def visible_text(raw: str) -> str:
+    """The answer without `<think>…</think>` reasoning (an unclosed block hides the rest)."""
+    return THINK_BLOCK.sub("", raw)
+
+
+@dataclass(frozen=True)
+class ModelTarget:
+    """What a request's `model` resolves to: the base, or one adapter version."""
+
+    name: str
+    lora_id: str | None = None
+    version: int | None = None
+    sampler_path: str | None = None
+
+
+@dataclass(frozen=True)
+class Choice:
+    index: int
+    rollout_id: str
+    text: str
+    tokens: list[int]
+    logprobs: list[float]
+    finish_reason: str
+
+
+@dataclass(frozen=True)
+class Completion:
+    id: str
+    created: int
+    model: str
+    prompt_tokens: int
+    choices: list[Choice]
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.tokens) for c in self.choices)
+
+
+TextCallback = Callable[[int, str], None]
+
+
+class StreamDecoder:
+    """Turns a growing token list into visible-text deltas, never splitting a character or
+    leaking the start of a `<think>` tag."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def push(self, token: int) -> str:
+        self.tokens.append(token)
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
+            return ""
+        shown = visible_text(text)
+        for cut in range(len(THINK_OPEN) - 1, 0, -1):  # hold back a possible "<thi…"
+            if shown.endswith(THINK_OPEN[:cut]):
+                shown = shown[:-cut]
+                break
+        if not shown.startswith(self.sent):
+            return ""
+        delta, self.sent = shown[len(self.sent) :], shown
+        return delta
+
+
+class ChatService:
+    def __init__(
+        self,
+        service: Any,
+        store: Store,
+        base_model: str,
+        tokenizer: Any,
+        max_context: int,
+        rollout_ttl_seconds: float,
+        max_cached_samplers: int = 64,
+    ) -> None:
+        self.service = service
+        self.store = store
+        self.base_model = base_model
+        self.tokenizer = tokenizer
+        self.max_context = max_context
+        self.rollout_ttl_seconds = rollout_ttl_seconds
+        self._samplers: OrderedDict[str, Any] = OrderedDict()
+        self._max_cached = max_cached_samplers
+
+    # -- which weights --------------------------------------------------------------------------
+    def model_names(self) -> list[str]:
+        return [self.base_model, *(a.lora_id for a in self.store.list_adapters())]
+
+    def resolve(self, model: str) -> ModelTarget:
+        if model == self.base_model:
+            return ModelTarget(name=model)
+        lora_id, _, pinned = model.partition("@")
+        try:
+            lora_id = validate_lora_id(lora_id)
+            adapter = self.store.get_adapter(lora_id)
+        except (InvalidRequest, AdapterNotFound):
+            names = self.model_names()
+            shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
+            raise AdapterNotFound(
+                f"model {model!r} does not exist; valid names: {shown} (create an adapter "
+                "with POST /v1/adapters, or pin a version as owner/name@N)"
+            ) from None
+        if pinned:
+            if not pinned.isdigit():
+                raise InvalidRequest(f"version in {model!r} must be a number, e.g. {lora_id}@2")
+            version = self.store.get_version(lora_id, int(pinned))
+        else:
+            current = self.store.latest_version(adapter.lora_id)
+            if current is None:
+                raise VersionNotFound(f"adapter {lora_id} has no version yet; re-create it")
+            version = current
+        return ModelTarget(model, lora_id, version.version, version.sampler_path)
+
+    async def sampler(self, target: ModelTarget) -> Any:
+        key = target.sampler_path or f"base:{self.base_model}"
+        if key in self._samplers:
+            self._samplers.move_to_end(key)
+            return self._samplers[key]
+        if target.sampler_path is None:
+            client = await self.service.create_sampling_client(base_model=self.base_model)
+        else:
+            client = await self.service.create_sampling_client(model_path=target.sampler_path)
+        self._samplers[key] = client
+        while len(self._samplers) > self._max_cached:
+            self._samplers.popitem(last=False)
+        return client
+
+    # -- answering ------------------------------------------------------------------------------
+    def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
+        try:
+            return chat_prompt_tokens(self.tokenizer, messages)
+        except ValueError as error:
+            raise InvalidRequest(str(error)) from error
+
+    async def complete(
+        self,
+        target: ModelTarget,
+        prompt_tokens: list[int],
+        messages: Sequence[Message],
+        params: types.SamplingParams,
+        n: int = 1,
+        on_text: TextCallback | None = None,
+        prompt_text: str | None = None,
+        completion_id: str | None = None,
+    ) -> Completion:
+        """Sample `n` answers, store their rollouts, return them.
+
+        `on_text(choice, delta)` streams visible text as tokens arrive (where the service can).
+        `prompt_text` is what feedback by text must match: the last user message by default.
+        """
+        max_tokens = params.max_tokens or 0
+        if len(prompt_tokens) + max_tokens > self.max_context:
+            raise ContextTooLong(
+                f"the prompt is {len(prompt_tokens)} tokens and max_tokens {max_tokens}; "
+                f"together they exceed the model's context of {self.max_context}. Shorten the "
+                "conversation or lower max_tokens"
+            )
+        sampler = await self.sampler(target)
+        kwargs: dict[str, Any] = {}
+        if on_text is not None and "on_token" in inspect.signature(sampler.sample).parameters:
+            kwargs["on_token"] = self._token_bridge(on_text, n)
+        response = await sampler.sample(
+            types.ModelInput.from_ints(prompt_tokens), n, params, **kwargs
+        )
+        completion_id = completion_id or new_completion_id()
+        created = int(time.time())
+        choices = []
+        for index, sequence in enumerate(response.sequences):
+            raw = self.tokenizer.decode(sequence.tokens, skip_special_tokens=True)
+            choices.append(
+                Choice(
+                    index=index,
+                    rollout_id=completion_id if index == 0 else f"{completion_id}.{index}",
+                    text=visible_text(raw),
+                    tokens=list(sequence.tokens),
+                    logprobs=[float(x) for x in sequence.logprobs or []],
+                    finish_reason=sequence.stop_reason,
+                )
+            )
+        if on_text is not None and not kwargs:  # no token streaming here: send it whole
+            for choice in choices:
+                on_text(choice.index, choice.text)
+        user_text = prompt_text if prompt_text is not None else _last_user_text(messages)
+        expires = created + self.rollout_ttl_seconds
+        for choice in choices:
+            self.store.add_rollout(
+                id=choice.rollout_id,
+                lora_id=target.lora_id,
+                adapter_version=target.version,
+                model=target.name,
+                messages=[dict(m) for m in messages],
+                prompt_tokens=prompt_tokens,
+                response_tokens=choice.tokens,
+                behavior_logprobs=choice.logprobs,
+                sampling_params=params.model_dump(),
+                response_text=choice.text,
+                prompt_hash=text_hash(user_text),
+                response_hash=text_hash(choice.text),
+                expires_at=expires,
+            )
+        return Completion(completion_id, created, target.name, len(prompt_tokens), choices)
+
+    def _token_bridge(self, on_text: TextCallback, n: int) -> Callable[[int, int, float], None]:
+        """Called on the model thread per token; hands visible deltas to the event loop."""
+        loop = asyncio.get_running_loop()
+        decoders = [StreamDecoder(self.tokenizer) for _ in range(n)]
+
+        def on_token(index: int, token: int, logprob: float) -> None:
+            delta = decoders[index].push(token)
+            if delta:
+                loop.call_soon_threadsafe(on_text, index, delta)
+
+        return on_token
+
+    async def score(
+        self, target: ModelTarget, prompt_tokens: list[int], completion_tokens: list[int]
+    ) -> list[float]:
+        """Per-token log-probs of `completion_tokens` after the prompt."""
+        if not completion_tokens:
+            raise InvalidRequest("the completion to score is empty")
+        total = len(prompt_tokens) + len(completion_tokens)
+        if total > self.max_context:
+            raise ContextTooLong(f"{total} tokens exceed the context of {self.max_context}")
+        sampler = await self.sampler(target)
+        values = await sampler.compute_logprobs(
+            types.ModelInput.from_ints(prompt_tokens + completion_tokens)
+        )
+        return [float(v) for v in values[len(prompt_tokens) :] if v is not None]
+
+
+def new_completion_id() -> str:
+    return f"chatcmpl-{uuid.uuid4().hex}"
+
+
+def _last_user_text(messages: Sequence[Message]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return message_text(message.get("content", ""))
+    return ""

@@ -1,0 +1,255 @@
+"""The durable feedback queue: from a feedback request to a new adapter version.
+
+The second half of the data flow in DESIGN.md. A request names rollouts (by completion id, or by
+adapter + prompt text + response text) and carries the user's feedback. It is validated
+completely before anything is queued, then written to SQLite as `queued`, so it survives a
+restart; `running` requests found at start-up are queued again.
+
+Per adapter, requests run strictly in arrival order, one at a time. Requests for the same adapter
+and training config that queued up while a step was running are coalesced into one batch (up to
+`max_coalesce`), which is reported on each of them as `coalesced_into`. A finished request has
+already registered its version in the store, so the next chat is served by it.
+
+    queue = FeedbackQueue(store, engine, max_coalesce=8)
+    queue.start()
+    request = queue.submit(queue.resolve(items, allowed=lambda lora_id: True))
+    done = await queue.wait(request.id)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig
+from claas.errors import (
+    ClaasError,
+    InvalidFeedback,
+    NothingToTrain,
+    RolloutNotFound,
+)
+from claas.store import FeedbackRequest, Rollout, Store, text_hash, validate_lora_id
+
+TERMINAL = ("done", "failed")
+
+
+class FeedbackItem(BaseModel):
+    """One piece of feedback on one rollout."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    completion_id: str | None = Field(
+        None, max_length=200, description="The `id` of the chat completion (preferred, exact)."
+    )
+    choice_index: int = Field(0, ge=0, le=63, description="Which choice of that completion.")
+    lora_id: str | None = Field(None, max_length=200)
+    prompt: str | None = Field(None, max_length=200_000, description="The user message text.")
+    response: str | None = Field(None, max_length=200_000, description="The answer's text.")
+    feedback: str = Field(min_length=1, max_length=8000)
+    training: TrainingConfig | None = None
+
+    @model_validator(mode="after")
+    def _names_a_rollout(self) -> FeedbackItem:
+        by_text = None not in (self.lora_id, self.prompt, self.response)
+        if self.completion_id is None and not by_text:
+            raise ValueError(
+                "name the rollout with completion_id, or with lora_id + prompt + response"
+            )
+        if not self.feedback.strip():
+            raise ValueError("feedback is empty; say what should change in the answer")
+        return self
+
+
+@dataclass(frozen=True)
+class ResolvedFeedback:
+    lora_id: str
+    items: list[dict[str, Any]]  # {"rollout_id", "feedback"}
+    training: TrainingConfig
+
+
+class FeedbackQueue:
+    def __init__(
+        self,
+        store: Store,
+        engine: SDPOEngine,
+        max_coalesce: int = 8,
+        on_trained: Callable[[FeedbackRequest, float], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.engine = engine
+        self.max_coalesce = max_coalesce
+        self.on_trained = on_trained
+        self._wake = asyncio.Event()
+        self._changed = asyncio.Condition()
+        self._running: dict[str, asyncio.Task[None]] = {}
+        self._scheduler: asyncio.Task[None] | None = None
+
+    # -- validation, before anything is queued ---------------------------------------------
+    def resolve(
+        self, items: Sequence[FeedbackItem], allowed: Callable[[str], None]
+    ) -> ResolvedFeedback:
+        """Find each item's rollout and check the batch; raise a domain error otherwise.
+
+        `allowed(lora_id)` raises if the caller may not train that adapter.
+        """
+        if not items:
+            raise InvalidFeedback("send at least one feedback item")
+        rollouts = [self._rollout(item) for item in items]
+        for rollout in rollouts:
+            if rollout.lora_id is None:
+                raise NothingToTrain(
+                    f"rollout {rollout.id} came from the base model {rollout.model!r}, which has "
+                    "no adapter to train; chat with an adapter (model 'owner/name') and give "
+                    "feedback on that answer"
+                )
+            allowed(rollout.lora_id)
+        lora_ids = sorted({r.lora_id for r in rollouts if r.lora_id})
+        if len(lora_ids) != 1:
+            raise InvalidFeedback(
+                f"the items name rollouts of different adapters {lora_ids}; send one request "
+                "per adapter"
+            )
+        configs = {item.training or TrainingConfig() for item in items}
+        if len(configs) != 1:
+            raise InvalidFeedback(
+                "the items carry different training configs; use one config per request"
+            )
+        self.store.get_adapter(lora_ids[0])  # the adapter still exists
+        return ResolvedFeedback(
+            lora_id=lora_ids[0],
+            items=[
+                {"rollout_id": r.id, "feedback": item.feedback}
+                for r, item in zip(rollouts, items, strict=True)
+            ],
+            training=configs.pop(),
+        )
+
+    def _rollout(self, item: FeedbackItem) -> Rollout:
+        if item.completion_id is not None:
+            rollout_id = item.completion_id
+            if item.choice_index:
+                rollout_id = f"{item.completion_id}.{item.choice_index}"
+            return self.store.get_rollout(rollout_id)
+        assert item.lora_id is not None and item.prompt is not None and item.response is not None
+        return self.store.find_rollout(
+            validate_lora_id(item.lora_id), text_hash(item.prompt), text_hash(item.response)
+        )
+
+    # -- queueing ---------------------------------------------------------------------------
+    def submit(self, resolved: ResolvedFeedback) -> FeedbackRequest:
+        request = self.store.enqueue_feedback(
+            resolved.lora_id, resolved.items, resolved.training.model_dump()
+        )
+        self._wake.set()
+        return request
+
+    async def wait(self, feedback_id: str, timeout: float | None = None) -> FeedbackRequest:
+        async with asyncio.timeout(timeout), self._changed:
+            while (request := self.store.get_feedback(feedback_id)).status not in TERMINAL:
+                await self._changed.wait()
+        return request
+
+    def depth(self) -> int:
+        return self.store.queue_depth()
+
+    # -- the worker -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Resume what a previous process left, then serve the queue (call inside the loop)."""
+        self.store.requeue_running()
+        self._scheduler = asyncio.create_task(self._schedule())
+        self._wake.set()
+
+    async def stop(self) -> None:
+        tasks = [t for t in [self._scheduler, *self._running.values()] if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _schedule(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            for lora_id in self.store.adapters_with_queued():
+                if lora_id not in self._running:
+                    self._running[lora_id] = asyncio.create_task(self._drain(lora_id))
+
+    async def _drain(self, lora_id: str) -> None:
+        """Run one adapter's queue in arrival order until it is empty."""
+        try:
+            while batch := self._next_batch(lora_id):
+                await self._train(batch)
+        finally:
+            self._running.pop(lora_id, None)
+            self._wake.set()  # anything that arrived meanwhile
+
+    def _next_batch(self, lora_id: str) -> list[FeedbackRequest]:
+        queued = self.store.queued_for(lora_id, self.max_coalesce)
+        if not queued:
+            return []
+        head = queued[0]
+        batch = [head]
+        for request in queued[1:]:  # only a contiguous run with the same config
+            if request.training != head.training:
+                break
+            batch.append(request)
+        return batch
+
+    async def _train(self, batch: list[FeedbackRequest]) -> None:
+        head = batch[0]
+        ids = [r.id for r in batch]
+        self.store.mark_running(ids)
+        for follower in batch[1:]:
+            self.store.mark_coalesced(follower.id, head.id)
+        started = time.perf_counter()
+        try:
+            samples = [
+                self._sample(head.lora_id, item) for request in batch for item in request.items
+            ]
+            config = TrainingConfig.model_validate(head.training)
+            result = await self.engine.distill(samples, config, feedback_id=head.id)
+            metrics = {
+                **result.metrics,
+                "timings": result.timings,
+                "steps": [s.model_dump() for s in result.steps],
+                "teacher_texts": result.teacher_texts,
+                "coalesced": len(batch),
+                "coalesced_ids": ids,
+            }
+            self.store.mark_done(ids, result.version, metrics)
+        except asyncio.CancelledError:
+            raise  # shutting down: the requests stay `running` and are requeued at start-up
+        except ClaasError as error:
+            self.store.mark_failed(ids, f"{type(error).__name__}: {error}")
+        except Exception as error:
+            self.store.mark_failed(
+                ids,
+                f"training failed ({type(error).__name__}: {error}); the adapter stays on "
+                "its last good version",
+            )
+        finally:
+            if self.on_trained is not None:
+                self.on_trained(head, time.perf_counter() - started)
+            async with self._changed:
+                self._changed.notify_all()
+
+    def _sample(self, lora_id: str, item: dict[str, Any]) -> FeedbackSample:
+        try:
+            rollout = self.store.get_rollout(item["rollout_id"])
+        except RolloutNotFound as error:
+            raise InvalidFeedback(f"{error} (it expired while queued)") from error
+        return FeedbackSample(
+            lora_id=lora_id,
+            messages=rollout.messages,
+            prompt_tokens=rollout.prompt_tokens,
+            response_tokens=rollout.response_tokens,
+            behavior_logprobs=rollout.behavior_logprobs,
+            feedback=item["feedback"],
+        )

@@ -1,0 +1,90 @@
+"""The composition root: one process's service, store, engine, chat and feedback queue.
+
+Built once from `Settings` by `claas serve` (and by tests, with the tiny model). Everything that
+holds state lives here, so the API layer stays a thin map from HTTP to these objects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from claas.adapters import Adapters
+from claas.chat import ChatService
+from claas.engine import SDPOEngine
+from claas.feedback import FeedbackQueue
+from claas.models import LoadedModel
+from claas.settings import Settings
+from claas.store import Store
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    service: Any
+    store: Store
+    base_model: str
+    tokenizer: Any
+    max_context: int
+    engine: SDPOEngine
+    adapters: Adapters
+    chat: ChatService
+    queue: FeedbackQueue
+
+    @classmethod
+    def build(cls, settings: Settings, loaded: LoadedModel | None = None) -> Runtime:
+        """Load the model (or take `loaded`) and wire every part to it."""
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+        store = Store(settings.data_dir / "claas.db")
+        if settings.service == "tinker":
+            service, base_model, tokenizer, max_context = _tinker_parts(settings)
+        else:
+            from claas.services.local import LocalServiceClient, shared_model
+
+            if loaded is None:
+                loaded = shared_model(settings.model, settings.model_cache_dir, settings.device)
+            service = LocalServiceClient(loaded, settings.data_dir / "checkpoints")
+            base_model, tokenizer, max_context = loaded.name, loaded.tokenizer, loaded.max_context
+        engine = SDPOEngine(service, store, base_model, max_context)
+        return cls(
+            settings=settings,
+            service=service,
+            store=store,
+            base_model=base_model,
+            tokenizer=tokenizer,
+            max_context=max_context,
+            engine=engine,
+            adapters=Adapters(service, store, base_model, settings.allowed_base_models or None),
+            chat=ChatService(
+                service, store, base_model, tokenizer, max_context, settings.rollout_ttl_seconds
+            ),
+            queue=FeedbackQueue(store, engine, settings.max_coalesce),
+        )
+
+    def close(self) -> None:
+        close = getattr(self.service, "close", None)
+        if callable(close) and not _is_tinker(self.service):
+            close()
+        self.store.close()
+
+
+def _tinker_parts(settings: Settings) -> tuple[Any, str, Any, int]:
+    from claas.errors import InvalidRequest
+    from claas.models import load_tokenizer
+    from claas.services.tinker import build_service_client
+
+    if not settings.tinker_base_model:
+        raise InvalidRequest(
+            "--service tinker needs CLAAS_TINKER_BASE_MODEL, the Tinker base model name "
+            "(for example Qwen/Qwen3-8B)"
+        )
+    service = build_service_client()
+    # The tokenizer must be local too (claas never downloads): the HF cache or a directory.
+    tokenizer = load_tokenizer(settings.tinker_base_model, Path(settings.model_cache_dir))
+    max_context = int(getattr(tokenizer, "model_max_length", 32768) or 32768)
+    return service, settings.tinker_base_model, tokenizer, min(max_context, 131072)
+
+
+def _is_tinker(service: Any) -> bool:
+    return type(service).__module__.startswith("tinker")

@@ -1,0 +1,722 @@
+"""The HTTP API against a real uvicorn server on 127.0.0.1, with the tiny model (and SmolLM2).
+
+In-process servers run uvicorn in a thread; the restart test runs `claas serve` as a
+subprocess so that it can be killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+import math
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import hypothesis
+import openai
+import pytest
+import schemathesis
+import uvicorn
+
+from claas.api.app import create_app
+from claas.models import LoadedModel, tiny_llama
+from claas.prompts import chat_prompt_tokens
+from claas.runtime import Runtime
+from claas.settings import Settings
+
+REPO = Path(__file__).resolve().parent.parent
+HELLO = [{"role": "user", "content": "Hello there!"}]
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 (free port), in a background thread."""
+
+    def __init__(self, settings: Settings, loaded: LoadedModel) -> None:
+        self.runtime = Runtime.build(settings, loaded=loaded)
+        config = uvicorn.Config(
+            create_app(self.runtime), host="127.0.0.1", port=0, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.runtime.close()
+
+
+def make_server(
+    tmp_path: Path, model_cache: Path, loaded: LoadedModel | None = None, **settings: Any
+) -> LiveServer:
+    return LiveServer(
+        Settings(data_dir=tmp_path / "data", **settings),
+        loaded if loaded is not None else tiny_llama(model_cache, seed=0),
+    )
+
+
+@pytest.fixture
+def server(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
+    live = make_server(tmp_path, model_cache, max_tokens_cap=256)
+    yield live
+    live.close()
+
+
+def create(live: LiveServer, lora_id: str, headers: dict[str, str] | None = None) -> Any:
+    response = live.client.post(
+        "/v1/adapters", json={"lora_id": lora_id, "rank": 4}, headers=headers or {}
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def chat(live: LiveServer, model: str, **fields: Any) -> httpx.Response:
+    body = {"model": model, "messages": HELLO, "max_tokens": 8, "temperature": 0, **fields}
+    return live.client.post("/v1/chat/completions", json=body, headers=fields.pop("h", {}))
+
+
+# ---------------------------------------------------------------------------------------------
+# The README, verbatim
+# ---------------------------------------------------------------------------------------------
+
+
+def readme_quickstart() -> str:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Quickstart", 1)[1]
+    match = re.search(r"```bash\n(.*?)```", section, re.DOTALL)
+    assert match, "README has no bash block under ## Quickstart"
+    return match.group(1)
+
+
+def test_readme_quickstart_runs_verbatim(server: LiveServer, tmp_path: Path) -> None:
+    script = readme_quickstart()
+    assert script.count("curl ") == 4
+    script = script.replace("http://127.0.0.1:8000", server.url)
+    script = script.replace("/tmp/claas-chat.json", str(tmp_path / "chat.json"))
+    done = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    outputs = [json.loads(line) for line in done.stdout.splitlines() if line.strip()]
+    created, first, feedback, second = outputs
+    assert created["lora_id"] == "alice/assistant" and created["current_version"] == 1
+    assert first["model"] == "alice/assistant" and first["choices"][0]["message"]["content"]
+    assert feedback["status"] == "done" and feedback["version"] == 2, feedback
+    assert feedback["metrics"]["divergence_mode"] == "topk_gjs"
+    assert second["choices"][0]["message"]["content"]
+    rollout = server.runtime.store.get_rollout(second["id"])
+    assert rollout.adapter_version == 2  # served by the new version at once
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat
+# ---------------------------------------------------------------------------------------------
+
+
+def test_chat_response_usage_and_rollout(server: LiveServer) -> None:
+    create(server, "alice/bot")
+    response = chat(server, "alice/bot", n=2, temperature=1.0, seed=3, logprobs=True)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    prompt = chat_prompt_tokens(server.runtime.tokenizer, HELLO)
+    assert body["usage"]["prompt_tokens"] == len(prompt)
+    assert len(body["choices"]) == 2
+    completion_tokens = 0
+    for choice in body["choices"]:
+        rollout_id = body["id"] if choice["index"] == 0 else f"{body['id']}.{choice['index']}"
+        rollout = server.runtime.store.get_rollout(rollout_id)
+        assert rollout.prompt_tokens == prompt
+        assert rollout.lora_id == "alice/bot" and rollout.adapter_version == 1
+        assert len(rollout.response_tokens) == len(rollout.behavior_logprobs)
+        assert [c["logprob"] for c in choice["logprobs"]["content"]] == pytest.approx(
+            rollout.behavior_logprobs
+        )
+        assert choice["finish_reason"] == (
+            "length" if len(rollout.response_tokens) == 8 else "stop"
+        )
+        assert rollout.sampling_params["temperature"] == 1.0
+        completion_tokens += len(rollout.response_tokens)
+    assert body["usage"]["completion_tokens"] == completion_tokens
+    pinned = chat(server, "alice/bot@1").json()
+    assert server.runtime.store.get_rollout(pinned["id"]).adapter_version == 1
+    base = chat(server, server.runtime.base_model).json()
+    assert server.runtime.store.get_rollout(base["id"]).lora_id is None
+    parts = chat(
+        server,
+        "alice/bot",
+        messages=[
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "Hello "}, {"type": "text", "text": "there!"}],
+            }
+        ],
+    )
+    assert parts.json()["usage"]["prompt_tokens"] == len(prompt)
+
+
+def test_streaming_with_the_openai_client(server: LiveServer) -> None:
+    create(server, "alice/streamer")
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    stream = client.chat.completions.create(
+        model="alice/streamer",
+        messages=HELLO,  # type: ignore[arg-type]
+        max_tokens=40,
+        temperature=0,
+        stream=True,
+    )
+    pieces, finishes, ids = [], [], set()
+    for event in stream:
+        ids.add(event.id)
+        for choice in event.choices:
+            if choice.delta.content:
+                pieces.append(choice.delta.content)
+            if choice.finish_reason:
+                finishes.append(choice.finish_reason)
+    whole = client.chat.completions.create(
+        model="alice/streamer",
+        messages=HELLO,
+        max_tokens=40,
+        temperature=0,  # type: ignore[arg-type]
+    )
+    assert len(pieces) > 5  # token by token, not one block at the end
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert finishes == [whole.choices[0].finish_reason]
+    assert len(ids) == 1
+    rollout = server.runtime.store.get_rollout(ids.pop())  # stored before the stream ended
+    assert rollout.response_text == "".join(pieces)
+
+
+# ---------------------------------------------------------------------------------------------
+# Feedback: ordering, failures, restart
+# ---------------------------------------------------------------------------------------------
+
+
+def test_feedback_by_text_and_status(server: LiveServer) -> None:
+    create(server, "alice/texty")
+    answer = chat(server, "alice/texty").json()
+    text = answer["choices"][0]["message"]["content"]
+    response = server.client.post(
+        "/v1/feedback",
+        json={
+            "items": [
+                {
+                    "lora_id": "alice/texty",
+                    "prompt": "  Hello   there! ",  # whitespace differences are normalised
+                    "response": text,
+                    "feedback": "Shorter please.",
+                    "training": {"steps_per_batch": 1},
+                }
+            ]
+        },
+    )
+    assert response.status_code == 202, response.text
+    feedback_id = response.json()["feedback_id"]
+    deadline = time.monotonic() + 120
+    while (status := server.client.get(f"/v1/feedback/{feedback_id}").json())["status"] not in (
+        "done",
+        "failed",
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert status["status"] == "done" and status["version"] == 2
+    assert status["items"][0]["rollout_id"] == answer["id"]
+    log = server.client.get("/v1/feedback", params={"lora_id": "alice/texty"}).json()
+    assert [entry["feedback_id"] for entry in log["data"]] == [feedback_id]
+
+
+def test_concurrent_feedback_keeps_order_per_adapter(server: LiveServer) -> None:
+    adapters = ["alice/one", "bob/two", "carol/three"]
+    rollouts = {}
+    for lora_id in adapters:
+        create(server, lora_id)
+        rollouts[lora_id] = chat(server, lora_id, max_tokens=4).json()["id"]
+
+    async def send_all() -> list[tuple[str, str]]:
+        async with httpx.AsyncClient(base_url=server.url, timeout=120) as client:
+
+            async def send(index: int) -> tuple[str, str]:
+                lora_id = adapters[index % 3]
+                item = {
+                    "completion_id": rollouts[lora_id],
+                    "feedback": f"note {index}",
+                    "training": {"steps_per_batch": 1},
+                }
+                response = await client.post("/v1/feedback", json={"items": [item]})
+                assert response.status_code == 202, response.text
+                return lora_id, response.json()["feedback_id"]
+
+            return list(await asyncio.gather(*(send(i) for i in range(20))))
+
+    sent = asyncio.run(send_all())
+    deadline = time.monotonic() + 300
+    for lora_id in adapters:
+        while True:
+            log = server.client.get("/v1/feedback", params={"lora_id": lora_id}).json()["data"]
+            if all(entry["status"] == "done" for entry in log) and len(log) == sum(
+                1 for owner, _ in sent if owner == lora_id
+            ):
+                break
+            assert time.monotonic() < deadline, log
+            time.sleep(0.1)
+        arrival = list(reversed(log))  # the log is newest first
+        versions = [entry["version"] for entry in arrival]
+        assert versions == sorted(versions), versions  # trained in arrival order
+        distinct = sorted(set(versions))
+        assert distinct == list(range(2, 2 + len(distinct)))  # contiguous, none lost
+        stored = [
+            v["version"] for v in server.client.get(f"/v1/adapters/{lora_id}").json()["versions"]
+        ]
+        assert stored == [1, *distinct]
+        for entry in arrival:  # coalescing is reported
+            if entry["coalesced_into"] is not None:
+                assert entry["metrics"]["coalesced"] > 1
+
+
+def test_training_failure_keeps_the_last_good_version(server: LiveServer) -> None:
+    create(server, "alice/fragile")
+    answer = chat(server, "alice/fragile").json()
+    # A teacher prompt over the tiny model's 2048-token context: the request must fail cleanly.
+    long_feedback = "no " * 2600
+    response = server.client.post(
+        "/v1/feedback?wait=true",
+        json={"items": [{"completion_id": answer["id"], "feedback": long_feedback[:7990]}]},
+    )
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["status"] == "failed" and "context" in body["error"], body
+    adapter = server.client.get("/v1/adapters/alice/fragile").json()
+    assert adapter["current_version"] == 1 and len(adapter["versions"]) == 1
+    assert chat(server, "alice/fragile").status_code == 200  # still serving
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _start(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "CLAAS_DATA_DIR": str(data_dir)}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "claas.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, "claas serve exited"
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("tiny-model")
+    tiny = tiny_llama(model_cache, seed=0)
+    tiny.model.save_pretrained(directory)
+    tiny.tokenizer.save_pretrained(directory)
+    return directory
+
+
+def test_restart_after_sigkill_resumes_queued_feedback(tiny_dir: Path, tmp_path: Path) -> None:
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _start(tiny_dir, tmp_path, port)
+    try:
+        httpx.post(f"{url}/v1/adapters", json={"lora_id": "alice/durable", "rank": 4}, timeout=60)
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "alice/durable", "messages": HELLO, "max_tokens": 8},
+            timeout=60,
+        ).json()
+        items = [
+            {
+                "completion_id": answer["id"],
+                "feedback": "shorter",
+                "training": {"steps_per_batch": 64},
+            }
+        ]
+        first = httpx.post(f"{url}/v1/feedback", json={"items": items}, timeout=60).json()
+        second = httpx.post(f"{url}/v1/feedback", json={"items": items}, timeout=60).json()
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        process = _start(tiny_dir, tmp_path, port)
+        deadline = time.monotonic() + 300
+        for feedback_id in (first["feedback_id"], second["feedback_id"]):
+            while (status := httpx.get(f"{url}/v1/feedback/{feedback_id}").json())[
+                "status"
+            ] != "done":
+                assert status["status"] != "failed", status
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        versions = httpx.get(f"{url}/v1/adapters/alice/durable").json()["versions"]
+        numbers = [v["version"] for v in versions]
+        assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) in (2, 3)
+        made = {
+            httpx.get(f"{url}/v1/feedback/{f['feedback_id']}").json()["version"]
+            for f in (first, second)
+        }
+        assert made == set(numbers[1:])  # every version belongs to a request: none duplicated
+        checkpoints = tmp_path / "checkpoints"
+        runs_on_disk = {p.parent.parent.name for p in checkpoints.glob("*/weights/*")}
+        runs_in_db = {v["state_path"].split("/")[2] for v in versions}
+        assert runs_in_db <= runs_on_disk
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+
+
+# ---------------------------------------------------------------------------------------------
+# Auth
+# ---------------------------------------------------------------------------------------------
+
+
+def test_api_keys_scope_owners(tmp_path: Path, model_cache: Path) -> None:
+    live = make_server(
+        tmp_path,
+        model_cache,
+        api_keys={"sk-alice": "alice", "sk-bob": "bob"},
+        admin_key="sk-admin",
+    )
+    alice = {"authorization": "Bearer sk-alice"}
+    bob = {"authorization": "Bearer sk-bob"}
+    try:
+        assert live.client.get("/v1/adapters").status_code == 401
+        assert (
+            live.client.get("/v1/adapters", headers={"authorization": "Bearer x"}).status_code
+            == 401
+        )
+        create(live, "alice/private", headers=alice)
+        assert (
+            live.client.post(
+                "/v1/adapters", json={"lora_id": "alice/stolen"}, headers=bob
+            ).status_code
+            == 403
+        )
+        assert live.client.get("/v1/adapters/alice/private", headers=bob).status_code == 403
+        assert chat(live, "alice/private", h=bob).status_code == 403
+        answer = chat(live, "alice/private", h=alice).json()
+        cross = live.client.post(
+            "/v1/feedback",
+            json={"items": [{"completion_id": answer["id"], "feedback": "x"}]},
+            headers=bob,
+        )
+        assert cross.status_code == 403
+        mine = live.client.post(
+            "/v1/feedback",
+            json={
+                "items": [
+                    {
+                        "completion_id": answer["id"],
+                        "feedback": "x",
+                        "training": {"steps_per_batch": 1},
+                    }
+                ]
+            },
+            headers=alice,
+        )
+        assert mine.status_code == 202
+        feedback_id = mine.json()["feedback_id"]
+        assert live.client.get(f"/v1/feedback/{feedback_id}", headers=bob).status_code == 403
+        assert live.client.get(f"/v1/feedback/{feedback_id}", headers=alice).status_code == 200
+        assert live.client.get("/v1/adapters", headers=bob).json()["data"] == []
+        listed = live.client.get("/v1/adapters", headers={"authorization": "Bearer sk-admin"})
+        assert [a["lora_id"] for a in listed.json()["data"]] == ["alice/private"]
+        assert chat(live, live.runtime.base_model, h=bob).status_code == 200
+        for response in [live.client.get("/v1/adapters/alice/private", headers=bob)]:
+            assert "alice" in response.json()["error"]["message"]
+    finally:
+        live.close()
+
+
+def test_no_keys_means_loopback_only() -> None:
+    refused = subprocess.run(
+        [sys.executable, "-m", "claas.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if not k.startswith("CLAAS_")},
+    )
+    assert refused.returncode == 2
+    assert "refusing to bind 0.0.0.0 without API keys" in refused.stderr
+    assert "--insecure" in refused.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input: clear 4xx errors, nothing touched
+# ---------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_get_clear_errors(server: LiveServer) -> None:
+    create(server, "alice/valid")
+    data_dir = server.runtime.settings.data_dir
+    before = sorted(p.name for p in (data_dir / "checkpoints").iterdir())
+
+    def error(response: httpx.Response, status: int, needle: str) -> None:
+        assert response.status_code == status, response.text
+        message = response.json()["error"]["message"]
+        assert needle in message, message
+
+    for bad in ["../x", "a/../b", "a/b/c", "..", "/etc/passwd", "a\\b", "a/.b", ""]:
+        error(server.client.post("/v1/adapters", json={"lora_id": bad}), 422, "owner/name")
+    error(server.client.get("/v1/adapters/alice/.hidden"), 422, "owner/name")
+    error(server.client.delete("/v1/adapters/alice/..."), 422, "owner/name")
+    for raw in ["/v1/adapters/alice/..%2F..%2Fetc", "/v1/adapters/%2E%2E/%2E%2E"]:
+        assert server.client.get(raw).status_code in (404, 422)
+    assert sorted(p.name for p in (data_dir / "checkpoints").iterdir()) == before
+    error(chat(server, "nobody/nothing"), 404, "alice/valid")
+    error(chat(server, "alice/valid@7"), 404, "versions are [1]")
+    error(server.client.post("/v1/adapters", json={"lora_id": "alice/valid"}), 409, "exists")
+    error(chat(server, "alice/valid", max_tokens=100000), 422, "cap")
+    error(chat(server, "alice/valid", n=50), 422, "cap")
+    error(chat(server, "alice/valid", messages=HELLO * 300), 422, "messages")
+    error(chat(server, "alice/valid", messages=[]), 422, "messages")
+    error(server.client.post("/v1/chat/completions", content=b"{not json"), 422, "invalid")
+    error(server.client.post("/v1/chat/completions", content=b"x" * 2_000_000), 413, "body")
+    answer = chat(server, "alice/valid").json()
+    base_answer = chat(server, server.runtime.base_model).json()
+
+    def feedback(*items: dict[str, Any]) -> httpx.Response:
+        body = json.dumps({"items": list(items)})  # Python's json writes NaN, as some clients do
+        return server.client.post(
+            "/v1/feedback", content=body, headers={"content-type": "application/json"}
+        )
+
+    error(feedback({"feedback": "x"}), 422, "completion_id")
+    error(feedback({"completion_id": "chatcmpl-nope", "feedback": "x"}), 404, "chat again")
+    error(feedback({"completion_id": base_answer["id"], "feedback": "x"}), 409, "base model")
+    error(feedback({"completion_id": answer["id"], "feedback": "  "}), 422, "empty")
+    error(
+        feedback({"completion_id": answer["id"], "feedback": "x", "training": {"alpha": 2}}),
+        422,
+        "alpha",
+    )
+    error(
+        feedback(
+            {
+                "completion_id": answer["id"],
+                "feedback": "x",
+                "training": {"learning_rate": math.nan},
+            }
+        ),
+        422,
+        "learning_rate",
+    )
+    error(
+        feedback(
+            {"completion_id": answer["id"], "feedback": "x", "training": {"alpha": 0.1}},
+            {"completion_id": answer["id"], "feedback": "y", "training": {"alpha": 0.2}},
+        ),
+        422,
+        "training config",
+    )
+    create(server, "alice/other")
+    other = chat(server, "alice/other").json()
+    error(
+        feedback(
+            {"completion_id": answer["id"], "feedback": "x"},
+            {"completion_id": other["id"], "feedback": "y"},
+        ),
+        422,
+        "different adapters",
+    )
+    error(server.client.get("/v1/feedback/fb-unknown"), 404, "feedback_id")
+    error(server.client.post("/v1/adapters/alice/valid/rollback", json={"version": 9}), 404, "[1]")
+    error(server.client.get("/v1/nope"), 404, "docs")
+    assert server.runtime.store.queue_depth() == 0  # nothing was queued by any of these
+    assert server.client.get("/v1/health").json()["status"] == "ok"
+
+
+def test_adapter_lifecycle_over_http(server: LiveServer) -> None:
+    create(server, "alice/life")
+    answer = chat(server, "alice/life").json()
+    done = server.client.post(
+        "/v1/feedback?wait=true",
+        json={
+            "items": [
+                {"completion_id": answer["id"], "feedback": "x", "training": {"steps_per_batch": 1}}
+            ]
+        },
+    ).json()
+    assert done["version"] == 2
+    rolled = server.client.post("/v1/adapters/alice/life/rollback", json={"version": 1}).json()
+    assert rolled["current_version"] == 1
+    assert (
+        server.runtime.store.get_rollout(chat(server, "alice/life").json()["id"]).adapter_version
+        == 1
+    )
+    archive = server.client.get("/v1/adapters/alice/life/export", params={"version": 2})
+    assert archive.status_code == 200 and archive.content[:2] == b"PK"
+    listed = server.client.get("/v1/adapters", params={"prefix": "alice/"}).json()["data"]
+    assert [a["lora_id"] for a in listed] == ["alice/life"]
+    assert server.client.delete("/v1/adapters/alice/life").json()["versions_removed"] == 2
+    assert server.client.get("/v1/adapters/alice/life").status_code == 404
+    assert not any((server.runtime.settings.data_dir / "checkpoints").glob("*/weights/*"))
+    metrics = server.client.get("/metrics").text
+    assert 'claas_http_requests_total{method="POST",route="/v1/feedback",status="200"}' in metrics
+    assert "claas_feedback_queue_depth 0.0" in metrics
+    assert "claas_feedback_train_seconds_count 1.0" in metrics
+    health = server.client.get("/v1/health").json()
+    assert health["database_ok"] and health["model_loaded"] and health["queue_depth"] == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# The real model
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_real_model_answer_changes_after_feedback(
+    smol: LoadedModel, tmp_path: Path, model_cache: Path
+) -> None:
+    own = LoadedModel(smol.name, copy.deepcopy(smol.model), smol.tokenizer, smol.device)
+    live = make_server(tmp_path, model_cache, loaded=own)
+    try:
+        create(live, "alice/real")
+        question = [{"role": "user", "content": "Explain how a rainbow forms."}]
+        before = chat(live, "alice/real", messages=question, max_tokens=48).json()
+        response = live.client.post(
+            "/v1/feedback?wait=true",
+            json={
+                "items": [
+                    {
+                        "completion_id": before["id"],
+                        "feedback": "Way too long. Answer in one short sentence.",
+                        "training": {"learning_rate": 1e-3},
+                    }
+                ]
+            },
+        )
+        assert response.json()["status"] == "done", response.text
+        after = chat(live, "alice/real", messages=question, max_tokens=48).json()
+        old = before["choices"][0]["message"]["content"]
+        new = after["choices"][0]["message"]["content"]
+        assert new != old, (old, new)
+    finally:
+        live.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The CLI against the server
+# ---------------------------------------------------------------------------------------------
+
+
+def test_cli_manages_adapters_and_feedback(server: LiveServer, tmp_path: Path) -> None:
+    def claas(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "claas.cli", *args, "--url", server.url],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
+    created = claas("adapters", "create", "alice/cli", "--rank", "4")
+    assert created.returncode == 0, created.stderr
+    assert json.loads(created.stdout)["current_version"] == 1
+    answer = chat(server, "alice/cli").json()
+    done = server.client.post(
+        "/v1/feedback?wait=true",
+        json={
+            "items": [
+                {"completion_id": answer["id"], "feedback": "x", "training": {"steps_per_batch": 1}}
+            ]
+        },
+    ).json()
+    status = claas("feedback", "status", done["feedback_id"])
+    assert json.loads(status.stdout)["version"] == 2
+    listed = json.loads(claas("adapters", "list", "--prefix", "alice/").stdout)
+    assert [a["lora_id"] for a in listed["data"]] == ["alice/cli"]
+    versions = json.loads(claas("adapters", "versions", "alice/cli").stdout)["versions"]
+    assert [v["version"] for v in versions] == [1, 2]
+    assert (
+        json.loads(claas("adapters", "rollback", "alice/cli", "1").stdout)["current_version"] == 1
+    )
+    zip_path = tmp_path / "cli.zip"
+    exported = claas("adapters", "export", "alice/cli", "-o", str(zip_path))
+    assert exported.returncode == 0 and zip_path.read_bytes()[:2] == b"PK"
+    missing = claas("adapters", "versions", "alice/none")
+    assert missing.returncode == 1 and "create it first" in missing.stderr
+    assert claas("adapters", "delete", "alice/cli").returncode == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Fuzzing the OpenAPI schema
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LiveServer]:
+    live = make_server(
+        tmp_path_factory.mktemp("fuzz"), model_cache, max_tokens_cap=8, max_samples=2
+    )
+    create(live, "fuzz/target")
+    yield live
+    live.close()
+
+
+def test_fuzzed_requests_never_get_a_5xx(fuzz_server: LiveServer) -> None:
+    """schemathesis generates requests for every operation of the served OpenAPI schema."""
+    schema = schemathesis.openapi.from_url(f"{fuzz_server.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 12
+    calls: list[int] = []
+    for operation in operations:
+
+        @hypothesis.given(case=operation.as_strategy())
+        @hypothesis.settings(
+            max_examples=12,
+            deadline=None,
+            derandomize=True,
+            database=None,
+            suppress_health_check=list(hypothesis.HealthCheck),
+        )
+        def no_server_error(case: Any) -> None:
+            response = case.call(base_url=fuzz_server.url, timeout=120)
+            calls.append(response.status_code)
+            assert response.status_code < 500, (case.method, case.path, response.text[:300])
+            if response.status_code >= 400:
+                assert "message" in response.json()["error"]
+
+        no_server_error()
+    assert len(calls) >= 5 * len(operations)
+    assert any(code < 300 for code in calls) and any(400 <= code < 500 for code in calls)
