@@ -16,17 +16,19 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import threading
 import time
 import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from tinker import types
 
 from claas.errors import AdapterNotFound, ContextTooLong, InvalidRequest, VersionNotFound
 from claas.prompts import Message, chat_prompt_tokens, message_text
+from claas.services.decoding import StopGeneration
 from claas.store import Store, text_hash, validate_lora_id
 
 THINK_BLOCK = re.compile(r"<think>.*?(</think>\s*|$)", re.DOTALL)
@@ -120,25 +122,30 @@ class ChatService:
         self._max_cached = max_cached_samplers
 
     # -- which weights --------------------------------------------------------------------------
-    def model_names(self) -> list[str]:
-        return [self.base_model, *(a.lora_id for a in self.store.list_adapters())]
+    def model_names(self, owner: str | None = None) -> list[str]:
+        """The base and the adapters visible to `owner` (all of them for None)."""
+        prefix = f"{owner}/" if owner is not None else ""
+        return [self.base_model, *(a.lora_id for a in self.store.list_adapters(prefix))]
 
-    def resolve(self, model: str) -> ModelTarget:
+    def resolve(self, model: str, owner: str | None = None) -> ModelTarget:
+        """The weights `model` names. With `owner`, other owners' adapters do not exist."""
         if model == self.base_model:
             return ModelTarget(name=model)
         lora_id, _, pinned = model.partition("@")
         try:
             lora_id = validate_lora_id(lora_id)
+            if owner is not None and not lora_id.startswith(f"{owner}/"):
+                raise AdapterNotFound(lora_id)
             adapter = self.store.get_adapter(lora_id)
         except (InvalidRequest, AdapterNotFound):
-            names = self.model_names()
+            names = self.model_names(owner)
             shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
             raise AdapterNotFound(
                 f"model {model!r} does not exist; valid names: {shown} (create an adapter "
                 "with POST /v1/adapters, or pin a version as owner/name@N)"
             ) from None
         if pinned:
-            if not pinned.isdigit():
+            if not (pinned.isascii() and pinned.isdigit() and len(pinned) <= 9):
                 raise InvalidRequest(f"version in {model!r} must be a number, e.g. {lora_id}@2")
             version = self.store.get_version(lora_id, int(pinned))
         else:
@@ -179,6 +186,7 @@ class ChatService:
         on_text: TextCallback | None = None,
         prompt_text: str | None = None,
         completion_id: str | None = None,
+        prompt_format: Literal["chat", "text"] = "chat",
     ) -> Completion:
         """Sample `n` answers, store their rollouts, return them.
 
@@ -194,11 +202,16 @@ class ChatService:
             )
         sampler = await self.sampler(target)
         kwargs: dict[str, Any] = {}
+        abandoned = threading.Event()
         if on_text is not None and "on_token" in inspect.signature(sampler.sample).parameters:
-            kwargs["on_token"] = self._token_bridge(on_text, n)
-        response = await sampler.sample(
-            types.ModelInput.from_ints(prompt_tokens), n, params, **kwargs
-        )
+            kwargs["on_token"] = self._token_bridge(on_text, n, abandoned)
+        try:
+            response = await sampler.sample(
+                types.ModelInput.from_ints(prompt_tokens), n, params, **kwargs
+            )
+        except asyncio.CancelledError:
+            abandoned.set()  # the stream's client left: stop generating at the next token
+            raise
         completion_id = completion_id or new_completion_id()
         created = int(time.time())
         choices = []
@@ -234,15 +247,20 @@ class ChatService:
                 prompt_hash=text_hash(user_text),
                 response_hash=text_hash(choice.text),
                 expires_at=expires,
+                prompt_format=prompt_format,
             )
         return Completion(completion_id, created, target.name, len(prompt_tokens), choices)
 
-    def _token_bridge(self, on_text: TextCallback, n: int) -> Callable[[int, int, float], None]:
+    def _token_bridge(
+        self, on_text: TextCallback, n: int, abandoned: threading.Event
+    ) -> Callable[[int, int, float], None]:
         """Called on the model thread per token; hands visible deltas to the event loop."""
         loop = asyncio.get_running_loop()
         decoders = [StreamDecoder(self.tokenizer) for _ in range(n)]
 
         def on_token(index: int, token: int, logprob: float) -> None:
+            if abandoned.is_set():
+                raise StopGeneration
             delta = decoders[index].push(token)
             if delta:
                 loop.call_soon_threadsafe(on_text, index, delta)

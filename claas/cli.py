@@ -14,15 +14,13 @@ from claas.settings import Settings
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    overrides = {
-        key: value
-        for key, value in {
-            "model": args.model,
-            "data_dir": args.data_dir,
-            "device": args.device,
-        }.items()
-        if value is not None
+    """Settings from the environment, overridden by whichever flags were given."""
+    names = ("model", "data_dir", "device", "host", "port", "service")
+    overrides: dict[str, Any] = {
+        name: getattr(args, name) for name in names if getattr(args, name, None) is not None
     }
+    if getattr(args, "insecure", False):
+        overrides["insecure"] = True
     return Settings(**overrides)
 
 
@@ -65,18 +63,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from claas.api.app import create_app
     from claas.runtime import Runtime
 
-    overrides = {
-        key: value
-        for key, value in {
-            "host": args.host,
-            "port": args.port,
-            "service": args.service,
-            "insecure": args.insecure or None,
-        }.items()
-        if value is not None
-    }
-    settings = _settings(args).model_copy(update=overrides)
-    settings = type(settings).model_validate(settings.model_dump())
+    settings = _settings(args)
     keyless = not settings.api_keys and not settings.admin_key
     try:
         loopback = settings.host == "localhost" or ipaddress.ip_address(settings.host).is_loopback

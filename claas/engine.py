@@ -39,8 +39,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from tinker import types
 
 from claas import datums
+from claas.divergence import LOGPROB_ROUNDING_TOL
 from claas.errors import ContextTooLong, InvalidFeedback
-from claas.prompts import teacher_prompt_tokens
+from claas.prompts import message_text, teacher_prompt_tokens, teacher_text_prompt_tokens
 from claas.services import delete_checkpoints
 from claas.store import Store, validate_lora_id
 
@@ -80,6 +81,9 @@ class FeedbackSample(BaseModel):
     response_tokens: list[int]
     behavior_logprobs: list[float]
     feedback: str
+    prompt_format: Literal["chat", "text"] = Field(
+        "chat", description="text: the prompt was raw text (messages[-1] holds it), not chat"
+    )
 
     @field_validator("feedback")
     @classmethod
@@ -164,9 +168,10 @@ class SDPOEngine:
     ) -> DistillResult:
         timings: dict[str, float] = {}
         clock = time.perf_counter()
+        prepared = await self.check(samples, config)
         base = await self.base_sampler()
-        lora_id = self._validate(samples)
-        prepared = [self._prepare(sample, config) for sample in samples]
+        lora_id = samples[0].lora_id
+        adapter = self.store.get_adapter(lora_id)
         current = self.store.latest_version(lora_id)
         if current is None:
             raise InvalidFeedback(f"adapter {lora_id} has no version to train from; re-create it")
@@ -208,7 +213,12 @@ class SDPOEngine:
             timings["save"] = time.perf_counter() - clock
             metrics = self._request_metrics(prepared, steps, after, config)
             version = self.store.add_version(
-                lora_id, state.path, sampler.path, feedback_id, {**metrics, "timings": timings}
+                lora_id,
+                state.path,
+                sampler.path,
+                feedback_id,
+                {**metrics, "timings": timings},
+                trained_from=adapter,
             )
         except BaseException:
             await delete_checkpoints(self.service, saved)  # no half-made version remains
@@ -222,6 +232,14 @@ class SDPOEngine:
             teacher_texts=[self._tokenizer.decode(p.teacher_prompt + p.response) for p in prepared],
             timings=timings,
         )
+
+    async def check(
+        self, samples: Sequence[FeedbackSample], config: TrainingConfig
+    ) -> list[_Prepared]:
+        """Everything that can be refused before any model work: raises a domain error."""
+        await self.base_sampler()  # the tokenizer
+        self._validate(samples)
+        return [self._prepare(sample, config) for sample in samples]
 
     # -- phases -----------------------------------------------------------------------------
     def _validate(self, samples: Sequence[FeedbackSample]) -> str:
@@ -244,9 +262,9 @@ class SDPOEngine:
                     f"{len(sample.behavior_logprobs)} behavior log-probs; they must align"
                 )
             behavior = np.asarray(sample.behavior_logprobs, dtype=np.float64)
-            if not np.all(np.isfinite(behavior)) or behavior.max() > 1e-4:
+            if not np.all(np.isfinite(behavior)) or behavior.max() > LOGPROB_ROUNDING_TOL:
                 raise InvalidFeedback(f"{where}: behavior log-probs must be finite and <= 0")
-            if len(sample.prompt_tokens) + len(sample.response_tokens) > self.max_context:
+            if len(sample.prompt_tokens) + len(sample.response_tokens) >= self.max_context:
                 raise ContextTooLong(
                     f"{where}: prompt + response exceed the model's context of "
                     f"{self.max_context} tokens"
@@ -255,13 +273,21 @@ class SDPOEngine:
 
     def _prepare(self, sample: FeedbackSample, config: TrainingConfig) -> _Prepared:
         try:
-            teacher_prompt = teacher_prompt_tokens(
-                self._tokenizer, sample.messages, sample.feedback, config.feedback_repetitions
-            )
-        except ValueError as error:
-            raise InvalidFeedback(str(error)) from error
+            if sample.prompt_format == "text":
+                teacher_prompt = teacher_text_prompt_tokens(
+                    self._tokenizer,
+                    message_text(sample.messages[-1]["content"]),
+                    sample.feedback,
+                    config.feedback_repetitions,
+                )
+            else:
+                teacher_prompt = teacher_prompt_tokens(
+                    self._tokenizer, sample.messages, sample.feedback, config.feedback_repetitions
+                )
+        except (ValueError, KeyError) as error:
+            raise InvalidFeedback(f"cannot build the teacher prompt: {error}") from error
         total = len(teacher_prompt) + len(sample.response_tokens)
-        if total > self.max_context:
+        if total >= self.max_context:  # scoring needs room for one sampled token
             raise ContextTooLong(
                 f"the teacher prompt (conversation + hindsight feedback) plus the response is "
                 f"{total} tokens, over the model's context of {self.max_context}; shorten the "

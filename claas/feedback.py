@@ -150,6 +150,7 @@ class FeedbackQueue:
         return request
 
     async def wait(self, feedback_id: str, timeout: float | None = None) -> FeedbackRequest:
+        """Until the request is done or failed. FeedbackNotFound if its adapter was deleted."""
         async with asyncio.timeout(timeout), self._changed:
             while (request := self.store.get_feedback(feedback_id)).status not in TERMINAL:
                 await self._changed.wait()
@@ -203,24 +204,34 @@ class FeedbackQueue:
         return batch
 
     async def _train(self, batch: list[FeedbackRequest]) -> None:
-        head = batch[0]
-        ids = [r.id for r in batch]
+        """Train one batch. A request that cannot be trained fails alone, before the step."""
+        config = TrainingConfig.model_validate(batch[0].training)
+        ready: list[tuple[FeedbackRequest, list[FeedbackSample]]] = []
+        for request in batch:
+            try:
+                samples = [self._sample(request.lora_id, item) for item in request.items]
+                await self.engine.check(samples, config)
+            except ClaasError as error:
+                self.store.mark_failed([request.id], f"{type(error).__name__}: {error}")
+                continue
+            ready.append((request, samples))
+        if not ready:
+            await self.notify()
+            return
+        head, ids = ready[0][0], [request.id for request, _ in ready]
         self.store.mark_running(ids)
-        for follower in batch[1:]:
+        for follower, _ in ready[1:]:
             self.store.mark_coalesced(follower.id, head.id)
         started = time.perf_counter()
         try:
-            samples = [
-                self._sample(head.lora_id, item) for request in batch for item in request.items
-            ]
-            config = TrainingConfig.model_validate(head.training)
+            samples = [sample for _, request_samples in ready for sample in request_samples]
             result = await self.engine.distill(samples, config, feedback_id=head.id)
             metrics = {
                 **result.metrics,
                 "timings": result.timings,
                 "steps": [s.model_dump() for s in result.steps],
                 "teacher_texts": result.teacher_texts,
-                "coalesced": len(batch),
+                "coalesced": len(ready),
                 "coalesced_ids": ids,
             }
             self.store.mark_done(ids, result.version, metrics)
@@ -237,8 +248,12 @@ class FeedbackQueue:
         finally:
             if self.on_trained is not None:
                 self.on_trained(head, time.perf_counter() - started)
-            async with self._changed:
-                self._changed.notify_all()
+            await self.notify()
+
+    async def notify(self) -> None:
+        """Wake `wait`ers: a request finished, failed, or was deleted with its adapter."""
+        async with self._changed:
+            self._changed.notify_all()
 
     def _sample(self, lora_id: str, item: dict[str, Any]) -> FeedbackSample:
         try:
@@ -252,4 +267,5 @@ class FeedbackQueue:
             response_tokens=rollout.response_tokens,
             behavior_logprobs=rollout.behavior_logprobs,
             feedback=item["feedback"],
+            prompt_format=rollout.prompt_format,
         )

@@ -46,6 +46,12 @@ def message_text(content: Any) -> str:
     raise ValueError(f"message content must be a string or a list of text parts, not {content!r}")
 
 
+def hindsight_block(feedback: str, repetitions: int = 1) -> str:
+    """What is appended to the last user turn: a blank line, the header, the intro, feedback."""
+    hint = "\n\n".join([feedback.strip()] * repetitions)
+    return f"\n\n{HINDSIGHT_HEADER}\n{HINDSIGHT_INTRO}\n{hint}"
+
+
 def teacher_messages(
     messages: Sequence[Message], feedback: str, repetitions: int = 1
 ) -> list[dict[str, Any]]:
@@ -58,8 +64,7 @@ def teacher_messages(
     last_user = max((i for i, m in enumerate(rendered) if m["role"] == "user"), default=None)
     if last_user is None:
         raise ValueError("the conversation has no user turn to attach the feedback to")
-    hint = "\n\n".join([feedback.strip()] * repetitions)
-    rendered[last_user]["content"] += f"\n\n{HINDSIGHT_HEADER}\n{HINDSIGHT_INTRO}\n{hint}"
+    rendered[last_user]["content"] += hindsight_block(feedback, repetitions)
     return rendered
 
 
@@ -74,3 +79,11 @@ def teacher_prompt_tokens(
     The response tokens are appended unchanged by the caller, never re-encoded or truncated.
     """
     return chat_prompt_tokens(tokenizer, teacher_messages(messages, feedback, repetitions))
+
+
+def teacher_text_prompt_tokens(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, feedback: str, repetitions: int = 1
+) -> list[int]:
+    """The teacher's prompt for a raw-text rollout (/v1/completions): no chat template, the
+    student's prompt text with the same hindsight block appended."""
+    return [int(t) for t in tokenizer.encode(prompt + hindsight_block(feedback, repetitions))]

@@ -93,7 +93,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
     prompt_hash TEXT NOT NULL,
     response_hash TEXT NOT NULL,
     created_at REAL NOT NULL,
-    expires_at REAL
+    expires_at REAL,
+    prompt_format TEXT NOT NULL DEFAULT 'chat'
 );
 CREATE INDEX IF NOT EXISTS rollouts_by_text ON rollouts (lora_id, prompt_hash, response_hash);
 CREATE INDEX IF NOT EXISTS rollouts_by_expiry ON rollouts (expires_at);
@@ -193,6 +194,9 @@ class Rollout(_Frozen):
     response_hash: str
     created_at: float
     expires_at: float | None  # None: never expires
+    # "chat": prompt_tokens are `messages` through the chat template; "text": a raw prompt
+    # (/v1/completions), whose teacher prompt is the raw text plus the hindsight block.
+    prompt_format: Literal["chat", "text"] = "chat"
 
 
 class FeedbackRequest(_Frozen):
@@ -414,13 +418,25 @@ class Store:
         sampler_path: str,
         feedback_id: str | None,
         metrics: dict[str, Any],
+        trained_from: Adapter | None = None,
     ) -> AdapterVersion:
         """Register a version whose files are already in place, and make it current.
 
         The number is max(existing) + 1, so numbers are never reused, even after a rollback.
+        `trained_from` is the adapter as it was when training started: if it was rolled back,
+        or deleted and re-created, meanwhile, the result is refused (`Conflict`) rather than
+        silently undoing that change.
         """
         with self._transaction() as db:
-            self.get_adapter(lora_id)
+            adapter = self.get_adapter(lora_id)
+            if trained_from is not None and (
+                adapter.current_version != trained_from.current_version
+                or adapter.created_at != trained_from.created_at
+            ):
+                raise Conflict(
+                    f"adapter {lora_id} changed while this request trained (rolled back, or "
+                    "deleted and re-created); its result was discarded. Send the feedback again"
+                )
             (latest,) = db.execute(
                 "SELECT COALESCE(MAX(version), 0) FROM adapter_versions WHERE lora_id = ?",
                 (lora_id,),
@@ -509,6 +525,7 @@ class Store:
         prompt_hash: str,
         response_hash: str,
         expires_at: float | None,
+        prompt_format: Literal["chat", "text"] = "chat",
     ) -> Rollout:
         """Record a sampled completion; `id` is the caller's (e.g. "chatcmpl-…")."""
         if lora_id is not None:
@@ -528,6 +545,7 @@ class Store:
             response_hash=response_hash,
             created_at=time.time(),
             expires_at=expires_at,
+            prompt_format=prompt_format,
         )
         values = rollout.model_dump()
         columns = ", ".join(values)
@@ -708,9 +726,20 @@ class Store:
         """At start-up: requests left `running` by a dead process go back to `queued`.
 
         Their `seq` (arrival order) is unchanged, so they run before anything newer. Their
-        coalescing is undone; the worker forms batches again.
+        coalescing is undone; the worker forms batches again. A request whose version was
+        already registered (the process died between registering and marking it done) is
+        marked done with that version instead, so it is never trained twice.
         """
         with self._transaction() as db:
+            db.execute(
+                "UPDATE feedback SET status = 'done', finished_at = ?, error = NULL, version = ("
+                "  SELECT v.version FROM adapter_versions v"
+                "  WHERE v.feedback_id = COALESCE(feedback.coalesced_into, feedback.id)"
+                ") WHERE status = 'running' AND EXISTS ("
+                "  SELECT 1 FROM adapter_versions v"
+                "  WHERE v.feedback_id = COALESCE(feedback.coalesced_into, feedback.id))",
+                (time.time(),),
+            )
             cursor = db.execute(
                 "UPDATE feedback SET status = 'queued', started_at = NULL, coalesced_into = NULL "
                 "WHERE status = 'running'"

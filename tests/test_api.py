@@ -463,6 +463,8 @@ def test_api_keys_scope_owners(tmp_path: Path, model_cache: Path) -> None:
         assert chat(live, live.runtime.base_model, h=bob).status_code == 200
         for response in [live.client.get("/v1/adapters/alice/private", headers=bob)]:
             assert "alice" in response.json()["error"]["message"]
+        unknown = chat(live, "bob/nothing", h=bob)  # 404 lists only bob's own names
+        assert unknown.status_code == 404 and "alice" not in unknown.json()["error"]["message"]
     finally:
         live.close()
 
@@ -504,6 +506,15 @@ def test_bad_inputs_get_clear_errors(server: LiveServer) -> None:
     assert sorted(p.name for p in (data_dir / "checkpoints").iterdir()) == before
     error(chat(server, "nobody/nothing"), 404, "alice/valid")
     error(chat(server, "alice/valid@7"), 404, "versions are [1]")
+    error(chat(server, "alice/valid@²"), 422, "must be a number")
+    error(chat(server, "alice/valid@99999999999999999999"), 422, "must be a number")
+    error(chat(server, "alice/valid", seed=2**64), 422, "seed")
+    assert chat(server, "alice/valid", seed=-5).status_code == 200
+    error(
+        server.client.post("/v1/adapters/alice/valid/rollback", json={"version": 10**30}),
+        422,
+        "version",
+    )
     error(server.client.post("/v1/adapters", json={"lora_id": "alice/valid"}), 409, "exists")
     error(chat(server, "alice/valid", max_tokens=100000), 422, "cap")
     error(chat(server, "alice/valid", n=50), 422, "cap")
@@ -720,3 +731,36 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server: LiveServer) -> None:
         no_server_error()
     assert len(calls) >= 5 * len(operations)
     assert any(code < 300 for code in calls) and any(400 <= code < 500 for code in calls)
+
+
+def test_a_bad_request_in_a_coalesced_batch_fails_alone(server: LiveServer) -> None:
+    create(server, "alice/batch")
+    answer = chat(server, "alice/batch").json()["id"]
+
+    def submit(feedback: str, steps: int) -> str:
+        item = {
+            "completion_id": answer,
+            "feedback": feedback,
+            "training": {"steps_per_batch": steps},
+        }
+        response = server.client.post("/v1/feedback", json={"items": [item]})
+        assert response.status_code == 202, response.text
+        return str(response.json()["feedback_id"])
+
+    running = submit("first", 64)  # keeps the adapter busy while the next two queue up
+    too_long = submit(("no " * 2700)[:7990], 2)  # its teacher prompt overflows the context
+    fine = submit("second", 2)
+    results = {}
+    for feedback_id in (running, too_long, fine):
+        deadline = time.monotonic() + 300
+        while (status := server.client.get(f"/v1/feedback/{feedback_id}").json())["status"] not in (
+            "done",
+            "failed",
+        ):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        results[feedback_id] = status
+    assert results[running]["status"] == "done"
+    assert results[too_long]["status"] == "failed" and "context" in results[too_long]["error"]
+    assert results[fine]["status"] == "done", results[fine]
+    assert results[fine]["version"] == results[running]["version"] + 1

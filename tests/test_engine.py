@@ -21,7 +21,7 @@ from tinker import types
 
 from claas.adapters import Adapters, AdapterSpec
 from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig
-from claas.errors import ContextTooLong, InvalidFeedback
+from claas.errors import Conflict, ContextTooLong, InvalidFeedback
 from claas.models import LoadedModel, tiny_llama
 from claas.prompts import chat_prompt_tokens, teacher_prompt_tokens
 from claas.services.local import LocalServiceClient, LocalTrainingClient
@@ -380,3 +380,48 @@ def test_real_model_learns_from_feedback(smol: LoadedModel, tmp_path: Path, topk
             assert result.metrics["gjs_mean_after"] < result.metrics["gjs_mean"]
     finally:
         h.close()
+
+
+def test_rollback_during_training_discards_the_result(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    perturb_latest(harness)  # versions 1, 2
+    samples = [harness.sample_for("Tell me about the sea.", seed=1)]
+    before_files = harness.checkpoint_files()
+    real_save = LocalTrainingClient.save_state
+
+    def save_then_rollback(client: LocalTrainingClient, *args: Any, **kwargs: Any) -> Any:
+        harness.store.rollback(LORA, 1)  # the user rolls back while the step is saving
+        return real_save(client, *args, **kwargs)
+
+    monkeypatch.setattr(LocalTrainingClient, "save_state", save_then_rollback)
+    with pytest.raises(Conflict, match="changed while this request trained"):
+        harness.run(harness.engine.distill(samples, TrainingConfig(steps_per_batch=1)))
+    assert harness.store.get_adapter(LORA).current_version == 1  # the rollback stands
+    assert [v.version for v in harness.store.list_versions(LORA)] == [1, 2]
+    harness.service.host.submit(lambda: None).result()
+    assert harness.checkpoint_files() == before_files
+
+
+def test_text_prompt_rollouts_get_a_raw_teacher_prompt(harness: Harness) -> None:
+    prompt_text = "The capital of France is"
+    prompt = [int(t) for t in harness.tokenizer.encode(prompt_text)]
+    version = harness.store.latest_version(LORA)
+    assert version is not None
+    sampler = harness.service.create_sampling_client(model_path=version.sampler_path).result()
+    out = sampler.sample(
+        types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=6, seed=0)
+    ).result()
+    sample = FeedbackSample(
+        lora_id=LORA,
+        messages=[{"role": "user", "content": prompt_text}],
+        prompt_tokens=prompt,
+        response_tokens=out.sequences[0].tokens,
+        behavior_logprobs=list(out.sequences[0].logprobs or []),
+        feedback="Answer with one word.",
+        prompt_format="text",
+    )
+    result = harness.run(harness.engine.distill([sample], TrainingConfig(steps_per_batch=1)))
+    teacher_text = result.teacher_texts[0]
+    assert teacher_text.startswith(prompt_text + "\n\n=== HINDSIGHT CONTEXT ===")
+    assert "<|im_start|>" not in teacher_text

@@ -536,3 +536,74 @@ def test_real_model_scoring_and_greedy_answer(smol: LoadedModel, tmp_path: Path)
         assert np.isfinite(loss)
     finally:
         service.close()
+
+
+def test_sdk_semantics_of_last_n_topk_and_optimizer_args(service: LocalServiceClient) -> None:
+    sampler = service.create_sampling_client(base_model=service.base_model).result()
+    prompt = types.ModelInput.from_ints(TOKENS)
+    params = types.SamplingParams(max_tokens=1)
+    # top-K alone scores every position, as on Tinker
+    topk_only = sampler.sample(prompt, 1, params, topk_prompt_logprobs=2).result()
+    assert topk_only.topk_prompt_logprobs is not None
+    assert all(row is not None for row in topk_only.topk_prompt_logprobs[1:])
+    # early target ids do not widen the last-N window of prompt log-probs
+    ids = torch.full((len(TOKENS) - 1, 1), -1, dtype=torch.int64)
+    ids[0, 0] = 5
+    out = sampler.sample(
+        prompt,
+        1,
+        params,
+        include_prompt_logprobs=True,
+        target_prompt_logprobs=types.TensorData.from_torch(ids),
+        prompt_logprobs_last_n=3,
+    ).result()
+    assert out.prompt_logprobs is not None
+    assert out.prompt_logprobs[:-3] == [None] * (len(TOKENS) - 3)
+    assert out.target_prompt_logprobs is not None
+    assert out.target_prompt_logprobs.to_numpy()[0, 0] < 0  # still scored
+    with pytest.raises(InvalidRequest, match="requires include_prompt_logprobs"):
+        sampler.sample(prompt, 1, params, prompt_logprobs_last_n=2)
+    trainer = new_trainer(service)
+    adam = types.AdamParams(learning_rate=1e-3)
+    with pytest.raises(InvalidRequest, match="not both"):
+        trainer.optim_step(adam, adam_params=adam)
+    masked = ce_datum(TOKENS)
+    masked = types.Datum(
+        model_input=masked.model_input,
+        loss_fn_inputs={**masked.loss_fn_inputs, "mask": np.ones(len(TOKENS) - 1)},
+    )
+    with pytest.raises(InvalidRequest, match="unexpected \\['mask'\\]"):
+        trainer.forward_backward([masked], "cross_entropy")
+
+
+def test_two_services_on_one_model_share_one_worker(model_cache: Path, tmp_path: Path) -> None:
+    loaded = tiny_llama(model_cache, seed=0)
+    first = LocalServiceClient(loaded, tmp_path / "a")
+    second = LocalServiceClient(loaded, tmp_path / "b")
+    try:
+        assert first.host is second.host
+    finally:
+        first.close()
+        assert not second.host._closed  # still in use by the second service
+        second.close()
+    assert first.host._closed
+
+
+def test_generation_stops_when_the_callback_asks(service: LocalServiceClient) -> None:
+    from claas.services.decoding import StopGeneration
+
+    sampler = service.create_sampling_client(base_model=service.base_model).result()
+    seen: list[int] = []
+
+    def on_token(index: int, token: int, logprob: float) -> None:
+        seen.append(token)
+        if len(seen) == 3:
+            raise StopGeneration
+
+    out = sampler.sample(
+        types.ModelInput.from_ints(TOKENS[:5]),
+        1,
+        types.SamplingParams(max_tokens=50, temperature=0),
+        on_token=on_token,
+    ).result()
+    assert len(out.sequences[0].tokens) == 3

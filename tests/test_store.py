@@ -496,3 +496,27 @@ def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
         raw.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
     with pytest.raises(IncompatibleDatabase, match="upgrade claas"):
         Store(path)
+
+
+def test_requeue_does_not_train_a_registered_request_twice(tmp_path: Path) -> None:
+    """The process died after add_version but before mark_done: the request is done."""
+    path = tmp_path / "claas.db"
+    store = Store(path)
+    store.create_adapter(LORA, "base", 4, 32.0, ["q_proj"])
+    store.add_version(LORA, "local://r/weights/a", "local://r/sampler_weights/a", None, {})
+    head = store.enqueue_feedback(LORA, [{"rollout_id": "r"}], {})
+    follower = store.enqueue_feedback(LORA, [{"rollout_id": "r"}], {})
+    pending = store.enqueue_feedback(LORA, [{"rollout_id": "r"}], {})
+    store.mark_running([head.id, follower.id])
+    store.mark_coalesced(follower.id, head.id)
+    store.mark_running([pending.id])
+    store.add_version(LORA, "local://r/weights/b", "local://r/sampler_weights/b", head.id, {})
+    store.close()
+
+    store = Store(path)
+    store.requeue_running()
+    assert store.get_feedback(head.id).status == "done"
+    assert store.get_feedback(head.id).version == 2
+    assert store.get_feedback(follower.id).version == 2
+    assert store.get_feedback(pending.id).status == "queued"  # nothing registered: retrain
+    store.close()

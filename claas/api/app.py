@@ -44,7 +44,7 @@ from claas.api.schemas import (
 from claas.chat import Completion, ModelTarget, new_completion_id
 from claas.errors import ClaasError, InvalidRequest
 from claas.runtime import Runtime
-from claas.store import FeedbackRequest, parse_lora_id
+from claas.store import FeedbackRequest, parse_lora_id, validate_lora_id
 
 # ---------------------------------------------------------------------------------------------
 # Auth
@@ -288,10 +288,12 @@ def _sampling_params(
 
 
 def _target(runtime: Runtime, caller: Principal, model: str) -> ModelTarget:
-    target = runtime.chat.resolve(model)
-    if target.lora_id is not None:
-        caller.check(target.lora_id)
-    return target
+    """Resolve `model` for this caller: another owner's name is refused before any lookup, and
+    the names listed in a 404 are only the caller's own."""
+    lora_id = model.partition("@")[0]
+    with contextlib.suppress(InvalidRequest):  # not owner/name: resolve() explains
+        caller.check(validate_lora_id(lora_id))
+    return runtime.chat.resolve(model, owner=caller.owner)
 
 
 def _usage(completion: Completion) -> dict[str, int]:
@@ -370,7 +372,7 @@ def _add_serving_routes(app: FastAPI, runtime: Runtime) -> None:
         if body.stream:
             return _stream(runtime, target, prompt, messages, params, body, "text_completion")
         completion = await runtime.chat.complete(
-            target, prompt, messages, params, body.n, prompt_text=body.prompt
+            target, prompt, messages, params, body.n, prompt_text=body.prompt, prompt_format="text"
         )
         return {
             "id": completion.id,
@@ -440,6 +442,7 @@ def _stream(
                 on_text=lambda index, delta: queue.put_nowait((index, delta)),
                 prompt_text=messages[-1]["content"] if kind == "text_completion" else None,
                 completion_id=chunk_id,
+                prompt_format="text" if kind == "text_completion" else "chat",
             )
         )
         task.add_done_callback(lambda _: queue.put_nowait(None))
@@ -579,15 +582,16 @@ def _add_adapter_routes(app: FastAPI, runtime: Runtime) -> None:
         lora_id = _lora(owner, name)
         caller.check(lora_id)
         removed = await adapters.delete(lora_id)
+        await runtime.queue.notify()  # its queued requests are gone: release any waiters
         return {"lora_id": lora_id, "deleted": True, "versions_removed": len(removed)}
 
     @app.get("/v1/adapters/{owner}/{name}/export")
     async def export(
-        owner: str, name: str, caller: Caller, version: int | None = Query(None, ge=1)
+        owner: str, name: str, caller: Caller, version: int | None = Query(None, ge=1, le=2**31)
     ) -> Response:
         lora_id = _lora(owner, name)
         caller.check(lora_id)
-        archive = adapters.export(lora_id, version)
+        archive = await asyncio.to_thread(adapters.export, lora_id, version)
         filename = f"{owner}-{name}.zip"
         return Response(
             archive,

@@ -39,7 +39,7 @@ class SamplingFields(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int = Field(1, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=0)  # accepted, not computed (only 0)
@@ -88,7 +88,7 @@ class AdapterCreate(AdapterSpec):
 class RollbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    version: int = Field(ge=1)
+    version: int = Field(ge=1, le=2**31)
 
 
 class ErrorBody(BaseModel):

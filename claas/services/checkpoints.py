@@ -130,10 +130,20 @@ def write_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         staging.rename(final)
+        _fsync_dirs(final.parent, final.parent.parent, root)  # make the rename durable
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return final
+
+
+def _fsync_dirs(*directories: Path) -> None:
+    for directory in directories:
+        handle = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(handle)
+        finally:
+            os.close(handle)
 
 
 @dataclass(frozen=True)
@@ -144,19 +154,25 @@ class LoadedCheckpoint:
     meta: dict[str, Any]
 
 
-def read_checkpoint(root: Path, path: CheckpointPath, with_optimizer: bool) -> LoadedCheckpoint:
+def require_checkpoint(root: Path, path: CheckpointPath, with_optimizer: bool) -> Path:
+    """The checkpoint's directory, after a cheap check that its files exist."""
     directory = path.directory(root)
     if not (directory / ADAPTER_WEIGHTS).is_file():
         raise CheckpointNotFound(
             f"checkpoint {path} does not exist; list the adapter's versions to find a valid one"
         )
+    if with_optimizer and not (directory / OPTIMIZER_STATE).is_file():
+        raise CheckpointNotFound(
+            f"checkpoint {path} has no optimizer state (sampler weights?); load a "
+            "save_state() checkpoint, or use create_training_client_from_state"
+        )
+    return directory
+
+
+def read_checkpoint(root: Path, path: CheckpointPath, with_optimizer: bool) -> LoadedCheckpoint:
+    directory = require_checkpoint(root, path, with_optimizer)
     optimizer_state = None
     if with_optimizer:
-        if not (directory / OPTIMIZER_STATE).is_file():
-            raise CheckpointNotFound(
-                f"checkpoint {path} has no optimizer state (sampler weights?); load a "
-                "save_state() checkpoint, or use create_training_client_from_state"
-            )
         optimizer_state = torch.load(directory / OPTIMIZER_STATE, weights_only=True)
     meta_file = directory / CLAAS_META
     return LoadedCheckpoint(

@@ -20,6 +20,10 @@ import torch
 StopCheck = Callable[[list[int]], bool]
 
 
+class StopGeneration(Exception):
+    """Raised by an `on_token` callback to end generation early (a client went away)."""
+
+
 def log_normaliser(logits: torch.Tensor) -> torch.Tensor:
     """logsumexp over the vocabulary (..., 1), accurate to ~1e-7.
 
@@ -136,7 +140,8 @@ def generate(
 ) -> list[Generation]:
     """Sample `num_samples` continuations in one batch, after a prefill of batch size 1.
 
-    `on_token(sample_index, token, logprob)` is called as each token is chosen, for streaming.
+    `on_token(sample_index, token, logprob)` is called as each token is chosen, for streaming;
+    it may raise `StopGeneration` to stop early (the tokens so far are returned).
     """
     if num_samples > 1:
         cache.batch_repeat_interleave(num_samples)
@@ -154,7 +159,10 @@ def generate(
             generation.tokens.append(token)
             generation.logprobs.append(logprob)
             if on_token is not None:
-                on_token(index, token, logprob)
+                try:
+                    on_token(index, token, logprob)
+                except StopGeneration:
+                    return generations
             if token in stop_set or (stop_check is not None and stop_check(generation.tokens)):
                 generation.stopped = True
             else:

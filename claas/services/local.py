@@ -32,6 +32,7 @@ import functools
 import hashlib
 import math
 import os
+import threading
 import time
 import uuid
 import weakref
@@ -41,7 +42,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import numpy as np
 import torch
@@ -60,6 +61,7 @@ from claas.services.checkpoints import (
     lora_config_dict,
     new_run_id,
     read_checkpoint,
+    require_checkpoint,
     write_checkpoint,
 )
 from claas.services.decoding import (
@@ -91,6 +93,29 @@ class SharedBase:
     """One base model, its named LoRA adapters, and the single worker thread that runs them."""
 
     IDLE_ADAPTER = "claas-idle"
+
+    _registry: ClassVar[dict[int, tuple[SharedBase, int]]] = {}  # id(model) -> (host, users)
+    _registry_lock: ClassVar[threading.Lock] = threading.Lock()
+
+    @classmethod
+    def acquire(cls, loaded: LoadedModel, max_loaded_samplers: int = 16) -> SharedBase:
+        """The one host of this model in the process: services on one model share its worker,
+        so two of them can never run the PEFT model from two threads at once."""
+        with cls._registry_lock:
+            host, users = cls._registry.get(id(loaded.model), (None, 0))
+            if host is None or host._closed:
+                host, users = cls(loaded, max_loaded_samplers), 0
+            cls._registry[id(loaded.model)] = (host, users + 1)
+            return host
+
+    def release(self) -> None:
+        with self._registry_lock:
+            host, users = self._registry.get(id(self.loaded.model), (self, 1))
+            if users > 1:
+                self._registry[id(self.loaded.model)] = (host, users - 1)
+                return
+            self._registry.pop(id(self.loaded.model), None)
+        self.close()
 
     def __init__(self, loaded: LoadedModel, max_loaded_samplers: int = 16) -> None:
         self.loaded = loaded
@@ -242,7 +267,7 @@ def prepare_datums(
             raise InvalidRequest(f"{where}: model_input has {n} tokens; need 1..{max_context}")
         _check_ids(np.asarray(tokens), vocab_size, f"{where} model_input")
         needed = LOSS_INPUTS[loss_fn]
-        unknown = set(datum.loss_fn_inputs) - set(needed) - {"mask"}
+        unknown = set(datum.loss_fn_inputs) - set(needed)
         missing = [key for key in needed if key not in datum.loss_fn_inputs]
         if missing or unknown:
             raise InvalidRequest(
@@ -344,7 +369,7 @@ class LocalServiceClient:
     ) -> None:
         self.storage_dir = Path(storage_dir)
         self.storage_dir.mkdir(parents=True, exist_ok=True)
-        self.host = SharedBase(model, max_loaded_samplers)
+        self.host = SharedBase.acquire(model, max_loaded_samplers)
 
     @property
     def base_model(self) -> str:
@@ -354,7 +379,7 @@ class LocalServiceClient:
         return self.host.loaded.tokenizer
 
     def close(self) -> None:
-        self.host.close()
+        self.host.release()
 
     def _check_base_model(self, base_model: str | None) -> None:
         if base_model is not None and base_model != self.base_model:
@@ -368,9 +393,7 @@ class LocalServiceClient:
 
     def checkpoint_dir(self, path: str) -> Path:
         """The PEFT directory of a checkpoint (for export and vLLM), refusing escapes."""
-        checkpoint = CheckpointPath.parse(path)
-        read_checkpoint(self.storage_dir, checkpoint, with_optimizer=False)  # exists?
-        return checkpoint.directory(self.storage_dir)
+        return require_checkpoint(self.storage_dir, CheckpointPath.parse(path), False)
 
     def create_lora_training_client(
         self,
@@ -432,12 +455,13 @@ class LocalServiceClient:
         with_optimizer: bool,
     ) -> APIFuture[LocalTrainingClient]:
         self._check_base_model(base_model)
-        checkpoint = read_checkpoint(
-            self.storage_dir, CheckpointPath.parse(path), with_optimizer=with_optimizer
-        )
-        self._check_base_model(checkpoint.adapter_config.get("base_model_name_or_path"))
-        return self.host.submit(
-            lambda: LocalTrainingClient(
+        checkpoint_path = CheckpointPath.parse(path)
+        require_checkpoint(self.storage_dir, checkpoint_path, with_optimizer)  # fail fast
+
+        def load() -> LocalTrainingClient:  # on the worker: the caller's loop never blocks
+            checkpoint = read_checkpoint(self.storage_dir, checkpoint_path, with_optimizer)
+            self._check_base_model(checkpoint.adapter_config.get("base_model_name_or_path"))
+            return LocalTrainingClient(
                 self,
                 checkpoint.adapter_config,
                 checkpoint.weights,
@@ -446,7 +470,8 @@ class LocalServiceClient:
                 user_metadata,
                 steps=int(checkpoint.meta.get("optimizer_steps", 0)),
             )
-        )
+
+        return self.host.submit(load)
 
     def create_sampling_client(
         self,
@@ -463,7 +488,7 @@ class LocalServiceClient:
         else:
             checkpoint_path = CheckpointPath.parse(model_path)
             # Fail now, not on first use, if the checkpoint is missing.
-            read_checkpoint(self.storage_dir, checkpoint_path, with_optimizer=False)
+            require_checkpoint(self.storage_dir, checkpoint_path, with_optimizer=False)
             digest = hashlib.sha256(str(checkpoint_path).encode()).hexdigest()[:16]
             client = LocalSamplingClient(
                 self,
@@ -550,6 +575,8 @@ class LocalTrainingClient:
         *,
         adam_params: types.AdamParams | None = None,
     ) -> APIFuture[types.OptimStepResponse]:
+        if optim_params is not None and adam_params is not None:
+            raise InvalidRequest("pass optim_params or adam_params, not both")
         params = optim_params if optim_params is not None else adam_params
         if not isinstance(params, types.AdamParams):
             raise InvalidRequest("optim_step needs types.AdamParams (the local optimizer is AdamW)")
@@ -762,15 +789,27 @@ class LocalSamplingClient:
                 "topk_sample_logprobs and prompt_alt_tokens_k are not supported by the local "
                 "service"
             )
+        if prompt_logprobs_last_n is not None and not include_prompt_logprobs:
+            raise InvalidRequest("prompt_logprobs_last_n requires include_prompt_logprobs=True")
         request = self._validate(
             prompt, num_samples, sampling_params, topk_prompt_logprobs, target_prompt_logprobs
         )
-        first_row = _first_scored_row(
-            len(request.prompt), prompt_logprobs_last_n, include_prompt_logprobs, request.targets
+        length = len(request.prompt)
+        # Prompt and top-K log-probs: every position, or the last N. Target rows: from the
+        # first row naming an id. The forward pass projects logits from the earliest of both.
+        prompt_row = _last_n_row(length, prompt_logprobs_last_n)
+        wants_prompt = include_prompt_logprobs or topk_prompt_logprobs > 0
+        first_row = min(
+            prompt_row if wants_prompt else length - 1, _first_target_row(length, request.targets)
         )
         return self.host.submit(
             lambda: self._sample(
-                request, include_prompt_logprobs, topk_prompt_logprobs, on_token, first_row
+                request,
+                include_prompt_logprobs,
+                topk_prompt_logprobs,
+                on_token,
+                first_row,
+                prompt_row,
             )
         )
 
@@ -778,7 +817,7 @@ class LocalSamplingClient:
         self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
     ) -> APIFuture[list[float | None]]:
         request = self._validate(prompt, 1, types.SamplingParams(max_tokens=1), 0, None)
-        first_row = _first_scored_row(len(request.prompt), prompt_logprobs_last_n, True, None)
+        first_row = _last_n_row(len(request.prompt), prompt_logprobs_last_n)
 
         def score() -> list[float | None]:
             length = len(request.prompt)
@@ -866,12 +905,12 @@ class LocalSamplingClient:
         topk: int,
         on_token: TokenCallback | None,
         first_row: int,
+        prompt_row: int,
     ) -> types.SampleResponse:
         tokenizer = self.host.loaded.tokenizer
         generator = torch.Generator(device=request.prompt.device)
-        generator.manual_seed(
-            request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
-        )
+        seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
+        generator.manual_seed(seed % 2**64)  # any int seeds; torch takes 0 .. 2**64 - 1
         stop_check = None
         if request.stop_strings:
             window = max(len(s) for s in request.stop_strings) + 16
@@ -908,22 +947,28 @@ class LocalSamplingClient:
             )
             for g in generations
         ]
-        return _sample_response(sequences, scores, include_prompt_logprobs, len(request.prompt))
+        return _sample_response(
+            sequences, scores, include_prompt_logprobs, len(request.prompt), prompt_row
+        )
 
 
-def _first_scored_row(
-    length: int, last_n: int | None, all_prompt: bool, targets: torch.Tensor | None
-) -> int:
-    """The first logits row (row i predicts prompt[i+1]) any requested score needs."""
-    if last_n is not None and not 1 <= last_n <= length - 1:
+def _last_n_row(length: int, last_n: int | None) -> int:
+    """The first logits row (row i predicts prompt[i+1]) that `prompt_logprobs_last_n` scores."""
+    if last_n is None:
+        return 0
+    if not 1 <= last_n <= length - 1:
         raise InvalidRequest(
             f"prompt_logprobs_last_n must be in 1..len(prompt) - 1 = {length - 1}, got {last_n}"
         )
-    first = length - 1 - last_n if last_n is not None else (0 if all_prompt else length - 1)
-    if targets is not None:
-        named = torch.nonzero((targets >= 0).any(dim=-1))
-        first = min(first, int(named[0, 0]) if len(named) else length - 1)
-    return max(0, first)
+    return length - 1 - last_n
+
+
+def _first_target_row(length: int, targets: torch.Tensor | None) -> int:
+    """Rows of target_prompt_logprobs before the first one naming an id are not scored."""
+    if targets is None:
+        return length - 1
+    named = torch.nonzero((targets >= 0).any(dim=-1))
+    return int(named[0, 0]) if len(named) else length - 1
 
 
 @dataclass(frozen=True)
@@ -943,21 +988,24 @@ def _sample_response(
     scores: PromptScores | None,
     include_prompt_logprobs: bool,
     length: int,
+    prompt_row: int,
 ) -> types.SampleResponse:
-    """Tinker's layout: prompt position p is row p − 1 of the scores; unscored rows are empty
-    (NaN prompt log-prob, sentinel top-K row, 0.0 target log-prob)."""
+    """Tinker's layout: prompt position p is row p − 1 of the scores. Prompt and top-K
+    log-probs start at `prompt_row` (earlier positions: NaN / sentinel rows), targets at the
+    scores' first row (earlier: 0.0)."""
     prompt_logprobs = topk = target = None
     if scores is not None:
-        start = scores.first_row + 1  # the first prompt position with a score
+        skip = prompt_row - scores.first_row  # rows computed only for the targets
+        start = prompt_row + 1  # the first prompt position with a prompt log-prob
         if include_prompt_logprobs:
             prompt_logprobs = np.full(length, np.nan, dtype=np.float32)
-            prompt_logprobs[start:] = scores.token_logprobs.cpu().numpy()
+            prompt_logprobs[start:] = scores.token_logprobs[skip:].cpu().numpy()
         if scores.topk_ids is not None and scores.topk_logprobs is not None:
             k = scores.topk_ids.shape[1]
             ids = np.zeros((length, k), dtype=np.int32)
             logprobs = np.full((length, k), MASK_LOGPROB, dtype=np.float32)
-            ids[start:] = scores.topk_ids.cpu().numpy()
-            logprobs[start:] = scores.topk_logprobs.cpu().numpy()
+            ids[start:] = scores.topk_ids[skip:].cpu().numpy()
+            logprobs[start:] = scores.topk_logprobs[skip:].cpu().numpy()
             topk = TopkLogprobs(token_ids=ids, logprobs=logprobs)
         if scores.target_logprobs is not None:
             rows = scores.target_logprobs.cpu().numpy()
