@@ -88,7 +88,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"claas serving {runtime.base_model} ({settings.service}) at {url}  (docs: {url}/docs)")
     print(
         f"try: curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
-        f'-d \'{{"model": "{runtime.base_model}", "messages": '
+        f'-d \'{{"model": "{runtime.base_model}", "temperature": 0, "messages": '
         '[{"role": "user", "content": "Hello!"}]}\''
     )
     try:

@@ -161,8 +161,12 @@ class FeedbackQueue:
 
     # -- the worker -------------------------------------------------------------------------
     def start(self) -> None:
-        """Resume what a previous process left, then serve the queue (call inside the loop)."""
+        """Resume what a previous process left, then serve the queue (call inside the loop).
+
+        Expired rollouts are purged here too: they can no longer receive feedback.
+        """
         self.store.requeue_running()
+        self.store.purge_expired_rollouts()
         self._scheduler = asyncio.create_task(self._schedule())
         self._wake.set()
 
