@@ -95,6 +95,12 @@ def chat(live: LiveServer, model: str, **fields: Any) -> httpx.Response:
     return live.client.post("/v1/chat/completions", json=body, headers=fields.pop("h", {}))
 
 
+def train_once(live: LiveServer, completion_id: str) -> Any:
+    """One quick feedback step (steps_per_batch=1), waited for."""
+    item = {"completion_id": completion_id, "feedback": "x", "training": {"steps_per_batch": 1}}
+    return live.client.post("/v1/feedback?wait=true", json={"items": [item]}).json()
+
+
 # ---------------------------------------------------------------------------------------------
 # The README, verbatim
 # ---------------------------------------------------------------------------------------------
@@ -579,14 +585,7 @@ def test_bad_inputs_get_clear_errors(server: LiveServer) -> None:
 def test_adapter_lifecycle_over_http(server: LiveServer) -> None:
     create(server, "alice/life")
     answer = chat(server, "alice/life").json()
-    done = server.client.post(
-        "/v1/feedback?wait=true",
-        json={
-            "items": [
-                {"completion_id": answer["id"], "feedback": "x", "training": {"steps_per_batch": 1}}
-            ]
-        },
-    ).json()
+    done = train_once(server, answer["id"])
     assert done["version"] == 2
     rolled = server.client.post("/v1/adapters/alice/life/rollback", json={"version": 1}).json()
     assert rolled["current_version"] == 1
@@ -663,14 +662,7 @@ def test_cli_manages_adapters_and_feedback(server: LiveServer, tmp_path: Path) -
     assert created.returncode == 0, created.stderr
     assert json.loads(created.stdout)["current_version"] == 1
     answer = chat(server, "alice/cli").json()
-    done = server.client.post(
-        "/v1/feedback?wait=true",
-        json={
-            "items": [
-                {"completion_id": answer["id"], "feedback": "x", "training": {"steps_per_batch": 1}}
-            ]
-        },
-    ).json()
+    done = train_once(server, answer["id"])
     status = claas("feedback", "status", done["feedback_id"])
     assert json.loads(status.stdout)["version"] == 2
     listed = json.loads(claas("adapters", "list", "--prefix", "alice/").stdout)

@@ -358,15 +358,7 @@ def test_real_model_learns_from_feedback(smol: LoadedModel, tmp_path: Path, topk
     h = Harness(own, tmp_path)
     try:
         h.run(h.adapters.init(LORA, AdapterSpec(seed=0)))
-        messages, prompt, sequence = h.rollout("Explain how a rainbow forms.", max_tokens=64)
-        sample = FeedbackSample(
-            lora_id=LORA,
-            messages=messages,
-            prompt_tokens=prompt,
-            response_tokens=sequence.tokens,
-            behavior_logprobs=list(sequence.logprobs or []),
-            feedback=FEEDBACK,
-        )
+        sample = h.sample_for("Explain how a rainbow forms.", max_tokens=64, temperature=0.0)
         before = h.store.latest_version(LORA)
         assert before is not None
         eot_before = end_of_turn_logprob(h, sample, before.sampler_path)
