@@ -12,7 +12,7 @@ already registered its version in the store, so the next chat is served by it.
 
     queue = FeedbackQueue(store, engine, max_coalesce=8)
     queue.start()
-    request = queue.submit(queue.resolve(items, allowed=lambda lora_id: True))
+    request = await queue.admit(items, allowed=lambda lora_id: None)
     done = await queue.wait(request.id)
 """
 
@@ -142,6 +142,15 @@ class FeedbackQueue:
         )
 
     # -- queueing ---------------------------------------------------------------------------
+    async def admit(
+        self, items: Sequence[FeedbackItem], allowed: Callable[[str], None]
+    ) -> FeedbackRequest:
+        """Resolve, check everything the engine would refuse (teacher prompt, context), queue."""
+        resolved = self.resolve(items, allowed)
+        samples = [self._sample(resolved.lora_id, item) for item in resolved.items]
+        await self.engine.check(samples, resolved.training)
+        return self.submit(resolved)
+
     def submit(self, resolved: ResolvedFeedback) -> FeedbackRequest:
         request = self.store.enqueue_feedback(
             resolved.lora_id, resolved.items, resolved.training.model_dump()

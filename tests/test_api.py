@@ -304,18 +304,28 @@ def test_concurrent_feedback_keeps_order_per_adapter(server: LiveServer) -> None
 def test_training_failure_keeps_the_last_good_version(server: LiveServer) -> None:
     create(server, "alice/fragile")
     answer = chat(server, "alice/fragile").json()
-    # A teacher prompt over the tiny model's 2048-token context: the request must fail cleanly.
-    long_feedback = "no " * 2600
+    # A teacher prompt over the tiny model's 2048-token context is refused before queueing.
+    too_long = server.client.post(
+        "/v1/feedback",
+        json={"items": [{"completion_id": answer["id"], "feedback": ("no " * 2700)[:7990]}]},
+    )
+    assert too_long.status_code == 422 and "context" in too_long.json()["error"]["message"]
+    assert server.runtime.store.queue_depth() == 0
+    # Injected failure: the training state of the current version vanished from disk.
+    version = server.runtime.store.latest_version("alice/fragile")
+    assert version is not None
+    state_dir = server.runtime.service.checkpoint_dir(version.state_path)
+    (state_dir / "adapter_model.safetensors").unlink()
     response = server.client.post(
         "/v1/feedback?wait=true",
-        json={"items": [{"completion_id": answer["id"], "feedback": long_feedback[:7990]}]},
+        json={"items": [{"completion_id": answer["id"], "feedback": "shorter"}]},
     )
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["status"] == "failed" and "context" in body["error"], body
+    assert body["status"] == "failed" and "does not exist" in body["error"], body
     adapter = server.client.get("/v1/adapters/alice/fragile").json()
     assert adapter["current_version"] == 1 and len(adapter["versions"]) == 1
-    assert chat(server, "alice/fragile").status_code == 200  # still serving
+    assert chat(server, "alice/fragile").status_code == 200  # still serving (sampler weights)
 
 
 def _free_port() -> int:
@@ -728,10 +738,11 @@ def test_fuzzed_requests_never_get_a_5xx(fuzz_server: LiveServer) -> None:
 def test_a_bad_request_in_a_coalesced_batch_fails_alone(server: LiveServer) -> None:
     create(server, "alice/batch")
     answer = chat(server, "alice/batch").json()["id"]
+    doomed = chat(server, "alice/batch").json()["id"]
 
-    def submit(feedback: str, steps: int) -> str:
+    def submit(completion_id: str, feedback: str, steps: int) -> str:
         item = {
-            "completion_id": answer,
+            "completion_id": completion_id,
             "feedback": feedback,
             "training": {"steps_per_batch": steps},
         }
@@ -739,11 +750,14 @@ def test_a_bad_request_in_a_coalesced_batch_fails_alone(server: LiveServer) -> N
         assert response.status_code == 202, response.text
         return str(response.json()["feedback_id"])
 
-    running = submit("first", 64)  # keeps the adapter busy while the next two queue up
-    too_long = submit(("no " * 2700)[:7990], 2)  # its teacher prompt overflows the context
-    fine = submit("second", 2)
+    running = submit(answer, "first", 64)  # keeps the adapter busy while the next two queue
+    expired = submit(doomed, "second", 2)
+    fine = submit(answer, "third", 2)
+    store = server.runtime.store
+    with store._transaction() as db:  # simulates the rollout expiring while it was queued
+        db.execute("DELETE FROM rollouts WHERE id = ?", (doomed,))
     results = {}
-    for feedback_id in (running, too_long, fine):
+    for feedback_id in (running, expired, fine):
         deadline = time.monotonic() + 300
         while (status := server.client.get(f"/v1/feedback/{feedback_id}").json())["status"] not in (
             "done",
@@ -753,6 +767,6 @@ def test_a_bad_request_in_a_coalesced_batch_fails_alone(server: LiveServer) -> N
             time.sleep(0.05)
         results[feedback_id] = status
     assert results[running]["status"] == "done"
-    assert results[too_long]["status"] == "failed" and "context" in results[too_long]["error"]
+    assert results[expired]["status"] == "failed" and "expired" in results[expired]["error"]
     assert results[fine]["status"] == "done", results[fine]
     assert results[fine]["version"] == results[running]["version"] + 1

@@ -490,8 +490,7 @@ def _add_feedback_routes(app: FastAPI, runtime: Runtime) -> None:
         wait: bool = Query(False, description="Block until trained; return the result."),
         timeout: float = Query(600.0, gt=0, le=3600, description="Longest wait, seconds."),
     ) -> JSONResponse:
-        resolved = runtime.queue.resolve(body.items, allowed=caller.check)
-        request = runtime.queue.submit(resolved)
+        request = await runtime.queue.admit(body.items, allowed=caller.check)
         if not wait:
             return JSONResponse(
                 {"feedback_id": request.id, "status": request.status, "lora_id": request.lora_id},
