@@ -34,6 +34,7 @@ from claas.errors import (
     NothingToTrain,
     RolloutNotFound,
 )
+from claas.prompts import Utf8Text
 from claas.store import FeedbackRequest, Rollout, Store, text_hash, validate_lora_id
 
 TERMINAL = ("done", "failed")
@@ -49,9 +50,9 @@ class FeedbackItem(BaseModel):
     )
     choice_index: int = Field(0, ge=0, le=63, description="Which choice of that completion.")
     lora_id: str | None = Field(None, max_length=200)
-    prompt: str | None = Field(None, max_length=200_000, description="The user message text.")
-    response: str | None = Field(None, max_length=200_000, description="The answer's text.")
-    feedback: str = Field(min_length=1, max_length=8000)
+    prompt: Utf8Text | None = Field(None, max_length=200_000, description="The user message text.")
+    response: Utf8Text | None = Field(None, max_length=200_000, description="The answer's text.")
+    feedback: Utf8Text = Field(min_length=1, max_length=8000)
     training: TrainingConfig | None = None
 
     @model_validator(mode="after")

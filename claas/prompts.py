@@ -8,11 +8,28 @@ tokens are scored unchanged after it. This module is the one place that renders 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any
 
+from pydantic import AfterValidator
 from transformers import PreTrainedTokenizerBase
 
 Message = Mapping[str, Any]
+
+
+def utf8_text(value: str) -> str:
+    """Refuse text that is not valid Unicode (lone surrogates, e.g. JSON "\\ud800"): the
+    tokenizer cannot encode it. Use as a pydantic validator on every text field."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as error:
+        raise ValueError(
+            f"text contains an invalid Unicode code point at position {error.start} (a lone "
+            "surrogate); send valid UTF-8 text"
+        ) from None
+    return value
+
+
+Utf8Text = Annotated[str, AfterValidator(utf8_text)]
 
 
 def chat_prompt_tokens(

@@ -152,7 +152,8 @@ def text_hash(text: str) -> str:
     line wrapping or Unicode composition still finds the rollout.
     """
     normal = " ".join(unicodedata.normalize("NFC", text).split())
-    return hashlib.sha256(normal.encode("utf-8")).hexdigest()
+    # surrogatepass: a lone surrogate (valid in a Python str, not in UTF-8) still hashes.
+    return hashlib.sha256(normal.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 class _Frozen(BaseModel):

@@ -537,6 +537,24 @@ def test_bad_inputs_get_clear_errors(server: LiveServer) -> None:
     error(chat(server, "alice/valid", messages=HELLO * 300), 422, "messages")
     error(chat(server, "alice/valid", messages=[]), 422, "messages")
     error(server.client.post("/v1/chat/completions", content=b"{not json"), 422, "invalid")
+    surrogate = (  # JSON may name a lone surrogate, which no tokenizer can encode
+        b'{"model": "alice/valid", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
+    )
+    as_json = {"content-type": "application/json"}
+    error(
+        server.client.post("/v1/chat/completions", content=surrogate, headers=as_json),
+        422,
+        "surrogate",
+    )
+    error(
+        server.client.post(
+            "/v1/chat/completions",
+            content=surrogate.replace(b"alice/valid", b"\\ud800"),
+            headers=as_json,
+        ),
+        422,
+        "surrogate",
+    )
     error(server.client.post("/v1/chat/completions", content=b"x" * 2_000_000), 413, "body")
     answer = chat(server, "alice/valid").json()
     base_answer = chat(server, server.runtime.base_model).json()

@@ -607,3 +607,40 @@ def test_generation_stops_when_the_callback_asks(service: LocalServiceClient) ->
         on_token=on_token,
     ).result()
     assert len(out.sequences[0].tokens) == 3
+
+
+def test_concurrent_scoring_is_batched_exactly_and_in_order(
+    service: LocalServiceClient, reference: LoadedModel
+) -> None:
+    trainer = new_trainer(service)
+    perturb(trainer)
+    sampler = trainer.save_weights_and_get_sampling_client(kind="inflight").result()
+    prompts = [TOKENS, TOKENS[:6], TOKENS[3:12]]
+    params = types.SamplingParams(max_tokens=1, temperature=0)
+
+    def score(tokens: list[int]) -> Any:
+        return sampler.sample(
+            types.ModelInput.from_ints(tokens), 1, params, include_prompt_logprobs=True
+        )
+
+    futures = [score(p) for p in prompts]  # queued together: one padded forward
+    for tokens, future in zip(prompts, futures, strict=True):
+        out = future.result()
+        alone = sampler.compute_logprobs(types.ModelInput.from_ints(tokens)).result()
+        assert out.prompt_logprobs == pytest.approx(alone, abs=1e-5)
+        assert (
+            out.sequences[0].tokens
+            == sampler.sample(
+                types.ModelInput.from_ints(tokens),
+                1,
+                types.SamplingParams(max_tokens=2, temperature=0),
+            )
+            .result()
+            .sequences[0]
+            .tokens[:1]
+        )
+    before = score(TOKENS)
+    trainer.forward_backward([ce_datum(TOKENS, k=3)], "cross_entropy")
+    trainer.optim_step(types.AdamParams(learning_rate=1e-2))
+    after = score(TOKENS)  # submitted after the step: must not join the earlier batch
+    assert after.result().prompt_logprobs != before.result().prompt_logprobs

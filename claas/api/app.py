@@ -166,6 +166,13 @@ def _error_body(code: int, message: str, kind: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "code": code}}
 
 
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error may quote input that is not valid UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True).encode("ascii")
+
+
 # ---------------------------------------------------------------------------------------------
 # The app
 # ---------------------------------------------------------------------------------------------
@@ -205,7 +212,7 @@ def create_app(runtime: Runtime) -> FastAPI:
 
     @app.exception_handler(ClaasError)
     async def _domain_error(request: Request, error: ClaasError) -> JSONResponse:
-        return JSONResponse(
+        return ErrorResponse(
             _error_body(error.status_code, str(error), type(error).__name__), error.status_code
         )
 
@@ -216,13 +223,15 @@ def create_app(runtime: Runtime) -> FastAPI:
             for e in error.errors()
         )
         message = f"invalid request: {problems}. Fix these fields and retry (see /docs)"
-        return JSONResponse(_error_body(422, message, "InvalidRequest"), 422)
+        return ErrorResponse(_error_body(422, message, "InvalidRequest"), 422)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
         hint = {404: "no such route; see /docs", 405: "method not allowed; see /docs"}
         message = hint.get(error.status_code, str(error.detail))
-        return JSONResponse(_error_body(error.status_code, message, "HTTPError"), error.status_code)
+        return ErrorResponse(
+            _error_body(error.status_code, message, "HTTPError"), error.status_code
+        )
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, error: Exception) -> JSONResponse:
@@ -230,7 +239,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             f"internal error ({type(error).__name__}); the server keeps running. Retry, and "
             "report it with the request if it persists"
         )
-        return JSONResponse(_error_body(500, message, "InternalError"), 500)
+        return ErrorResponse(_error_body(500, message, "InternalError"), 500)
 
     _add_serving_routes(app, runtime)
     _add_feedback_routes(app, runtime)

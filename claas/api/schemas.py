@@ -8,20 +8,21 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from claas.adapters import AdapterSpec
 from claas.feedback import FeedbackItem
+from claas.prompts import Utf8Text
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"] = "text"
-    text: str = Field(max_length=200_000)
+    text: Utf8Text = Field(max_length=200_000)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: str | list[TextPart] = Field(max_length=200_000)
+    content: Utf8Text | list[TextPart] = Field(max_length=200_000)
 
     def as_template_message(self) -> dict[str, Any]:
         text = (
@@ -33,12 +34,12 @@ class ChatMessage(BaseModel):
 class SamplingFields(BaseModel):
     """The sampling knobs shared by chat and plain completions."""
 
-    model: str = Field(min_length=1, max_length=300)
+    model: Utf8Text = Field(min_length=1, max_length=300)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
+    stop: Utf8Text | list[Utf8Text] | None = None
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int = Field(1, ge=1)
     logprobs: bool = False
@@ -64,15 +65,15 @@ class ChatCompletionRequest(SamplingFields):
 class CompletionRequest(SamplingFields):
     model_config = ConfigDict(extra="ignore")
 
-    prompt: str = Field(min_length=1, max_length=200_000)
+    prompt: Utf8Text = Field(min_length=1, max_length=200_000)
 
 
 class ScoreRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(min_length=1, max_length=300)
+    model: Utf8Text = Field(min_length=1, max_length=300)
     messages: list[ChatMessage] = Field(min_length=1)
-    completion: str = Field(min_length=1, max_length=200_000)
+    completion: Utf8Text = Field(min_length=1, max_length=200_000)
 
 
 class FeedbackRequestBody(BaseModel):

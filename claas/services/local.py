@@ -40,9 +40,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 import numpy as np
 import torch
@@ -67,12 +67,26 @@ from claas.services.checkpoints import (
 from claas.services.decoding import (
     PromptScores,
     SamplingRule,
+    choose_next,
     generate,
+    logprobs_at,
     prefill,
     score_prompt,
 )
 
 T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - a batched item
+
+
+@dataclass
+class _Batch(Generic[I, T]):
+    """Consecutive same-key work items the worker runs as one call."""
+
+    key: str
+    run: Callable[[list[I]], list[T]]
+    entries: list[tuple[I, Future[T]]] = field(default_factory=list)
+
+
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULES = ("lm_head",)
@@ -124,13 +138,49 @@ class SharedBase:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="claas-model")
         self._samplers: OrderedDict[str, None] = OrderedDict()  # LRU of loaded sampler adapters
         self._closed = False
+        self._batch_lock = threading.Lock()
+        self._open_batch: _Batch[Any, Any] | None = None
 
     # -- the worker ------------------------------------------------------------------------
     def submit(self, fn: Callable[[], T]) -> APIFuture[T]:
         if self._closed:
             raise InvalidRequest("the local service is closed; create a new one")
-        future: Future[T] = self._executor.submit(fn)
+        with self._batch_lock:
+            self._open_batch = None  # later batched work must not overtake this task
+            future: Future[T] = self._executor.submit(fn)
         return AwaitableConcurrentFuture(future)
+
+    def submit_batched(self, key: str, item: I, run: Callable[[list[I]], list[T]]) -> APIFuture[T]:
+        """Queue `item` to run together with consecutive items of the same `key`.
+
+        Items join the open batch only while nothing else was submitted after it, so the
+        worker's submission order is kept exactly; the batch runs when the worker reaches it.
+        """
+        if self._closed:
+            raise InvalidRequest("the local service is closed; create a new one")
+        result: Future[T] = Future()
+        with self._batch_lock:
+            batch = self._open_batch
+            if batch is None or batch.key != key:
+                batch = _Batch(key, run)
+                self._open_batch = batch
+                self._executor.submit(self._run_batch, batch)
+            batch.entries.append((item, result))
+        return AwaitableConcurrentFuture(result)
+
+    def _run_batch(self, batch: _Batch[Any, Any]) -> None:
+        with self._batch_lock:
+            if self._open_batch is batch:
+                self._open_batch = None  # closed: later items start a new batch
+            entries = list(batch.entries)
+        try:
+            outputs = batch.run([item for item, _ in entries])
+        except BaseException as error:
+            for _, future in entries:
+                future.set_exception(error)
+            return
+        for (_, future), output in zip(entries, outputs, strict=True):
+            future.set_result(output)
 
     def close(self) -> None:
         self._closed = True
@@ -802,6 +852,15 @@ class LocalSamplingClient:
         first_row = min(
             prompt_row if wants_prompt else length - 1, _first_target_row(length, request.targets)
         )
+        scoring = include_prompt_logprobs or topk_prompt_logprobs > 0 or request.targets is not None
+        single = num_samples == 1 and request.max_tokens == 1 and not request.stop_strings
+        if scoring and single and on_token is None:
+            # A scoring pass (the engine sends several at once): batch it with its neighbours.
+            job = _ScoreJob(
+                request, include_prompt_logprobs, topk_prompt_logprobs, first_row, prompt_row
+            )
+            key = f"score:{self.adapter}:{id(self._loader)}"
+            return self.host.submit_batched(key, job, self._score_batch)
         return self.host.submit(
             lambda: self._sample(
                 request,
@@ -898,6 +957,52 @@ class LocalSamplingClient:
         with self.host.using(self.adapter) as model:
             yield model
 
+    def _score_batch(self, jobs: list[_ScoreJob]) -> list[types.SampleResponse]:
+        """Several one-token scoring passes as one right-padded forward (causal attention:
+        padding after a prompt never reaches its positions), projecting only needed rows."""
+        device = self.host.loaded.device
+        lengths = [len(job.request.prompt) for job in jobs]
+        input_ids = torch.zeros(len(jobs), max(lengths), dtype=torch.long, device=device)
+        attention = torch.zeros_like(input_ids)
+        for row, job in enumerate(jobs):
+            input_ids[row, : lengths[row]] = job.request.prompt
+            attention[row, : lengths[row]] = 1
+        responses = []
+        with self._active() as model, torch.inference_mode():
+            causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+            hidden = causal_lm.model(input_ids=input_ids, attention_mask=attention)[0]
+            for row, job in enumerate(jobs):
+                request = job.request
+                logits = causal_lm.lm_head(hidden[row, job.first_row : lengths[row]]).float()
+                scores = score_prompt(
+                    logits, request.prompt, job.topk, request.targets, job.first_row
+                )
+                generator = torch.Generator(device=device)
+                seed = (
+                    request.seed
+                    if request.seed is not None
+                    else int.from_bytes(os.urandom(8), "little")
+                )
+                generator.manual_seed(seed % 2**64)
+                token = choose_next(logits[-1:], request.rule, generator)
+                logprob = logprobs_at(logits[-1:], token[:, None])
+                sequence = types.SampledSequence(
+                    stop_reason="stop" if int(token) in request.stop_ids else "length",
+                    sequence_id=f"seq-{uuid.uuid4().hex}",
+                    tokens_np=token.cpu().numpy().astype(np.int32),
+                    logprobs_np=logprob[:, 0].cpu().numpy().astype(np.float32),
+                )
+                responses.append(
+                    _sample_response(
+                        [sequence],
+                        scores,
+                        job.include_prompt_logprobs,
+                        lengths[row],
+                        job.prompt_row,
+                    )
+                )
+        return responses
+
     def _sample(
         self,
         request: _SampleRequest,
@@ -969,6 +1074,15 @@ def _first_target_row(length: int, targets: torch.Tensor | None) -> int:
         return length - 1
     named = torch.nonzero((targets >= 0).any(dim=-1))
     return int(named[0, 0]) if len(named) else length - 1
+
+
+@dataclass(frozen=True)
+class _ScoreJob:
+    request: _SampleRequest
+    include_prompt_logprobs: bool
+    topk: int
+    first_row: int
+    prompt_row: int
 
 
 @dataclass(frozen=True)
