@@ -10,11 +10,18 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from claas.models import LoadedModel, load_model, tiny_llama
 from claas.settings import EMBEDDED_MODEL
 
 REPO = Path(__file__).resolve().parent.parent
+
+# CI replays the same property-test examples every run (a failure there is then reproducible);
+# local runs keep exploring new ones.
+settings.register_profile("ci", derandomize=True, database=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @pytest.fixture(scope="session")
