@@ -95,6 +95,18 @@ def chat(live: LiveServer, model: str, **fields: Any) -> httpx.Response:
     return live.client.post("/v1/chat/completions", json=body, headers=fields.pop("h", {}))
 
 
+def finished(client: httpx.Client, feedback_id: str, timeout: float = 300) -> Any:
+    """Poll a feedback request until it is done or failed; return its status."""
+    deadline = time.monotonic() + timeout
+    while (status := client.get(f"/v1/feedback/{feedback_id}").json())["status"] not in (
+        "done",
+        "failed",
+    ):
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+    return status
+
+
 def train_once(live: LiveServer, completion_id: str) -> Any:
     """One quick feedback step (steps_per_batch=1), waited for."""
     item = {"completion_id": completion_id, "feedback": "x", "training": {"steps_per_batch": 1}}
@@ -240,13 +252,7 @@ def test_feedback_by_text_and_status(server: LiveServer) -> None:
     )
     assert response.status_code == 202, response.text
     feedback_id = response.json()["feedback_id"]
-    deadline = time.monotonic() + 120
-    while (status := server.client.get(f"/v1/feedback/{feedback_id}").json())["status"] not in (
-        "done",
-        "failed",
-    ):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    status = finished(server.client, feedback_id)
     assert status["status"] == "done" and status["version"] == 2
     assert status["items"][0]["rollout_id"] == answer["id"]
     log = server.client.get("/v1/feedback", params={"lora_id": "alice/texty"}).json()
@@ -774,16 +780,7 @@ def test_a_bad_request_in_a_coalesced_batch_fails_alone(server: LiveServer) -> N
     store = server.runtime.store
     with store._transaction() as db:  # simulates the rollout expiring while it was queued
         db.execute("DELETE FROM rollouts WHERE id = ?", (doomed,))
-    results = {}
-    for feedback_id in (running, expired, fine):
-        deadline = time.monotonic() + 300
-        while (status := server.client.get(f"/v1/feedback/{feedback_id}").json())["status"] not in (
-            "done",
-            "failed",
-        ):
-            assert time.monotonic() < deadline
-            time.sleep(0.05)
-        results[feedback_id] = status
+    results = {fid: finished(server.client, fid) for fid in (running, expired, fine)}
     assert results[running]["status"] == "done"
     assert results[expired]["status"] == "failed" and "expired" in results[expired]["error"]
     assert results[fine]["status"] == "done", results[fine]
