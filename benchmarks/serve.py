@@ -282,12 +282,12 @@ def run(client: httpx.Client, startup: float) -> None:
         (
             "short chat, idle",
             f"{idle * 1e3:.0f} ms",
-            f"before feedback {before * 1e3:.0f} ms",
+            f"on version 1, before feedback: {before * 1e3:.0f} ms",
         ),
         (
             "short chat, while training",
             f"{during * 1e3:.0f} ms",
-            f"{during / idle:.2f}x idle ({len(overlapped)} chats in a "
+            f"{during / idle:.2f}x idle ({len(overlapped)} chats during a "
             f"{long_train:.1f} s, 8-step train)",
         ),
     ]
