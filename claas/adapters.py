@@ -19,9 +19,9 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from claas.errors import AdapterNotFound, InvalidRequest
+from claas.errors import AdapterNotFound, InvalidRequest, QuotaExceeded
 from claas.services import delete_checkpoints
-from claas.store import Adapter, AdapterVersion, Store, validate_lora_id
+from claas.store import Adapter, AdapterVersion, Store, parse_lora_id
 
 ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
 MLP = {"gate_proj", "up_proj", "down_proj"}
@@ -39,7 +39,7 @@ class AdapterSpec(BaseModel):
     lora_alpha: float = Field(TINKER_LORA_ALPHA, gt=0, le=4096)
     target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
     base_model: str | None = None
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="LoRA init seed (int64)")
 
 
 class Adapters:
@@ -51,14 +51,30 @@ class Adapters:
         store: Store,
         base_model: str,
         allowed_base_models: Sequence[str] | None = None,
+        max_rank: int = 256,
+        max_adapters_per_owner: int | None = None,
     ) -> None:
         self.service = service
         self.store = store
         self.base_model = base_model
         self.allowed_base_models = list(allowed_base_models or [base_model])
+        self.max_rank = max_rank
+        self.max_adapters_per_owner = max_adapters_per_owner
 
     async def init(self, lora_id: str, spec: AdapterSpec) -> Adapter:
-        lora_id = validate_lora_id(lora_id)
+        owner, _ = parse_lora_id(lora_id)
+        if spec.rank > self.max_rank:
+            raise InvalidRequest(
+                f"rank {spec.rank} is over this server's cap of {self.max_rank}; ask for a "
+                "smaller rank (CLAAS_MAX_LORA_RANK)"
+            )
+        limit = self.max_adapters_per_owner
+        if limit is not None and self.store.count_adapters(owner) >= limit:
+            raise QuotaExceeded(
+                f"{owner!r} already has {limit} adapters, the most this server allows "
+                "(CLAAS_MAX_ADAPTERS_PER_OWNER); delete one (DELETE /v1/adapters/owner/name) "
+                "and retry"
+            )
         base_model = spec.base_model or self.base_model
         if base_model not in self.allowed_base_models:
             raise InvalidRequest(

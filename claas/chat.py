@@ -131,7 +131,7 @@ class ChatService:
         """The weights `model` names. With `owner`, other owners' adapters do not exist."""
         if model == self.base_model:
             return ModelTarget(name=model)
-        lora_id, _, pinned = model.partition("@")
+        lora_id, at, pinned = model.partition("@")
         try:
             lora_id = validate_lora_id(lora_id)
             if owner is not None and not lora_id.startswith(f"{owner}/"):
@@ -144,7 +144,7 @@ class ChatService:
                 f"model {model!r} does not exist; valid names: {shown} (create an adapter "
                 "with POST /v1/adapters, or pin a version as owner/name@N)"
             ) from None
-        if pinned:
+        if at:  # `owner/name@` with nothing after the @ is a typo, not "the current version"
             if not (pinned.isascii() and pinned.isdigit() and len(pinned) <= 9):
                 raise InvalidRequest(f"version in {model!r} must be a number, e.g. {lora_id}@2")
             version = self.store.get_version(lora_id, int(pinned))

@@ -84,18 +84,35 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     runtime = Runtime.build(settings)
     app = create_app(runtime)
-    url = f"http://{settings.host}:{settings.port}"
-    print(f"claas serving {runtime.base_model} ({settings.service}) at {url}  (docs: {url}/docs)")
-    print(
-        f"try: curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
-        f'-d \'{{"model": "{runtime.base_model}", "temperature": 0, "messages": '
-        '[{"role": "user", "content": "Hello!"}]}\''
-    )
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
+    server = _announcing_server(config, runtime.base_model, settings.service)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+        server.run()
     finally:
         runtime.close()
-    return 0
+    return 0 if server.started else 1
+
+
+def _announcing_server(config: Any, model: str, service: str) -> Any:
+    """uvicorn's server, printing the address it really bound (`--port 0` picks one) once bound."""
+    import uvicorn
+
+    class AnnouncingServer(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if not self.started:  # the bind failed; uvicorn has said why
+                return
+            host, port = self.servers[0].sockets[0].getsockname()[:2]
+            url = f"http://{'[' + host + ']' if ':' in host else host}:{port}"
+            print(f"claas serving {model} ({service}) at {url}  (docs: {url}/docs)")
+            print(
+                f"try: curl -s {url}/v1/chat/completions -H 'Content-Type: application/json' "
+                f'-d \'{{"model": "{model}", "temperature": 0, "messages": '
+                '[{"role": "user", "content": "Hello!"}]}\'',
+                flush=True,
+            )
+
+    return AnnouncingServer(config)
 
 
 def _client(args: argparse.Namespace) -> Any:
@@ -212,6 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     status = feedback_actions.add_parser("status", parents=[remote], help="status and metrics")
     status.add_argument("feedback_id")
     feedback.set_defaults(handler=cmd_feedback)
+
     return parser
 
 

@@ -239,7 +239,8 @@ class SDPOEngine:
         """Everything that can be refused before any model work: raises a domain error."""
         await self.base_sampler()  # the tokenizer
         self._validate(samples)
-        return [self._prepare(sample, config) for sample in samples]
+        # Teacher prompts are tokenised off the event loop: a long conversation takes a while.
+        return await asyncio.to_thread(lambda: [self._prepare(s, config) for s in samples])
 
     # -- phases -----------------------------------------------------------------------------
     def _validate(self, samples: Sequence[FeedbackSample]) -> str:

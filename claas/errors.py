@@ -6,9 +6,16 @@ says what went wrong *and* what the user should do next.
 
 
 class ClaasError(Exception):
-    """Base class of every claas domain error."""
+    """Base class of every claas domain error.
+
+    `headers` are sent with the HTTP answer (for example `Retry-After` on a 429).
+    """
 
     status_code = 500
+
+    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.headers = headers or {}
 
 
 class InvalidRequest(ClaasError):
@@ -27,6 +34,22 @@ class InvalidFeedback(InvalidRequest):
 
 class ContextTooLong(InvalidRequest):
     """A prompt (student or teacher) that does not fit the model's context window."""
+
+
+class Forbidden(ClaasError):
+    """The caller's API key does not reach the adapter it named."""
+
+    status_code = 403
+
+
+class QuotaExceeded(Forbidden):
+    """An owner is at a limit the operator set (adapters per owner)."""
+
+
+class TooManyRequests(ClaasError):
+    """An owner has too much work queued; retry after the `Retry-After` seconds."""
+
+    status_code = 429
 
 
 class NotFound(ClaasError):

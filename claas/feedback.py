@@ -12,7 +12,7 @@ already registered its version in the store, so the next chat is served by it.
 
     queue = FeedbackQueue(store, engine, max_coalesce=8)
     queue.start()
-    request = await queue.admit(items, allowed=lambda lora_id: None)
+    request = await queue.admit(items, owner=None)  # None: no owner scoping (the admin)
     done = await queue.wait(request.id)
 """
 
@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,12 +31,27 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig
 from claas.errors import (
     ClaasError,
+    FeedbackNotFound,
     InvalidFeedback,
     NothingToTrain,
     RolloutNotFound,
+    TooManyRequests,
 )
 from claas.prompts import Utf8Text
-from claas.store import FeedbackRequest, Rollout, Store, text_hash, validate_lora_id
+from claas.store import (
+    LORA_ID_PATTERN,
+    FeedbackRequest,
+    Rollout,
+    Store,
+    check_owner,
+    parse_lora_id,
+    rollout_missing,
+    text_hash,
+    validate_lora_id,
+    visible_to,
+)
+
+logger = logging.getLogger(__name__)
 
 TERMINAL = ("done", "failed")
 
@@ -49,7 +65,9 @@ class FeedbackItem(BaseModel):
         None, max_length=200, description="The `id` of the chat completion (preferred, exact)."
     )
     choice_index: int = Field(0, ge=0, le=63, description="Which choice of that completion.")
-    lora_id: str | None = Field(None, max_length=200)
+    lora_id: str | None = Field(
+        None, max_length=200, json_schema_extra={"pattern": LORA_ID_PATTERN}
+    )
     prompt: Utf8Text | None = Field(None, max_length=200_000, description="The user message text.")
     response: Utf8Text | None = Field(None, max_length=200_000, description="The answer's text.")
     feedback: Utf8Text = Field(min_length=1, max_length=8000)
@@ -81,10 +99,12 @@ class FeedbackQueue:
         engine: SDPOEngine,
         max_coalesce: int = 8,
         on_trained: Callable[[FeedbackRequest, float], None] | None = None,
+        max_pending_per_owner: int = 64,
     ) -> None:
         self.store = store
         self.engine = engine
         self.max_coalesce = max_coalesce
+        self.max_pending_per_owner = max_pending_per_owner
         self.on_trained = on_trained
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
@@ -92,16 +112,17 @@ class FeedbackQueue:
         self._scheduler: asyncio.Task[None] | None = None
 
     # -- validation, before anything is queued ---------------------------------------------
-    def resolve(
-        self, items: Sequence[FeedbackItem], allowed: Callable[[str], None]
-    ) -> ResolvedFeedback:
+    def resolve(self, items: Sequence[FeedbackItem], owner: str | None) -> ResolvedFeedback:
         """Find each item's rollout and check the batch; raise a domain error otherwise.
 
-        `allowed(lora_id)` raises if the caller may not train that adapter.
+        `owner` is the caller's (None: the admin, or a server without keys). An adapter the
+        caller names is checked before any lookup (403), so a guessed prompt and response
+        reveal nothing; a rollout found by completion id that belongs to another owner is
+        answered exactly like one that does not exist.
         """
         if not items:
             raise InvalidFeedback("send at least one feedback item")
-        rollouts = [self._rollout(item) for item in items]
+        rollouts = [self._rollout(item, owner) for item in items]
         for rollout in rollouts:
             if rollout.lora_id is None:
                 raise NothingToTrain(
@@ -109,7 +130,6 @@ class FeedbackQueue:
                     "no adapter to train; chat with an adapter (model 'owner/name') and give "
                     "feedback on that answer"
                 )
-            allowed(rollout.lora_id)
         lora_ids = sorted({r.lora_id for r in rollouts if r.lora_id})
         if len(lora_ids) != 1:
             raise InvalidFeedback(
@@ -131,23 +151,36 @@ class FeedbackQueue:
             training=configs.pop(),
         )
 
-    def _rollout(self, item: FeedbackItem) -> Rollout:
+    def _rollout(self, item: FeedbackItem, owner: str | None) -> Rollout:
         if item.completion_id is not None:
             rollout_id = item.completion_id
             if item.choice_index:
                 rollout_id = f"{item.completion_id}.{item.choice_index}"
-            return self.store.get_rollout(rollout_id)
+            rollout = self.store.get_rollout(rollout_id)
+            if rollout.lora_id is not None and not visible_to(owner, rollout.lora_id):
+                raise rollout_missing(rollout_id)
+            return rollout
         assert item.lora_id is not None and item.prompt is not None and item.response is not None
-        return self.store.find_rollout(
-            validate_lora_id(item.lora_id), text_hash(item.prompt), text_hash(item.response)
-        )
+        lora_id = validate_lora_id(item.lora_id)
+        check_owner(owner, lora_id)  # before the lookup: a 403 says nothing of the texts
+        return self.store.find_rollout(lora_id, text_hash(item.prompt), text_hash(item.response))
 
     # -- queueing ---------------------------------------------------------------------------
-    async def admit(
-        self, items: Sequence[FeedbackItem], allowed: Callable[[str], None]
-    ) -> FeedbackRequest:
-        """Resolve, check everything the engine would refuse (teacher prompt, context), queue."""
-        resolved = self.resolve(items, allowed)
+    async def admit(self, items: Sequence[FeedbackItem], owner: str | None) -> FeedbackRequest:
+        """Resolve, check everything the engine would refuse (teacher prompt, context), queue.
+
+        An owner with `max_pending_per_owner` requests queued or running gets a 429.
+        """
+        resolved = self.resolve(items, owner)
+        adapter_owner = parse_lora_id(resolved.lora_id)[0]
+        pending = self.store.pending_for_owner(adapter_owner)
+        if pending >= self.max_pending_per_owner:
+            raise TooManyRequests(
+                f"{adapter_owner!r} has {pending} feedback requests queued or running, the most "
+                f"this server takes (CLAAS_MAX_PENDING_FEEDBACK_PER_OWNER); wait for some to "
+                "finish (GET /v1/feedback/{id}) and retry",
+                headers={"Retry-After": "30"},
+            )
         samples = [self._sample(resolved.lora_id, item) for item in resolved.items]
         await self.engine.check(samples, resolved.training)
         return self.submit(resolved)
@@ -201,6 +234,12 @@ class FeedbackQueue:
         try:
             while batch := self._next_batch(lora_id):
                 await self._train(batch)
+        except asyncio.CancelledError:
+            raise
+        except Exception:  # a bug, not a request's fault: keep serving the other adapters
+            logger.exception(
+                "feedback worker for %s stopped; it restarts on the next request", lora_id
+            )
         finally:
             self._running.pop(lora_id, None)
             self._wake.set()  # anything that arrived meanwhile
@@ -218,7 +257,11 @@ class FeedbackQueue:
         return batch
 
     async def _train(self, batch: list[FeedbackRequest]) -> None:
-        """Train one batch. A request that cannot be trained fails alone, before the step."""
+        """Train one batch. A request that cannot be trained fails alone, before the step.
+
+        The adapter may be deleted while its step runs: its requests are then gone with it,
+        and there is nothing left to mark.
+        """
         config = TrainingConfig.model_validate(batch[0].training)
         ready: list[tuple[FeedbackRequest, list[FeedbackSample]]] = []
         for request in batch:
@@ -226,16 +269,18 @@ class FeedbackQueue:
                 samples = [self._sample(request.lora_id, item) for item in request.items]
                 await self.engine.check(samples, config)
             except ClaasError as error:
-                self.store.mark_failed([request.id], f"{type(error).__name__}: {error}")
+                self._mark(self.store.mark_failed, [request.id], f"{type(error).__name__}: {error}")
                 continue
             ready.append((request, samples))
         if not ready:
             await self.notify()
             return
         head, ids = ready[0][0], [request.id for request, _ in ready]
-        self.store.mark_running(ids)
+        if not self._mark(self.store.mark_running, ids):
+            await self.notify()
+            return
         for follower, _ in ready[1:]:
-            self.store.mark_coalesced(follower.id, head.id)
+            self._mark(self.store.mark_coalesced, follower.id, head.id)
         started = time.perf_counter()
         try:
             samples = [sample for _, request_samples in ready for sample in request_samples]
@@ -248,13 +293,14 @@ class FeedbackQueue:
                 "coalesced": len(ready),
                 "coalesced_ids": ids,
             }
-            self.store.mark_done(ids, result.version, metrics)
+            self._mark(self.store.mark_done, ids, result.version, metrics)
         except asyncio.CancelledError:
             raise  # shutting down: the requests stay `running` and are requeued at start-up
         except ClaasError as error:
-            self.store.mark_failed(ids, f"{type(error).__name__}: {error}")
+            self._mark(self.store.mark_failed, ids, f"{type(error).__name__}: {error}")
         except Exception as error:
-            self.store.mark_failed(
+            self._mark(
+                self.store.mark_failed,
                 ids,
                 f"training failed ({type(error).__name__}: {error}); the adapter stays on "
                 "its last good version",
@@ -263,6 +309,15 @@ class FeedbackQueue:
             if self.on_trained is not None:
                 self.on_trained(head, time.perf_counter() - started)
             await self.notify()
+
+    @staticmethod
+    def _mark(update: Callable[..., None], *args: Any) -> bool:
+        """Record a status change; False if the requests were deleted with their adapter."""
+        try:
+            update(*args)
+        except FeedbackNotFound:
+            return False
+        return True
 
     async def notify(self) -> None:
         """Wake `wait`ers: a request finished, failed, or was deleted with its adapter."""

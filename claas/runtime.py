@@ -6,6 +6,7 @@ holds state lives here, so the API layer stays a thin map from HTTP to these obj
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,8 @@ from claas.feedback import FeedbackQueue
 from claas.models import LoadedModel
 from claas.settings import Settings
 from claas.store import Store
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,11 +43,21 @@ class Runtime:
         if settings.service == "tinker":
             service, base_model, tokenizer, max_context = _tinker_parts(settings)
         else:
+            from claas.services.checkpoints import sweep_unreferenced
             from claas.services.local import LocalServiceClient, shared_model
 
             if loaded is None:
                 loaded = shared_model(settings.model, settings.model_cache_dir, settings.device)
-            service = LocalServiceClient(loaded, settings.data_dir / "checkpoints")
+            checkpoints = settings.data_dir / "checkpoints"
+            swept = sweep_unreferenced(checkpoints, store.checkpoint_paths())
+            if swept:
+                logger.warning(
+                    "removed %d checkpoint dirs that no adapter version references (left by a "
+                    "crash): %s",
+                    len(swept),
+                    ", ".join(str(p.relative_to(checkpoints)) for p in swept),
+                )
+            service = LocalServiceClient(loaded, checkpoints)
             base_model, tokenizer, max_context = loaded.name, loaded.tokenizer, loaded.max_context
         engine = SDPOEngine(service, store, base_model, max_context)
         return cls(
@@ -55,11 +68,23 @@ class Runtime:
             tokenizer=tokenizer,
             max_context=max_context,
             engine=engine,
-            adapters=Adapters(service, store, base_model, settings.allowed_base_models or None),
+            adapters=Adapters(
+                service,
+                store,
+                base_model,
+                settings.allowed_base_models or None,
+                max_rank=settings.max_lora_rank,
+                max_adapters_per_owner=settings.max_adapters_per_owner,
+            ),
             chat=ChatService(
                 service, store, base_model, tokenizer, max_context, settings.rollout_ttl_seconds
             ),
-            queue=FeedbackQueue(store, engine, settings.max_coalesce),
+            queue=FeedbackQueue(
+                store,
+                engine,
+                settings.max_coalesce,
+                max_pending_per_owner=settings.max_pending_feedback_per_owner,
+            ),
         )
 
     def close(self) -> None:

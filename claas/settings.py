@@ -78,6 +78,19 @@ class Settings(BaseSettings):
         8, ge=1, le=64, description="Most queued feedback requests trained as one batch."
     )
 
+    # Per-owner quotas: one API key must not be able to fill the disk or the training queue.
+    max_adapters_per_owner: int = Field(
+        20, ge=1, description="Most adapters one owner may have (403 beyond it)."
+    )
+    max_lora_rank: int = Field(
+        64, ge=1, le=256, description="Largest LoRA rank an adapter may ask for (422 beyond it)."
+    )
+    max_pending_feedback_per_owner: int = Field(
+        32,
+        ge=1,
+        description="Most feedback requests one owner may have queued or running (429 beyond it).",
+    )
+
     @property
     def model_cache_dir(self) -> Path:
         return self.data_dir / "models"

@@ -47,6 +47,7 @@ from claas.errors import (
     AdapterNotFound,
     Conflict,
     FeedbackNotFound,
+    Forbidden,
     IncompatibleDatabase,
     InvalidLoraId,
     InvalidRequest,
@@ -56,6 +57,7 @@ from claas.errors import (
 
 SCHEMA_VERSION = 1
 LORA_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+LORA_ID_PATTERN = f"^{LORA_ID_PART.pattern}/{LORA_ID_PART.pattern}$"  # for the OpenAPI schema
 FeedbackStatus = Literal["queued", "running", "done", "failed"]
 DIVERGENCE_MODES = ("topk_gjs", "scalar_kl")
 
@@ -143,6 +145,24 @@ def validate_lora_id(lora_id: str) -> str:
     """Return `lora_id` unchanged if it is a valid `owner/name`, else raise `InvalidLoraId`."""
     parse_lora_id(lora_id)
     return lora_id
+
+
+def check_owner(owner: str | None, lora_id: str) -> None:
+    """Refuse (403) an adapter that `owner` may not reach; `None` reaches every adapter.
+
+    Only for ids the caller *named*: a record found by its own id (a rollout, a feedback request)
+    that the caller may not see is answered as missing instead, see `visible_to`.
+    """
+    if owner is not None and parse_lora_id(lora_id)[0] != owner:
+        raise Forbidden(
+            f"this API key belongs to {owner!r} and cannot reach {lora_id}; use adapters named "
+            f"'{owner}/...'"
+        )
+
+
+def visible_to(owner: str | None, lora_id: str | None) -> bool:
+    """Whether a record of adapter `lora_id` exists for `owner` (`None`: the admin)."""
+    return owner is None or (lora_id is not None and lora_id.startswith(f"{owner}/"))
 
 
 def text_hash(text: str) -> str:
@@ -258,10 +278,19 @@ def _as_ids(ids: str | Sequence[str]) -> list[str]:
     return [ids] if isinstance(ids, str) else list(dict.fromkeys(ids))
 
 
-def _expired_message(rollout_id: str) -> str:
-    return (
+def rollout_missing(rollout_id: str) -> RolloutNotFound:
+    """The one answer for a rollout id that is unknown, expired, or another owner's."""
+    return RolloutNotFound(
         f"rollout {rollout_id!r} has expired or never existed; chat again and give feedback "
         "on the new completion id"
+    )
+
+
+def feedback_missing(feedback_id: str) -> FeedbackNotFound:
+    """The one answer for a feedback id that is unknown, deleted, or another owner's."""
+    return FeedbackNotFound(
+        f"feedback request {feedback_id!r} does not exist; use the feedback_id returned by "
+        "POST /v1/feedback (requests of a deleted adapter are deleted with it)"
     )
 
 
@@ -396,6 +425,14 @@ class Store:
         )
         return [Adapter(**_fields(r)) for r in rows]
 
+    def count_adapters(self, owner: str) -> int:
+        row = self._one(
+            "SELECT COUNT(*) FROM adapters WHERE substr(lora_id, 1, ?) = ?",
+            (len(owner) + 1, f"{owner}/"),
+        )
+        assert row is not None  # COUNT(*) always returns a row
+        return int(row[0])
+
     def delete_adapter(self, lora_id: str) -> list[AdapterVersion]:
         """Delete the adapter with its versions, rollouts, feedback requests and eval runs.
 
@@ -477,6 +514,11 @@ class Store:
                 "SELECT * FROM adapter_versions WHERE lora_id = ? ORDER BY version", (lora_id,)
             )
         return [AdapterVersion(**_fields(r)) for r in rows]
+
+    def checkpoint_paths(self) -> set[str]:
+        """Every checkpoint path a version references: what a start-up sweep must keep."""
+        rows = self._all("SELECT state_path, sampler_path FROM adapter_versions")
+        return {path for row in rows for path in (row[0], row[1])}
 
     def get_version(self, lora_id: str, version: int) -> AdapterVersion:
         with self._lock:
@@ -570,7 +612,7 @@ class Store:
             (rollout_id, time.time()),
         )
         if row is None:
-            raise RolloutNotFound(_expired_message(rollout_id))
+            raise rollout_missing(rollout_id)
         return Rollout(**_fields(row))
 
     def find_rollout(self, lora_id: str, prompt_hash: str, response_hash: str) -> Rollout:
@@ -628,10 +670,7 @@ class Store:
     def get_feedback(self, feedback_id: str) -> FeedbackRequest:
         row = self._one("SELECT * FROM feedback WHERE id = ?", (feedback_id,))
         if row is None:
-            raise FeedbackNotFound(
-                f"feedback request {feedback_id!r} does not exist; use the feedback_id returned "
-                "by POST /v1/feedback (requests of a deleted adapter are deleted with it)"
-            )
+            raise feedback_missing(feedback_id)
         return FeedbackRequest(**_fields(row))
 
     def list_feedback(
@@ -682,6 +721,16 @@ class Store:
                 "SELECT COUNT(*) FROM feedback WHERE status = 'queued' AND lora_id = ?",
                 (validate_lora_id(lora_id),),
             )
+        assert row is not None  # COUNT(*) always returns a row
+        return int(row[0])
+
+    def pending_for_owner(self, owner: str) -> int:
+        """The owner's feedback requests that are queued or running."""
+        row = self._one(
+            "SELECT COUNT(*) FROM feedback WHERE status IN ('queued', 'running') "
+            "AND substr(lora_id, 1, ?) = ?",
+            (len(owner) + 1, f"{owner}/"),
+        )
         assert row is not None  # COUNT(*) always returns a row
         return int(row[0])
 

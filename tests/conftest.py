@@ -7,10 +7,12 @@ one-time GGUF conversion is shared by every test of a run and by later runs.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from serving import LiveServer, make_server
 
 from claas.models import LoadedModel, load_model, tiny_llama
 from claas.settings import EMBEDDED_MODEL
@@ -39,3 +41,11 @@ def tiny(model_cache: Path) -> LoadedModel:
 def smol(model_cache: Path) -> LoadedModel:
     """The real embedded SmolLM2-135M-Instruct, on CPU."""
     return load_model(EMBEDDED_MODEL, model_cache, device="cpu")
+
+
+@pytest.fixture
+def server(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
+    """A real server on 127.0.0.1 with the tiny model and a fresh data dir."""
+    live = make_server(tmp_path, model_cache, max_tokens_cap=256)
+    yield live
+    live.close()

@@ -12,11 +12,11 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import (
@@ -32,6 +32,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from tinker import types
 
 from claas.adapters import AdapterSpec
+from claas.api.auth import Principal, bearer_principal
 from claas.api.schemas import (
     AdapterCreate,
     ChatCompletionRequest,
@@ -40,56 +41,31 @@ from claas.api.schemas import (
     RollbackBody,
     SamplingFields,
     ScoreRequest,
+    error_responses,
 )
 from claas.chat import Completion, ModelTarget, new_completion_id
 from claas.errors import ClaasError, InvalidRequest
 from claas.runtime import Runtime
-from claas.store import FeedbackRequest, parse_lora_id, validate_lora_id
+from claas.store import (
+    LORA_ID_PART,
+    LORA_ID_PATTERN,
+    FeedbackRequest,
+    feedback_missing,
+    validate_lora_id,
+)
 
 # ---------------------------------------------------------------------------------------------
 # Auth
 # ---------------------------------------------------------------------------------------------
 
 
-class Unauthorized(ClaasError):
-    status_code = 401
-
-
-class Forbidden(ClaasError):
-    status_code = 403
-
-
 class PayloadTooLarge(ClaasError):
     status_code = 413
 
 
-@dataclass(frozen=True)
-class Principal:
-    owner: str | None  # None: the admin (or no keys configured: a single local user)
-
-    def check(self, lora_id: str) -> None:
-        owner, _ = parse_lora_id(lora_id)
-        if self.owner is not None and owner != self.owner:
-            raise Forbidden(
-                f"this API key belongs to {self.owner!r} and cannot reach {lora_id}; use "
-                f"adapters named '{self.owner}/...'"
-            )
-
-
 def _principal(request: Request) -> Principal:
     runtime: Runtime = request.app.state.runtime
-    keys, admin = runtime.settings.api_keys, runtime.settings.admin_key
-    if not keys and not admin:
-        return Principal(owner=None)
-    header = request.headers.get("authorization", "")
-    key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-    if not key:
-        raise Unauthorized("missing API key; send 'Authorization: Bearer <key>'")
-    if admin and key == admin:
-        return Principal(owner=None)
-    if key not in keys:
-        raise Unauthorized("unknown API key; check the key, or ask the operator for one")
-    return Principal(owner=keys[key])
+    return bearer_principal(runtime.settings, request.headers.get("authorization", ""))
 
 
 Caller = Annotated[Principal, Depends(_principal)]
@@ -123,7 +99,12 @@ class Metrics:
 
 
 class BodyLimit:
-    """Refuse request bodies over `limit` bytes, declared or streamed, with a JSON 413."""
+    """Refuse request bodies over `limit` bytes, declared or streamed, with a JSON 413.
+
+    The body is read (at most `limit` bytes of it) before the app sees the request, so a chunked
+    upload without a Content-Length is refused the same way as a declared one, instead of
+    failing mid-parse.
+    """
 
     def __init__(self, app: ASGIApp, limit: int) -> None:
         self.app, self.limit = app, limit
@@ -136,20 +117,24 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
             await _send_error(send, PayloadTooLarge(self._message()))
             return
+        buffered: list[Message] = []
         received = 0
-
-        async def limited() -> Message:
-            nonlocal received
+        while True:
             message = await receive()
+            buffered.append(message)
+            if message["type"] != "http.request":
+                break  # the client went away; let the app see it
             received += len(message.get("body", b""))
             if received > self.limit:
-                raise PayloadTooLarge(self._message())
-            return message
+                await _send_error(send, PayloadTooLarge(self._message()))
+                return
+            if not message.get("more_body", False):
+                break
 
-        try:
-            await self.app(scope, limited, send)
-        except PayloadTooLarge as error:
-            await _send_error(send, error)
+        async def replay() -> Message:
+            return buffered.pop(0) if buffered else await receive()
+
+        await self.app(scope, replay, send)
 
     def _message(self) -> str:
         return f"request body over {self.limit} bytes; send less (CLAAS_MAX_BODY_BYTES)"
@@ -213,7 +198,9 @@ def create_app(runtime: Runtime) -> FastAPI:
     @app.exception_handler(ClaasError)
     async def _domain_error(request: Request, error: ClaasError) -> JSONResponse:
         return ErrorResponse(
-            _error_body(error.status_code, str(error), type(error).__name__), error.status_code
+            _error_body(error.status_code, str(error), type(error).__name__),
+            error.status_code,
+            headers=error.headers or None,
         )
 
     @app.exception_handler(RequestValidationError)
@@ -230,7 +217,9 @@ def create_app(runtime: Runtime) -> FastAPI:
         hint = {404: "no such route; see /docs", 405: "method not allowed; see /docs"}
         message = hint.get(error.status_code, str(error.detail))
         return ErrorResponse(
-            _error_body(error.status_code, message, "HTTPError"), error.status_code
+            _error_body(error.status_code, message, "HTTPError"),
+            error.status_code,
+            headers=error.headers,  # Allow on a 405
         )
 
     @app.exception_handler(Exception)
@@ -245,7 +234,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     _add_feedback_routes(app, runtime)
     _add_adapter_routes(app, runtime)
 
-    @app.get("/v1/health")
+    @app.get("/v1/health", responses=error_responses(503))
     async def health(request: Request) -> JSONResponse:
         database_ok = runtime.store.ping()
         body = {
@@ -271,6 +260,16 @@ def create_app(runtime: Runtime) -> FastAPI:
 # ---------------------------------------------------------------------------------------------
 # Chat, completions, score
 # ---------------------------------------------------------------------------------------------
+
+MAX_OFFSET = 10**9  # SQLite's OFFSET is an int64; anything near it is a client bug
+_SERVING_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The completion; with stream=true, server-sent events.",
+        "content": {"text/event-stream": {"schema": {"type": "string"}}},
+    },
+    **error_responses(400, 401, 403, 404, 409, 413, 422),
+}
+_ADAPTER_RESPONSES = error_responses(401, 403, 404, 422)
 
 
 def _sampling_params(
@@ -324,7 +323,23 @@ def _logprobs_view(runtime: Runtime, tokens: list[int], logprobs: list[float]) -
 
 
 def _add_serving_routes(app: FastAPI, runtime: Runtime) -> None:
-    @app.get("/v1/models")
+    # Tokenising a long prompt takes a while (about 0.6 s for 800 KB): do it off the event loop,
+    # on one thread, so health checks and streams keep flowing and the tokenizer is never used
+    # by two requests at once.
+    tokenizing = ThreadPoolExecutor(max_workers=1, thread_name_prefix="claas-tokenize")
+
+    async def tokenize(text: str) -> list[int]:
+        def encode() -> list[int]:
+            return [int(t) for t in runtime.tokenizer.encode(text)]
+
+        return await asyncio.get_running_loop().run_in_executor(tokenizing, encode)
+
+    async def chat_prompt(messages: list[dict[str, Any]]) -> list[int]:
+        return await asyncio.get_running_loop().run_in_executor(
+            tokenizing, runtime.chat.chat_prompt, messages
+        )
+
+    @app.get("/v1/models", responses=error_responses(401))
     async def models(caller: Caller) -> dict[str, Any]:
         names = [runtime.base_model] + [
             a.lora_id
@@ -335,7 +350,7 @@ def _add_serving_routes(app: FastAPI, runtime: Runtime) -> None:
             "data": [{"id": n, "object": "model", "owned_by": "claas"} for n in names],
         }
 
-    @app.post("/v1/chat/completions", response_model=None)
+    @app.post("/v1/chat/completions", response_model=None, responses=_SERVING_RESPONSES)
     async def chat_completions(
         body: ChatCompletionRequest, caller: Caller
     ) -> dict[str, Any] | StreamingResponse:
@@ -346,7 +361,7 @@ def _add_serving_routes(app: FastAPI, runtime: Runtime) -> None:
             )
         target = _target(runtime, caller, body.model)
         messages = [m.as_template_message() for m in body.messages]
-        prompt = runtime.chat.chat_prompt(messages)
+        prompt = await chat_prompt(messages)
         params = _sampling_params(runtime, body, len(prompt))
         if body.stream:
             return _stream(runtime, target, prompt, messages, params, body, "chat.completion.chunk")
@@ -370,12 +385,12 @@ def _add_serving_routes(app: FastAPI, runtime: Runtime) -> None:
             "usage": _usage(completion),
         }
 
-    @app.post("/v1/completions", response_model=None)
+    @app.post("/v1/completions", response_model=None, responses=_SERVING_RESPONSES)
     async def completions(
         body: CompletionRequest, caller: Caller
     ) -> dict[str, Any] | StreamingResponse:
         target = _target(runtime, caller, body.model)
-        prompt = [int(t) for t in runtime.tokenizer.encode(body.prompt)]
+        prompt = await tokenize(body.prompt)
         messages = [{"role": "user", "content": body.prompt}]
         params = _sampling_params(runtime, body, len(prompt))
         if body.stream:
@@ -395,12 +410,12 @@ def _add_serving_routes(app: FastAPI, runtime: Runtime) -> None:
             "usage": _usage(completion),
         }
 
-    @app.post("/v1/score")
+    @app.post("/v1/score", responses=error_responses(400, 401, 403, 404, 409, 413, 422))
     async def score(body: ScoreRequest, caller: Caller) -> dict[str, Any]:
         target = _target(runtime, caller, body.model)
         messages = [m.as_template_message() for m in body.messages]
-        prompt = runtime.chat.chat_prompt(messages)
-        tokens = [int(t) for t in runtime.tokenizer.encode(body.completion)]
+        prompt = await chat_prompt(messages)
+        tokens = await tokenize(body.completion)
         logprobs = await runtime.chat.score(target, prompt, tokens)
         return {
             "model": target.name,
@@ -492,14 +507,21 @@ def _stream(
 
 
 def _add_feedback_routes(app: FastAPI, runtime: Runtime) -> None:
-    @app.post("/v1/feedback", status_code=202)
+    @app.post(
+        "/v1/feedback",
+        status_code=202,
+        responses={
+            200: {"description": "Trained (with wait=true): the finished request."},
+            **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
+        },
+    )
     async def submit_feedback(
         body: FeedbackRequestBody,
         caller: Caller,
         wait: bool = Query(False, description="Block until trained; return the result."),
         timeout: float = Query(600.0, gt=0, le=3600, description="Longest wait, seconds."),
     ) -> JSONResponse:
-        request = await runtime.queue.admit(body.items, allowed=caller.check)
+        request = await runtime.queue.admit(body.items, owner=caller.owner)
         if not wait:
             return JSONResponse(
                 {"feedback_id": request.id, "status": request.status, "lora_id": request.lora_id},
@@ -512,18 +534,19 @@ def _add_feedback_routes(app: FastAPI, runtime: Runtime) -> None:
             return JSONResponse({"feedback_id": request.id, **_feedback_view(current)}, 202)
         return JSONResponse({"feedback_id": done.id, **_feedback_view(done)}, 200)
 
-    @app.get("/v1/feedback/{feedback_id}")
+    @app.get("/v1/feedback/{feedback_id}", responses=error_responses(401, 404, 422))
     async def feedback_status(feedback_id: str, caller: Caller) -> dict[str, Any]:
         request = runtime.store.get_feedback(feedback_id)
-        caller.check(request.lora_id)
+        if not caller.sees(request.lora_id):
+            raise feedback_missing(feedback_id)  # exactly as if it did not exist
         return {"feedback_id": request.id, **_feedback_view(request)}
 
-    @app.get("/v1/feedback")
+    @app.get("/v1/feedback", responses=error_responses(401, 403, 404, 422))
     async def feedback_log(
         caller: Caller,
-        lora_id: str = Query(..., max_length=200),
+        lora_id: str = Query(..., max_length=200, json_schema_extra={"pattern": LORA_ID_PATTERN}),
         limit: int = Query(50, ge=1, le=500),
-        offset: int = Query(0, ge=0),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET),
     ) -> dict[str, Any]:
         caller.check(lora_id)
         runtime.store.get_adapter(lora_id)
@@ -547,6 +570,15 @@ def _feedback_view(request: FeedbackRequest) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
+_PART = f"^{LORA_ID_PART.pattern}$"
+OwnerPart = Annotated[
+    str, Path(description="owner of owner/name", json_schema_extra={"pattern": _PART})
+]
+NamePart = Annotated[
+    str, Path(description="name of owner/name", json_schema_extra={"pattern": _PART})
+]
+
+
 def _lora(owner: str, name: str) -> str:
     return f"{owner}/{name}"
 
@@ -554,14 +586,16 @@ def _lora(owner: str, name: str) -> str:
 def _add_adapter_routes(app: FastAPI, runtime: Runtime) -> None:
     adapters = runtime.adapters
 
-    @app.post("/v1/adapters", status_code=201)
+    @app.post(
+        "/v1/adapters", status_code=201, responses=error_responses(400, 401, 403, 409, 413, 422)
+    )
     async def create_adapter(body: AdapterCreate, caller: Caller) -> dict[str, Any]:
         caller.check(body.lora_id)
         spec = AdapterSpec.model_validate(body.model_dump(exclude={"lora_id"}))
         adapter = await adapters.init(body.lora_id, spec)
         return {**adapter.model_dump(), "versions": _versions(runtime, adapter.lora_id)}
 
-    @app.get("/v1/adapters")
+    @app.get("/v1/adapters", responses=error_responses(401, 422))
     async def list_adapters(
         caller: Caller, prefix: str = Query("", max_length=200)
     ) -> dict[str, Any]:
@@ -571,31 +605,49 @@ def _add_adapter_routes(app: FastAPI, runtime: Runtime) -> None:
             prefix = f"{caller.owner}/"
         return {"data": [a.model_dump() for a in adapters.list_adapters(prefix)]}
 
-    @app.get("/v1/adapters/{owner}/{name}")
-    async def get_adapter(owner: str, name: str, caller: Caller) -> dict[str, Any]:
+    @app.get("/v1/adapters/{owner}/{name}", responses=_ADAPTER_RESPONSES)
+    async def get_adapter(owner: OwnerPart, name: NamePart, caller: Caller) -> dict[str, Any]:
         lora_id = _lora(owner, name)
         caller.check(lora_id)
         adapter = adapters.get(lora_id)
         return {**adapter.model_dump(), "versions": _versions(runtime, lora_id)}
 
-    @app.post("/v1/adapters/{owner}/{name}/rollback")
-    async def rollback(owner: str, name: str, body: RollbackBody, caller: Caller) -> dict[str, Any]:
+    @app.post(
+        "/v1/adapters/{owner}/{name}/rollback",
+        responses=error_responses(400, 401, 403, 404, 413, 422),
+    )
+    async def rollback(
+        owner: OwnerPart, name: NamePart, body: RollbackBody, caller: Caller
+    ) -> dict[str, Any]:
         lora_id = _lora(owner, name)
         caller.check(lora_id)
         adapter = adapters.rollback(lora_id, body.version)
         return {**adapter.model_dump(), "versions": _versions(runtime, lora_id)}
 
-    @app.delete("/v1/adapters/{owner}/{name}")
-    async def delete(owner: str, name: str, caller: Caller) -> dict[str, Any]:
+    @app.delete("/v1/adapters/{owner}/{name}", responses=_ADAPTER_RESPONSES)
+    async def delete(owner: OwnerPart, name: NamePart, caller: Caller) -> dict[str, Any]:
         lora_id = _lora(owner, name)
         caller.check(lora_id)
         removed = await adapters.delete(lora_id)
         await runtime.queue.notify()  # its queued requests are gone: release any waiters
         return {"lora_id": lora_id, "deleted": True, "versions_removed": len(removed)}
 
-    @app.get("/v1/adapters/{owner}/{name}/export")
+    @app.get(
+        "/v1/adapters/{owner}/{name}/export",
+        response_class=Response,
+        responses={
+            200: {
+                "description": "A zip of the version's PEFT directory.",
+                "content": {"application/zip": {"schema": {"type": "string", "format": "binary"}}},
+            },
+            **_ADAPTER_RESPONSES,
+        },
+    )
     async def export(
-        owner: str, name: str, caller: Caller, version: int | None = Query(None, ge=1, le=2**31)
+        owner: OwnerPart,
+        name: NamePart,
+        caller: Caller,
+        version: int | None = Query(None, ge=1, le=2**31),
     ) -> Response:
         lora_id = _lora(owner, name)
         caller.check(lora_id)

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from claas.adapters import AdapterSpec
 from claas.feedback import FeedbackItem
 from claas.prompts import Utf8Text
+from claas.store import LORA_ID_PATTERN
 
 
 class TextPart(BaseModel):
@@ -83,7 +84,10 @@ class FeedbackRequestBody(BaseModel):
 
 
 class AdapterCreate(AdapterSpec):
-    lora_id: str = Field(max_length=200, description="owner/name")
+    # The pattern is documented, and checked by `parse_lora_id`, whose error says what to do.
+    lora_id: str = Field(
+        max_length=200, description="owner/name", json_schema_extra={"pattern": LORA_ID_PATTERN}
+    )
 
 
 class RollbackBody(BaseModel):
@@ -92,7 +96,31 @@ class RollbackBody(BaseModel):
     version: int = Field(ge=1, le=2**31)
 
 
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    code: int
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, and what to do next.")
+    type: str = Field(description="The error's class, e.g. AdapterNotFound.")
+    code: int = Field(description="The HTTP status.")
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error answer of the API (OpenAI's shape): `{"error": {...}}`."""
+
+    error: ErrorDetail
+
+
+_STATUS_MEANING = {
+    400: "The body could not be read.",
+    401: "No API key, or an unknown one.",
+    403: "The API key does not reach this adapter, or the owner is at a quota.",
+    404: "No such adapter, version, rollout or feedback request (for this key).",
+    409: "Conflicts with the current state (exists already, base-model rollout, …).",
+    413: "The request body is over the server's limit.",
+    422: "A field is invalid; the message names it.",
+    429: "The owner has too much feedback queued; retry after `Retry-After` seconds.",
+    503: "The server is not ready.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, each with the real error body."""
+    return {code: {"model": ErrorEnvelope, "description": _STATUS_MEANING[code]} for code in codes}

@@ -9,6 +9,7 @@ half-written one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -191,3 +192,29 @@ def delete_checkpoint_dir(directory: Path) -> None:
             parent.rmdir()
         except OSError:  # not empty (other checkpoints, or a staging dir in use)
             break
+
+
+def sweep_unreferenced(root: Path, referenced: set[str]) -> list[Path]:
+    """Remove what a crash leaves under `root`: staging dirs, and checkpoints no version uses.
+
+    A SIGKILL between writing a version's checkpoints and committing the version leaves whole
+    checkpoint dirs that nothing points at, and one during a write leaves a `.name-*` staging
+    dir. Call this at start-up, before anything writes, with every path the store references.
+    """
+    removed: list[Path] = []
+    if not root.is_dir():
+        return removed
+    for run in sorted(p for p in root.iterdir() if p.is_dir()):
+        for kind in ("weights", "sampler_weights"):
+            kind_dir = run / kind
+            if not kind_dir.is_dir():
+                continue
+            for entry in sorted(kind_dir.iterdir()):
+                path = f"{SCHEME}{run.name}/{kind}/{entry.name}"
+                if entry.name.startswith(".") or path not in referenced:
+                    shutil.rmtree(entry, ignore_errors=True)
+                    removed.append(entry)
+        for directory in (run / "weights", run / "sampler_weights", run):
+            with contextlib.suppress(OSError):  # not empty, or not there
+                directory.rmdir()
+    return removed

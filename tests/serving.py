@@ -1,0 +1,91 @@
+"""Shared test helpers: a real uvicorn server on 127.0.0.1 and the calls most tests make."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import uvicorn
+
+from claas.api.app import create_app
+from claas.models import LoadedModel, tiny_llama
+from claas.runtime import Runtime
+from claas.settings import Settings
+
+HELLO = [{"role": "user", "content": "Hello there!"}]
+
+
+class LiveServer:
+    """A real uvicorn server on 127.0.0.1 (free port), in a background thread."""
+
+    def __init__(self, settings: Settings, loaded: LoadedModel) -> None:
+        self.runtime = Runtime.build(settings, loaded=loaded)
+        config = uvicorn.Config(
+            create_app(self.runtime), host="127.0.0.1", port=0, log_level="warning"
+        )
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > deadline or not self.thread.is_alive():
+                raise RuntimeError("the test server did not start")
+            time.sleep(0.02)
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        self.client = httpx.Client(base_url=self.url, timeout=120)
+
+    def close(self) -> None:
+        self.client.close()
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        self.runtime.close()
+
+
+def make_server(
+    tmp_path: Path, model_cache: Path, loaded: LoadedModel | None = None, **settings: Any
+) -> LiveServer:
+    return LiveServer(
+        Settings(data_dir=tmp_path / "data", **settings),
+        loaded if loaded is not None else tiny_llama(model_cache, seed=0),
+    )
+
+
+def create(live: LiveServer, lora_id: str, headers: dict[str, str] | None = None) -> Any:
+    response = live.client.post(
+        "/v1/adapters", json={"lora_id": lora_id, "rank": 4}, headers=headers or {}
+    )
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def chat(live: LiveServer, model: str, **fields: Any) -> httpx.Response:
+    """A short greedy chat; `h=` passes request headers (an API key)."""
+    headers = fields.pop("h", {})
+    body = {"model": model, "messages": HELLO, "max_tokens": 8, "temperature": 0, **fields}
+    return live.client.post("/v1/chat/completions", json=body, headers=headers)
+
+
+def finished(
+    client: httpx.Client,
+    feedback_id: str,
+    timeout: float = 300,
+    headers: dict[str, str] | None = None,
+) -> Any:
+    """Poll a feedback request until it is done or failed; return its status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = client.get(f"/v1/feedback/{feedback_id}", headers=headers or {}).json()
+        if status["status"] in ("done", "failed"):
+            return status
+        assert time.monotonic() < deadline, status
+        time.sleep(0.05)
+
+
+def train_once(live: LiveServer, completion_id: str) -> Any:
+    """One quick feedback step (steps_per_batch=1), waited for."""
+    item = {"completion_id": completion_id, "feedback": "x", "training": {"steps_per_batch": 1}}
+    return live.client.post("/v1/feedback?wait=true", json={"items": [item]}).json()
