@@ -6,7 +6,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.claas-installed
 
-.PHONY: run test setup lint clean
+# The dashboard's browser tests drive Debian's headless Chromium (through the playwright
+# package; `playwright install` is never run, it would download a browser of its own).
+BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test setup lint browser clean
 
 setup: $(STAMP)
 
@@ -26,7 +31,12 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check claas tests benchmarks
 	$(BIN)/mypy claas
 
-test: lint
+browser:
+	@ls $(BROWSER) >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
+
+test: lint browser
 	$(BIN)/pytest -q
 
 clean:

@@ -856,3 +856,56 @@ class Store:
             "SELECT * FROM eval_runs WHERE lora_id = ? ORDER BY created_at, rowid", (lora_id,)
         )
         return [EvalRun(**_fields(r)) for r in rows]
+
+    # -- dashboard --------------------------------------------------------------------------
+    @staticmethod
+    def _feedback_filter(
+        owner: str | None, lora_id: str | None, statuses: Sequence[FeedbackStatus]
+    ) -> tuple[str, list[Any]]:
+        """A WHERE clause over feedback rows: the owner's adapters (None: all), one adapter,
+        some statuses. substr(), not LIKE, for the same reason as in `list_adapters`."""
+        clauses, args = ["1"], []
+        if owner is not None:
+            clauses.append("substr(lora_id, 1, ?) = ?")
+            args += [len(owner) + 1, f"{owner}/"]
+        if lora_id is not None:
+            clauses.append("lora_id = ?")
+            args.append(lora_id)
+        if statuses:
+            clauses.append(f"status IN ({', '.join('?' for _ in statuses)})")
+            args += list(statuses)
+        return " AND ".join(clauses), args
+
+    def feedback_page(
+        self, owner: str | None, lora_id: str | None = None, limit: int = 25, offset: int = 0
+    ) -> list[FeedbackRequest]:
+        """Feedback requests of every adapter `owner` reaches (None: all), newest first."""
+        where, args = self._feedback_filter(owner, lora_id, ())
+        rows = self._all(
+            f"SELECT * FROM feedback WHERE {where} ORDER BY created_at DESC, seq DESC "
+            "LIMIT ? OFFSET ?",
+            [*args, limit, offset],
+        )
+        return [FeedbackRequest(**_fields(r)) for r in rows]
+
+    def count_feedback(
+        self,
+        owner: str | None,
+        lora_id: str | None = None,
+        statuses: Sequence[FeedbackStatus] = (),
+    ) -> int:
+        """How many requests `feedback_page` would page through (only `statuses`, if given)."""
+        where, args = self._feedback_filter(owner, lora_id, statuses)
+        row = self._one(f"SELECT COUNT(*) FROM feedback WHERE {where}", args)
+        assert row is not None  # COUNT(*) always returns a row
+        return int(row[0])
+
+    def rollouts_by_id(self, ids: Sequence[str]) -> dict[str, Rollout]:
+        """The rollouts still stored under `ids`, expired or not: what a feedback request was
+        about stays readable until the start-up purge deletes it."""
+        wanted = _as_ids(ids)
+        if not wanted:
+            return {}
+        marks = ", ".join("?" for _ in wanted)
+        rows = self._all(f"SELECT * FROM rollouts WHERE id IN ({marks})", wanted)
+        return {str(r["id"]): Rollout(**_fields(r)) for r in rows}

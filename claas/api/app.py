@@ -33,7 +33,9 @@ from tinker import types
 
 from claas.adapters import AdapterSpec
 from claas.api.auth import Principal, bearer_principal
+from claas.api.dashboard import dashboard_router
 from claas.api.schemas import (
+    MAX_OFFSET,
     AdapterCreate,
     ChatCompletionRequest,
     CompletionRequest,
@@ -233,6 +235,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     _add_serving_routes(app, runtime)
     _add_feedback_routes(app, runtime)
     _add_adapter_routes(app, runtime)
+    app.include_router(dashboard_router(runtime))
 
     @app.get("/v1/health", responses=error_responses(503))
     async def health(request: Request) -> JSONResponse:
@@ -261,7 +264,6 @@ def create_app(runtime: Runtime) -> FastAPI:
 # Chat, completions, score
 # ---------------------------------------------------------------------------------------------
 
-MAX_OFFSET = 10**9  # SQLite's OFFSET is an int64; anything near it is a client bug
 _SERVING_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The completion; with stream=true, server-sent events.",

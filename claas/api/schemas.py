@@ -11,6 +11,8 @@ from claas.feedback import FeedbackItem
 from claas.prompts import Utf8Text
 from claas.store import LORA_ID_PATTERN
 
+MAX_OFFSET = 10**9  # a page offset; SQLite's OFFSET is an int64, and anything near it is a bug
+
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
