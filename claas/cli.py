@@ -170,6 +170,13 @@ def cmd_feedback(args: argparse.Namespace) -> int:
         return _show(client.get(f"/v1/feedback/{args.feedback_id}"))
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    """An automated feedback loop against a server (or an in-process one); or compare two runs."""
+    from claas.eval.command import eval_command
+
+    return eval_command(args, _settings(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="claas", description=__doc__)
     common = argparse.ArgumentParser(add_help=False)
@@ -230,6 +237,16 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("feedback_id")
     feedback.set_defaults(handler=cmd_feedback)
 
+    from claas.eval.command import add_arguments as add_eval_arguments
+
+    evaluate = sub.add_parser(
+        "eval",
+        parents=[common],
+        help="teach preferences by feedback and measure them; `eval compare A B` compares runs",
+        description="claas eval [options] [KEY=VALUE ...]  |  claas eval compare RUN_A RUN_B",
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
     return parser
 
 

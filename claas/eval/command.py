@@ -1,0 +1,111 @@
+"""`claas eval` on the command line: parse, pick the server, run, print the summary table.
+
+    claas eval [--config FILE] [--url URL] [--api-key KEY] [--output-dir DIR] [KEY=VALUE ...]
+    claas eval compare RUN_A RUN_B [--out PLOT.png]
+
+Without `--url`, the eval starts an in-process server on the configured base model (the
+embedded default unless `--model`/`CLAAS_MODEL` says otherwise) with the usual data dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from claas.settings import Settings
+
+SUMMARY_COLUMNS = (
+    "preference",
+    "baseline_compliance",
+    "final_compliance",
+    "peak_compliance",
+    "retention",
+    "steps_to_0.8",
+    "length_change_pct",
+    "capability_ratio",
+    "alerts",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file of eval settings")
+    parser.add_argument("--url", help="a running claas server (default: start one in-process)")
+    parser.add_argument("--api-key", help="API key for --url (default: $CLAAS_API_KEY)")
+    parser.add_argument(
+        "--output-dir", type=Path, help="run directory; an existing run there is resumed"
+    )
+    parser.add_argument("--out", type=Path, help="compare only: where to write compare.png")
+    parser.add_argument(
+        "items",
+        nargs="*",
+        metavar="KEY=VALUE",
+        help="overrides, e.g. num_steps=5 training.learning_rate=1e-4 continual=true; "
+        "or `compare RUN_A RUN_B`",
+    )
+
+
+def eval_command(args: argparse.Namespace, settings: Settings) -> int:
+    from claas.eval.compare import compare_runs
+    from claas.eval.config import EvalConfigError, merge, parse_overrides, read_config_file
+    from claas.eval.runner import run_eval
+
+    if args.items[:1] == ["compare"]:
+        if len(args.items) != 3:
+            raise EvalConfigError("usage: claas eval compare RUN_A RUN_B [--out PLOT.png]")
+        text, plot = compare_runs(Path(args.items[1]), Path(args.items[2]), args.out)
+        print(text)
+        print(f"\nwrote {plot}")
+        return 0
+    if args.out is not None:
+        raise EvalConfigError("--out is for `claas eval compare`; for a run use --output-dir")
+    raw: dict[str, Any] = read_config_file(args.config) if args.config is not None else {}
+    raw = merge(raw, parse_overrides(args.items))
+    if args.output_dir is not None:
+        raw["output_dir"] = str(args.output_dir)
+    # A SIGTERM (a job scheduler, `kill`) ends the run like Ctrl-C: the summary says "failed"
+    # with how to resume, instead of "running" forever.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        if args.url:
+            key = args.api_key or os.environ.get("CLAAS_API_KEY")
+            run_dir = run_eval(raw, url=args.url, api_key=key, data_dir=settings.data_dir)
+        else:
+            from claas.eval.server import InProcessServer
+
+            with InProcessServer(settings) as url:
+                run_dir = run_eval(
+                    raw, url=url, api_key=None, data_dir=settings.data_dir, label="in-process"
+                )
+    except KeyboardInterrupt:
+        print(
+            "claas eval: interrupted; re-run with the same --output-dir to resume", file=sys.stderr
+        )
+        return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+    print(format_rows(summary["table"], SUMMARY_COLUMNS))
+    for alert in summary["alerts"]:
+        print(f"alert: {alert['preference']} step {alert['step']}: {alert['message']}")
+    print(f"\nwrote {run_dir}")
+    return 0
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def format_rows(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    def cell(value: Any) -> str:
+        if value is None or value == "":
+            return "–"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    table = [list(columns)] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table)

@@ -1,0 +1,301 @@
+"""The run directory's summary and plots, rebuilt from `steps.jsonl` alone.
+
+Because everything here is a function of the step lines, a resumed run reports exactly what an
+uninterrupted one would. Files are written atomically (a temporary file, then `os.replace`), so
+the dashboard reading a run in progress never sees half a file.
+
+The contract with the dashboard (`claas.api.dashboard`): `summary.json` holds `run_id`,
+`status` (running | done | failed), `started_at`, `updated_at`, `divergence_mode`, `url`,
+`lora_ids`, `table` (one flat row per preference) and `plots` (PNG names in the directory).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from claas.eval.config import AlertThresholds
+
+COMPLIANCE_TARGET = 0.8
+PLOTS = ("learning_curves.png", "capability.png", "collapse.png", "training.png")
+Line = dict[str, Any]
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _finite(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if math.isfinite(value) else None
+
+
+def compliance_of(line: Line, preference: str) -> float | None:
+    """`preference`'s compliance as measured on this line (its own or, continual, another's)."""
+    metrics = line["metrics"]
+    if line["preference"] == preference:
+        return _finite(metrics.get("compliance"))
+    return _finite(metrics.get(f"compliance.{preference}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Alerts and the summary table
+# ---------------------------------------------------------------------------------------------
+
+
+def alerts(lines: Sequence[Line], thresholds: AlertThresholds) -> list[dict[str, Any]]:
+    """Every (trained step, metric) past its threshold, in order."""
+    rules = [
+        ("capability_ratio", "below", thresholds.min_capability_ratio),
+        ("entropy_ratio", "below", thresholds.min_entropy_ratio),
+        ("self_rouge_l", "above", thresholds.max_self_rouge_l),
+        ("distinct_2", "below", thresholds.min_distinct_2),
+        ("abs_length_drift", "above", thresholds.max_length_drift),
+    ]
+    found = []
+    for line in lines:
+        if line["step"] == 0:
+            continue  # a baseline past a threshold is the model's own, not training's doing
+        metrics = dict(line["metrics"])
+        if "length_drift" in metrics:
+            metrics["abs_length_drift"] = abs(metrics["length_drift"])
+        for metric, side, limit in rules:
+            value = _finite(metrics.get(metric))
+            if value is None or not (value < limit if side == "below" else value > limit):
+                continue
+            found.append(
+                {
+                    "preference": line["preference"],
+                    "step": line["step"],
+                    "metric": metric,
+                    "value": value,
+                    "threshold": limit,
+                    "message": f"{metric} {value:.3g} is {side} {limit:g}",
+                }
+            )
+    return found
+
+
+def table(
+    lines: Sequence[Line], preferences: Sequence[str], found: Sequence[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """One flat row per preference (the dashboard renders it as is)."""
+    rows = []
+    for name in preferences:
+        own = [line for line in lines if line["preference"] == name]
+        if not own:
+            continue
+        values = [v for line in lines if (v := compliance_of(line, name)) is not None]
+        first, last = own[0]["metrics"], own[-1]["metrics"]
+        reached = [
+            line["step"]
+            for line in own
+            if (c := compliance_of(line, name)) is not None and c >= COMPLIANCE_TARGET
+        ]
+        peak = max(values) if values else None
+        final = values[-1] if values else None  # continual: at the end of the whole sequence
+        capability = [
+            v for line in own if (v := _finite(line["metrics"].get("capability_ratio"))) is not None
+        ]
+        row: dict[str, Any] = {
+            "preference": name,
+            "lora_id": own[0].get("lora_id"),
+            "steps": own[-1]["step"],
+            "baseline_compliance": _finite(first.get("compliance")),
+            "final_compliance": final,
+            "peak_compliance": peak,
+            "retention": final / peak if final is not None and peak else None,
+            "steps_to_0.8": reached[0] if reached else None,
+            "margin_per_token_baseline": _finite(first.get("margin_per_token")),
+            "margin_per_token_final": _finite(last.get("margin_per_token")),
+            "length_change_pct": _percent(last.get("mean_length"), first.get("mean_length")),
+            "capability_ratio": capability[-1] if capability else None,
+            "min_capability_ratio": min(capability) if capability else None,
+            "alerts": "; ".join(
+                dict.fromkeys(
+                    f"{a['metric']}@{a['step']}" for a in found if a["preference"] == name
+                )
+            ),
+        }
+        rows.append(row)
+    return rows
+
+
+def _percent(now: Any, before: Any) -> float | None:
+    a, b = _finite(now), _finite(before)
+    return (a / b - 1) * 100 if a is not None and b else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+# ---------------------------------------------------------------------------------------------
+
+
+def _x(line: Line) -> int:
+    """Where a line sits on a plot's step axis (continual runs number steps across phases)."""
+    return int(line["global_step"] if "global_step" in line else line["step"])
+
+
+def _series(
+    lines: Iterable[Line], key: str, preference: str | None = None
+) -> tuple[list[int], list[float]]:
+    xs, ys = [], []
+    for line in lines:
+        if preference is not None and line["preference"] != preference:
+            continue
+        source = line["training"] if key.startswith("training.") else line["metrics"]
+        value = _finite((source or {}).get(key.removeprefix("training.")))
+        if value is not None:
+            xs.append(_x(line))
+            ys.append(value)
+    return xs, ys
+
+
+def _panel(
+    ax: Axes, lines: Sequence[Line], key: str, preferences: Sequence[str], title: str
+) -> None:
+    for name in preferences:
+        xs, ys = _series(lines, key, name)
+        if xs:
+            ax.plot(xs, ys, marker="o", markersize=3, label=name)
+    _finish(ax, title)
+
+
+def _finish(ax: Axes, title: str) -> None:
+    ax.set_title(title)
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(alpha=0.3)
+    if ax.lines:
+        ax.legend(fontsize=7)
+    else:
+        ax.text(0.5, 0.5, "not measured yet", ha="center", va="center", transform=ax.transAxes)
+
+
+def _save(figure: Figure, path: Path) -> None:
+    figure.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp")
+    figure.savefig(tmp, format="png", dpi=90)
+    os.replace(tmp, path)
+
+
+def plot_run(run_dir: Path, lines: Sequence[Line], preferences: Sequence[str]) -> list[str]:
+    """Write the four PNGs; return their names."""
+    continual = any(k.startswith("compliance.") for line in lines for k in line["metrics"])
+
+    figure = Figure(figsize=(10, 4))
+    compliance, margin = figure.subplots(1, 2)
+    if continual:  # every taught preference, on every step of the sequence
+        for name in preferences:
+            points = [
+                (_x(line), c) for line in lines if (c := compliance_of(line, name)) is not None
+            ]
+            if points:
+                compliance.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
+        _finish(compliance, "compliance on held-out probes (continual)")
+    else:
+        _panel(compliance, lines, "compliance", preferences, "compliance on held-out probes")
+    compliance.axhline(COMPLIANCE_TARGET, color="grey", linestyle=":", linewidth=1)
+    compliance.set_ylim(-0.05, 1.05)
+    _panel(margin, lines, "margin_per_token", preferences, "log-prob margin per token")
+    _save(figure, run_dir / "learning_curves.png")
+
+    figure = Figure(figsize=(6, 4))
+    ax = figure.subplots()
+    _panel(ax, lines, "capability_ratio", preferences, "capability / baseline")
+    ax.axhline(1.0, color="grey", linewidth=1)
+    ax.axhline(0.9, color="red", linestyle=":", linewidth=1)
+    _save(figure, run_dir / "capability.png")
+
+    figure = Figure(figsize=(10, 7))
+    axes = figure.subplots(2, 2).ravel()
+    for ax, (key, title) in zip(
+        axes,
+        [
+            ("entropy", "token entropy estimate (nats)"),
+            ("self_rouge_l", "self-ROUGE-L across seeds"),
+            ("distinct_2", "distinct-2 (dashed: distinct-1)"),
+            ("length_drift", "length drift vs baseline"),
+        ],
+        strict=True,
+    ):
+        if key == "distinct_2":
+            for name in preferences:
+                xs, ys = _series(lines, "distinct_1", name)
+                if xs:
+                    ax.plot(xs, ys, linestyle="--", color="grey", linewidth=1)
+        _panel(ax, lines, key, preferences, title)
+    _save(figure, run_dir / "collapse.png")
+
+    figure = Figure(figsize=(10, 7))
+    axes = figure.subplots(2, 2).ravel()
+    for ax, (key, title) in zip(
+        axes,
+        [
+            ("training.loss", "loss"),
+            ("training.divergence_mean", "divergence (GJS or KL)"),
+            ("training.mean_is_ratio", "importance-sampling ratio"),
+            ("training.grad_norm", "grad norm"),
+        ],
+        strict=True,
+    ):
+        _panel(ax, lines, key, preferences, title)
+    _save(figure, run_dir / "training.png")
+    return list(PLOTS)
+
+
+def summary(
+    *,
+    run_id: str,
+    status: str,
+    started_at: str,
+    updated_at: str,
+    divergence_mode: str,
+    url: str,
+    lora_ids: Sequence[str],
+    lines: Sequence[Line],
+    preferences: Sequence[str],
+    thresholds: AlertThresholds,
+    plots: Sequence[str],
+    continual: bool,
+    error: str | None = None,
+) -> dict[str, Any]:
+    found = alerts(lines, thresholds)
+    ratios = [
+        v for line in lines if (v := _finite(line["metrics"].get("capability_ratio"))) is not None
+    ]
+    body: dict[str, Any] = {
+        "run_id": run_id,
+        "status": status,
+        "started_at": started_at,
+        "updated_at": updated_at,
+        "divergence_mode": divergence_mode,
+        "url": url,
+        "lora_ids": list(lora_ids),
+        "table": table(lines, preferences, found),
+        "plots": list(plots),
+        "continual": continual,
+        "steps_recorded": len(lines),
+        "alerts": found,
+        "capability_min_ratio": min(ratios) if ratios else None,
+        "capability_target": thresholds.min_capability_ratio,
+        "capability_target_met": min(ratios) >= thresholds.min_capability_ratio if ratios else None,
+    }
+    if error is not None:
+        body["error"] = error
+    return body
+
+
+def write_summary(run_dir: Path, body: dict[str, Any]) -> None:
+    write_atomic(run_dir / "summary.json", json.dumps(body, indent=2, allow_nan=False) + "\n")
