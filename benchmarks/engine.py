@@ -63,7 +63,15 @@ async def main() -> None:
                 )
             )
         tokens = [len(s.prompt_tokens) + len(s.response_tokens) for s in samples]
-        engine = SDPOEngine(service, store, loaded.name, loaded.max_context)
+        model_config = loaded.model.config
+        engine = SDPOEngine(
+            service,
+            store,
+            loaded.name,
+            loaded.max_context,
+            model_config.hidden_size,
+            model_config.model_type,
+        )
         config = TrainingConfig()
         start = time.perf_counter()
         result = await engine.distill(samples, config)
@@ -82,7 +90,7 @@ async def main() -> None:
             )
             for s in samples
         ]
-        adam = types.AdamParams(learning_rate=config.learning_rate, grad_clip_norm=1.0)
+        adam = types.AdamParams(learning_rate=engine.learning_rate_for(config), grad_clip_norm=1.0)
         bare = []
         for _ in range(config.steps_per_batch):
             clock = time.perf_counter()

@@ -42,6 +42,7 @@ class Runtime:
         store = Store(settings.data_dir / "claas.db")
         if settings.service == "tinker":
             service, base_model, tokenizer, max_context = _tinker_parts(settings)
+            hidden_size, model_type = _local_config_shape(base_model)
         else:
             from claas.services.checkpoints import sweep_unreferenced
             from claas.services.local import LocalServiceClient, shared_model
@@ -59,7 +60,10 @@ class Runtime:
                 )
             service = LocalServiceClient(loaded, checkpoints)
             base_model, tokenizer, max_context = loaded.name, loaded.tokenizer, loaded.max_context
-        engine = SDPOEngine(service, store, base_model, max_context)
+            hidden_size = int(loaded.model.config.hidden_size)
+            model_type = str(loaded.model.config.model_type)
+        # The default learning rate follows the base model's size (engine.default_learning_rate).
+        engine = SDPOEngine(service, store, base_model, max_context, hidden_size, model_type)
         return cls(
             settings=settings,
             service=service,
@@ -113,3 +117,15 @@ def _tinker_parts(settings: Settings) -> tuple[Any, str, Any, int]:
 
 def _is_tinker(service: Any) -> bool:
     return type(service).__module__.startswith("tinker")
+
+
+def _local_config_shape(model: str) -> tuple[int | None, str | None]:
+    """Hidden size and model type from a config in the local HF cache; (None, None) if absent,
+    which makes the learning-rate rule assume a large model."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(model, local_files_only=True)
+    except (OSError, ValueError):
+        return None, None
+    return getattr(config, "hidden_size", None), getattr(config, "model_type", None)

@@ -569,34 +569,50 @@ def test_adapter_lifecycle_over_http(server: LiveServer) -> None:
 
 
 @pytest.mark.real_model
-def test_real_model_answer_changes_after_feedback(
+def test_real_model_answers_shorter_after_feedback_at_the_defaults(
     smol: LoadedModel, tmp_path: Path, model_cache: Path
 ) -> None:
+    """The README's scenario with the default training config: the answer changes after one
+    request, and after two it is shorter and ends by itself instead of at max_tokens."""
     own = LoadedModel(smol.name, copy.deepcopy(smol.model), smol.tokenizer, smol.device)
     live = make_server(tmp_path, model_cache, loaded=own)
     try:
         create(live, "alice/real")
         question = [{"role": "user", "content": "Explain how a rainbow forms."}]
-        before = chat(live, "alice/real", messages=question, max_tokens=48).json()
-        response = live.client.post(
-            "/v1/feedback?wait=true",
-            json={
-                "items": [
-                    {
-                        "completion_id": before["id"],
-                        "feedback": "Way too long. Answer in one short sentence.",
-                        "training": {"learning_rate": 1e-3},
-                    }
-                ]
-            },
-        )
-        assert response.json()["status"] == "done", response.text
-        after = chat(live, "alice/real", messages=question, max_tokens=48).json()
-        old = before["choices"][0]["message"]["content"]
-        new = after["choices"][0]["message"]["content"]
-        assert new != old, (old, new)
+        answers = [chat(live, "alice/real", messages=question, max_tokens=64).json()]
+        for _ in range(2):
+            item = {
+                "completion_id": answers[-1]["id"],
+                "feedback": "Way too long. Answer in one short sentence.",
+            }
+            trained = live.client.post("/v1/feedback?wait=true", json={"items": [item]}).json()
+            assert trained["status"] == "done", trained
+            assert trained["metrics"]["learning_rate"] == pytest.approx(1e-4, rel=0.02)
+            answers.append(chat(live, "alice/real", messages=question, max_tokens=64).json())
+        texts = [a["choices"][0]["message"]["content"] for a in answers]
+        lengths = [a["usage"]["completion_tokens"] for a in answers]
+        assert texts[1] != texts[0], texts
+        assert answers[0]["choices"][0]["finish_reason"] == "length"
+        assert answers[-1]["choices"][0]["finish_reason"] == "stop", texts
+        assert lengths[-1] < lengths[0] / 2, (lengths, texts)
     finally:
         live.close()
+
+
+def test_an_unset_learning_rate_follows_the_model_and_a_set_one_is_kept(
+    server: LiveServer,
+) -> None:
+    create(server, "alice/lr")
+    for training, expected in (
+        ({"steps_per_batch": 1}, server.runtime.engine.learning_rate),
+        ({"steps_per_batch": 1, "learning_rate": 3e-3}, 3e-3),
+    ):
+        answer = chat(server, "alice/lr").json()["id"]
+        item = {"completion_id": answer, "feedback": "x", "training": training}
+        done = server.client.post("/v1/feedback?wait=true", json={"items": [item]}).json()
+        assert done["metrics"]["learning_rate"] == pytest.approx(expected), done
+    # the tiny model (hidden 64) is below the calibrated range: it gets SmolLM2-135M's rate
+    assert server.runtime.engine.learning_rate == pytest.approx(1e-4, rel=0.02)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from pydantic import ValidationError
 from tinker import types
 
 from claas.adapters import Adapters, AdapterSpec
-from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig
+from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig, default_learning_rate
 from claas.errors import Conflict, ContextTooLong, InvalidFeedback
 from claas.models import LoadedModel, tiny_llama
 from claas.prompts import chat_prompt_tokens, teacher_prompt_tokens
@@ -417,3 +417,16 @@ def test_text_prompt_rollouts_get_a_raw_teacher_prompt(harness: Harness) -> None
     teacher_text = result.teacher_texts[0]
     assert teacher_text.startswith(prompt_text + "\n\n=== HINDSIGHT CONTEXT ===")
     assert "<|im_start|>" not in teacher_text
+
+
+def test_the_default_learning_rate_follows_the_hidden_size() -> None:
+    """Calibrated at SmolLM2-135M (H=576, 1e-4), falling with size as Tinker's LoRA rule does."""
+    assert default_learning_rate(576, "llama") == pytest.approx(1e-4, rel=0.02)
+    sizes = (576, 960, 2048, 3072, 4096, 8192)
+    rates = [default_learning_rate(size, "llama") for size in sizes]
+    assert rates == sorted(rates, reverse=True) and len(set(rates)) == len(rates)
+    assert default_learning_rate(4096, "llama") == pytest.approx(2.17e-5, rel=0.02)
+    assert default_learning_rate(64, "llama") == default_learning_rate(576, "llama")
+    assert default_learning_rate(None) == default_learning_rate(4096, "llama")
+    # Qwen's exponent is flatter: a larger rate than a Llama of the same width
+    assert default_learning_rate(4096, "qwen3") == pytest.approx(3.59e-5, rel=0.02)

@@ -413,3 +413,18 @@ def test_cli_refuses_bad_input_with_a_message(
     assert "usage: claas eval compare RUN_A RUN_B" in capsys.readouterr().err
     assert main(["eval", "compare", str(tmp_path), str(tmp_path)]) == 2
     assert "is not a claas eval run" in capsys.readouterr().err
+
+
+def test_length_drift_is_no_alert_for_a_preference_that_changes_length() -> None:
+    from claas.eval.config import AlertThresholds
+    from claas.eval.report import alerts
+
+    lines: list[Any] = [
+        {"preference": "concise", "step": 1, "metrics": {"length_drift": -0.85}},
+        {"preference": "identity", "step": 1, "metrics": {"length_drift": -0.85}},
+    ]
+    found = alerts(lines, AlertThresholds(), changes_length={"concise"})
+    assert [(a["preference"], a["metric"]) for a in found] == [("identity", "abs_length_drift")]
+    assert len(alerts(lines, AlertThresholds())) == 2
+    assert load_preference("concise").changes_length
+    assert not load_preference("identity").changes_length

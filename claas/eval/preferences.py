@@ -52,6 +52,9 @@ class Preference(BaseModel):
     probes: list[str] = Field(min_length=MIN_PROMPTS)
     training_prompts: list[str] = Field(min_length=MIN_PROMPTS)
     pairs: list[ResponsePair] = Field(min_length=1)
+    changes_length: bool = Field(
+        False, description="teaching it changes answer length on purpose: no length-drift alert"
+    )
 
     @model_validator(mode="after")
     def _held_out(self) -> Preference:

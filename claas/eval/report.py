@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -54,8 +54,14 @@ def compliance_of(line: Line, preference: str) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def alerts(lines: Sequence[Line], thresholds: AlertThresholds) -> list[dict[str, Any]]:
-    """Every (trained step, metric) past its threshold, in order."""
+def alerts(
+    lines: Sequence[Line], thresholds: AlertThresholds, changes_length: Collection[str] = ()
+) -> list[dict[str, Any]]:
+    """Every (trained step, metric) past its threshold, in order.
+
+    Length drift is no alert while a preference in `changes_length` is taught: shorter answers
+    are what `concise` asks for, not a sign of collapse.
+    """
     rules = [
         ("capability_ratio", "below", thresholds.min_capability_ratio),
         ("entropy_ratio", "below", thresholds.min_entropy_ratio),
@@ -71,6 +77,8 @@ def alerts(lines: Sequence[Line], thresholds: AlertThresholds) -> list[dict[str,
         if "length_drift" in metrics:
             metrics["abs_length_drift"] = abs(metrics["length_drift"])
         for metric, side, limit in rules:
+            if metric == "abs_length_drift" and line["preference"] in changes_length:
+                continue
             value = _finite(metrics.get(metric))
             if value is None or not (value < limit if side == "below" else value > limit):
                 continue
@@ -270,8 +278,9 @@ def summary(
     plots: Sequence[str],
     continual: bool,
     error: str | None = None,
+    changes_length: Collection[str] = (),
 ) -> dict[str, Any]:
-    found = alerts(lines, thresholds)
+    found = alerts(lines, thresholds, changes_length)
     ratios = [
         v for line in lines if (v := _finite(line["metrics"].get("capability_ratio"))) is not None
     ]

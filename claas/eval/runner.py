@@ -370,6 +370,7 @@ class EvalRun:
             plots=[p for p in plots if (self.run_dir / p).exists()],
             continual=self.config.continual,
             error=error,
+            changes_length={p.name for p in self.preferences if p.changes_length},
         )
         report.write_summary(self.run_dir, body)
 
