@@ -40,6 +40,7 @@ from claas.errors import (
 from claas.prompts import Utf8Text
 from claas.store import (
     LORA_ID_PATTERN,
+    PENDING,
     FeedbackRequest,
     Rollout,
     Store,
@@ -99,7 +100,7 @@ class FeedbackQueue:
         engine: SDPOEngine,
         max_coalesce: int = 8,
         on_trained: Callable[[FeedbackRequest, float], None] | None = None,
-        max_pending_per_owner: int = 64,
+        max_pending_per_owner: int | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -169,12 +170,13 @@ class FeedbackQueue:
     async def admit(self, items: Sequence[FeedbackItem], owner: str | None) -> FeedbackRequest:
         """Resolve, check everything the engine would refuse (teacher prompt, context), queue.
 
-        An owner with `max_pending_per_owner` requests queued or running gets a 429.
+        An owner with `max_pending_per_owner` requests queued or running gets a 429 (None: no
+        limit).
         """
         resolved = self.resolve(items, owner)
         adapter_owner = parse_lora_id(resolved.lora_id)[0]
-        pending = self.store.pending_for_owner(adapter_owner)
-        if pending >= self.max_pending_per_owner:
+        pending = self.store.count_feedback(adapter_owner, statuses=PENDING)
+        if self.max_pending_per_owner is not None and pending >= self.max_pending_per_owner:
             raise TooManyRequests(
                 f"{adapter_owner!r} has {pending} feedback requests queued or running, the most "
                 f"this server takes (CLAAS_MAX_PENDING_FEEDBACK_PER_OWNER); wait for some to "

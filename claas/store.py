@@ -59,6 +59,7 @@ SCHEMA_VERSION = 1
 LORA_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LORA_ID_PATTERN = f"^{LORA_ID_PART.pattern}/{LORA_ID_PART.pattern}$"  # for the OpenAPI schema
 FeedbackStatus = Literal["queued", "running", "done", "failed"]
+PENDING: tuple[FeedbackStatus, ...] = ("queued", "running")  # not finished yet
 DIVERGENCE_MODES = ("topk_gjs", "scalar_kl")
 
 _SCHEMA = """
@@ -724,16 +725,6 @@ class Store:
         assert row is not None  # COUNT(*) always returns a row
         return int(row[0])
 
-    def pending_for_owner(self, owner: str) -> int:
-        """The owner's feedback requests that are queued or running."""
-        row = self._one(
-            "SELECT COUNT(*) FROM feedback WHERE status IN ('queued', 'running') "
-            "AND substr(lora_id, 1, ?) = ?",
-            (len(owner) + 1, f"{owner}/"),
-        )
-        assert row is not None  # COUNT(*) always returns a row
-        return int(row[0])
-
     def mark_running(self, ids: str | Sequence[str]) -> None:
         self._set_status(ids, "running", "started_at = ?", [time.time()])
 
@@ -857,7 +848,7 @@ class Store:
         )
         return [EvalRun(**_fields(r)) for r in rows]
 
-    # -- dashboard --------------------------------------------------------------------------
+    # -- feedback across adapters (the dashboard, per-owner quotas) --------------------------
     @staticmethod
     def _feedback_filter(
         owner: str | None, lora_id: str | None, statuses: Sequence[FeedbackStatus]

@@ -43,13 +43,18 @@ from claas.errors import InvalidLoraId
 from claas.prompts import message_text, teacher_prompt_tokens, teacher_text_prompt_tokens
 from claas.runtime import Runtime
 from claas.settings import Settings
-from claas.store import FeedbackRequest, FeedbackStatus, Rollout, validate_lora_id, visible_to
+from claas.store import (
+    PENDING,
+    FeedbackRequest,
+    Rollout,
+    validate_lora_id,
+    visible_to,
+)
 
 COOKIE = "claas_dashboard_key"
 PAGE_SIZE = 25
 MAX_PAGE_SIZE = 100  # each row renders its teacher prompts
 REFRESH_SECONDS = 5
-PENDING: tuple[FeedbackStatus, ...] = ("queued", "running")
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 PLOT_NAME = re.compile(r"[A-Za-z0-9_.-]+\.png")
 

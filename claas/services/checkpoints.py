@@ -31,6 +31,7 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 OPTIMIZER_STATE = "optimizer.pt"
 CLAAS_META = "claas_checkpoint.json"
 CheckpointKind = Literal["weights", "sampler_weights"]
+KINDS: tuple[CheckpointKind, ...] = ("weights", "sampler_weights")
 _SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
 
 
@@ -59,7 +60,7 @@ class CheckpointPath:
     @classmethod
     def parse(cls, path: str) -> CheckpointPath:
         parts = path.removeprefix(SCHEME).split("/") if path.startswith(SCHEME) else []
-        if len(parts) != 3 or parts[1] not in ("weights", "sampler_weights"):
+        if len(parts) != 3 or parts[1] not in KINDS:
             raise CheckpointNotFound(
                 f"{path!r} is not a local checkpoint path; expected "
                 f"'{SCHEME}<run>/weights/<name>' or '{SCHEME}<run>/sampler_weights/<name>', "
@@ -205,12 +206,12 @@ def sweep_unreferenced(root: Path, referenced: set[str]) -> list[Path]:
     if not root.is_dir():
         return removed
     for run in sorted(p for p in root.iterdir() if p.is_dir()):
-        for kind in ("weights", "sampler_weights"):
+        for kind in KINDS:
             kind_dir = run / kind
             if not kind_dir.is_dir():
                 continue
             for entry in sorted(kind_dir.iterdir()):
-                path = f"{SCHEME}{run.name}/{kind}/{entry.name}"
+                path = str(CheckpointPath(run.name, kind, entry.name))
                 if entry.name.startswith(".") or path not in referenced:
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(entry)
