@@ -2,10 +2,13 @@
 
 SDPO (self-distillation policy optimisation; Hübotter et al. 2026, "Reinforcement Learning via
 Self-Distillation", arXiv:2601.20802; Kleine Buening et al. 2026, "Aligning Language Models from
-User Interactions") needs no labels and no reward model. The **teacher** is the frozen base model
-shown the student's conversation with the user's feedback appended as hindsight context
+User Interactions") needs no labels and no reward model. The **teacher** is the adapter's
+version being trained from (or, with `teacher="base"`, the frozen base model) shown the
+student's conversation with the user's feedback appended to the last user turn
 (`claas.prompts.teacher_prompt_tokens`); it scores the *same* response tokens the student
-produced. The **student** is the user's LoRA adapter, and it moves its token distribution toward
+produced. Because the teacher is the adapter itself, it already carries the earlier feedback, and
+a new preference is taught on top of the old ones instead of pulling the adapter back to the
+base. The **student** is the user's LoRA adapter, and it moves its token distribution toward
 the teacher's by minimising, per response position, a generalised Jensen-Shannon divergence over
 the teacher's top-K tokens plus a tail bucket (`claas.divergence`).
 
@@ -14,7 +17,8 @@ The engine is written once against the Tinker client API and runs unchanged on t
 
 1. validates the samples (one adapter, aligned lengths, a non-empty response, a teacher prompt
    that fits the context);
-2. scores teacher prompt + unchanged response on the base model once: in top-K mode one
+2. adds `teacher_demonstrations` greedy answers of the teacher to the batch, then scores
+   teacher prompt + unchanged response on the teacher once: in top-K mode one
    `sample(max_tokens=1, include_prompt_logprobs=True, topk_prompt_logprobs=K)`, in scalar mode
    `compute_logprobs`; with `kl_reg_weight > 0` also the student prompt on the base;
 3. runs `steps_per_batch` steps, each on the *current* student: exact log-probs at the teacher's
@@ -41,7 +45,12 @@ from tinker import types
 from claas import datums
 from claas.divergence import LOGPROB_ROUNDING_TOL
 from claas.errors import ContextTooLong, InvalidFeedback
-from claas.prompts import message_text, teacher_prompt_tokens, teacher_text_prompt_tokens
+from claas.prompts import (
+    HindsightStyle,
+    message_text,
+    teacher_prompt_tokens,
+    teacher_text_prompt_tokens,
+)
 from claas.services import delete_checkpoints
 from claas.store import Store, validate_lora_id
 
@@ -90,6 +99,22 @@ class TrainingConfig(BaseModel):
     kl_reg_weight: float = Field(0.0, ge=0.0, le=1e3)
     kl_coef: float = Field(1.0, gt=0.0, le=1e3, description="scalar_kl mode only")
     feedback_repetitions: int = Field(1, ge=1, le=8)
+    hindsight: HindsightStyle = Field(
+        "instruction", description="how the feedback is put to the teacher (claas.prompts)"
+    )
+    teacher: Literal["adapter", "base"] = Field(
+        "adapter",
+        description="adapter: the version being trained from, so earlier feedback is kept; "
+        "base: the frozen base model",
+    )
+    teacher_demonstrations: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="greedy answers of the teacher to the batch's first prompts, added to the "
+        "batch: they carry what the student never samples (a new name, say). Off by default: "
+        "on SmolLM2-135M they cost capability (benchmarks/defaults.md)",
+    )
 
     @property
     def divergence_mode(self) -> DivergenceMode:
@@ -216,7 +241,16 @@ class SDPOEngine:
         timings["validate"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        await self._score_teacher(base, prepared, config)
+        # The version trained from, as a sampler: the teacher in "adapter" mode, and the
+        # behaviour policy of the teacher's demonstrations.
+        trained_from = await self.service.create_sampling_client(model_path=current.sampler_path)
+        teacher = trained_from if config.teacher == "adapter" else base
+        rollouts = len(prepared)
+        prepared += await self._demonstrations(teacher, trained_from, prepared, config)
+        timings["demonstrations"] = time.perf_counter() - clock
+
+        clock = time.perf_counter()
+        await self._score_teacher(teacher, base, prepared, config)
         timings["teacher_scoring"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -250,6 +284,8 @@ class SDPOEngine:
             saved.append(sampler.path)
             timings["save"] = time.perf_counter() - clock
             metrics = self._request_metrics(prepared, steps, after, config)
+            metrics["samples"] = rollouts
+            metrics["demonstrations"] = len(prepared) - rollouts
             version = self.store.add_version(
                 lora_id,
                 state.path,
@@ -318,10 +354,15 @@ class SDPOEngine:
                     message_text(sample.messages[-1]["content"]),
                     sample.feedback,
                     config.feedback_repetitions,
+                    config.hindsight,
                 )
             else:
                 teacher_prompt = teacher_prompt_tokens(
-                    self._tokenizer, sample.messages, sample.feedback, config.feedback_repetitions
+                    self._tokenizer,
+                    sample.messages,
+                    sample.feedback,
+                    config.feedback_repetitions,
+                    config.hindsight,
                 )
         except (ValueError, KeyError) as error:
             raise InvalidFeedback(f"cannot build the teacher prompt: {error}") from error
@@ -338,8 +379,65 @@ class SDPOEngine:
             behavior=np.asarray(sample.behavior_logprobs, dtype=np.float64),
         )
 
+    async def _demonstrations(
+        self,
+        teacher: Any,
+        trained_from: Any,
+        prepared: list[_Prepared],
+        config: TrainingConfig,
+    ) -> list[_Prepared]:
+        """The teacher's own greedy answers to the batch's first prompts, as extra samples.
+
+        On-policy distillation corrects only the tokens the student samples. A string it never
+        samples gets no signal: "Kuro" is `' K'` + `'uro'`, and a student that never says `' K'`
+        never shows the teacher a position where `'uro'` is due. A teacher answer puts those
+        tokens on the response positions. Their behaviour log-probs are those of the version
+        trained from, so the importance ratio starts at 1, as a rollout's does. A demonstration
+        is no longer than the batch's longest rollout.
+        """
+        sources = prepared[: config.teacher_demonstrations]
+        if not sources:
+            return []
+        longest = max(len(p.response) for p in prepared)
+        eos = self._tokenizer.eos_token_id
+        calls = []
+        for p in sources:
+            room = self.max_context - max(len(p.teacher_prompt), len(p.prompt)) - 1
+            params = types.SamplingParams(
+                max_tokens=max(1, min(longest, room)),
+                temperature=0.0,
+                stop=[int(eos)] if eos is not None else None,
+            )
+            calls.append(teacher.sample(types.ModelInput.from_ints(p.teacher_prompt), 1, params))
+        answers = [result.sequences[0].tokens for result in await asyncio.gather(*calls)]
+        kept = [(p, list(a)) for p, a in zip(sources, answers, strict=True) if a]
+        scores = await asyncio.gather(
+            *[
+                trained_from.compute_logprobs(
+                    types.ModelInput.from_ints(p.prompt + answer),
+                    prompt_logprobs_last_n=len(answer),
+                )
+                for p, answer in kept
+            ]
+        )
+        demonstrations = []
+        for (p, answer), score in zip(kept, scores, strict=True):
+            behavior = np.minimum(datums.response_logprobs(score, len(p.prompt), len(answer)), 0.0)
+            sample = p.sample.model_copy(
+                update={"response_tokens": answer, "behavior_logprobs": behavior.tolist()}
+            )
+            demonstrations.append(
+                _Prepared(
+                    sample=sample,
+                    teacher_prompt=p.teacher_prompt,
+                    behavior=behavior,
+                    extra={"demonstration": True},
+                )
+            )
+        return demonstrations
+
     async def _score_teacher(
-        self, base: Any, prepared: list[_Prepared], config: TrainingConfig
+        self, teacher: Any, base: Any, prepared: list[_Prepared], config: TrainingConfig
     ) -> None:
         scoring = types.SamplingParams(max_tokens=1, temperature=0.0)
         calls = []
@@ -348,7 +446,7 @@ class SDPOEngine:
             last_n = len(p.response)  # only the response positions are needed
             if config.use_topk_divergence:
                 calls.append(
-                    base.sample(
+                    teacher.sample(
                         prompt,
                         1,
                         scoring,
@@ -358,7 +456,7 @@ class SDPOEngine:
                     )
                 )
             else:
-                calls.append(base.compute_logprobs(prompt, prompt_logprobs_last_n=last_n))
+                calls.append(teacher.compute_logprobs(prompt, prompt_logprobs_last_n=last_n))
         base_calls = []
         if config.kl_reg_weight > 0:
             base_calls = [
@@ -440,14 +538,21 @@ class SDPOEngine:
         for p, s in zip(prepared, student, strict=True):
             scale = 1.0 / (batch * len(p.response))  # token mean, then mean over samples
             assert p.teacher_sampled is not None
+            # A demonstration was sampled from the teacher, not the student: its estimator is
+            # forward KL(teacher ‖ student) (alpha 0), whose gradient does not vanish where the
+            # student gives the teacher's token almost no mass, at weight 1 (behaviour = the
+            # current student, so no importance correction).
+            demonstration = bool(p.extra.get("demonstration"))
+            behavior = s.sampled if demonstration else p.behavior
+            alpha = 0.0 if demonstration else config.alpha
             if config.use_topk_divergence:
                 assert p.teacher_topk is not None
                 terms = datums.topk_loss_terms(
                     s,
                     p.teacher_topk,
-                    p.behavior,
+                    behavior,
                     p.base_sampled,
-                    config.alpha,
+                    alpha,
                     config.is_clip,
                     config.kl_reg_weight,
                     scale,
@@ -457,7 +562,7 @@ class SDPOEngine:
                 terms, gain = datums.scalar_loss_terms(
                     s.sampled,
                     p.teacher_sampled,
-                    p.behavior,
+                    behavior,
                     p.base_sampled,
                     config.kl_coef,
                     config.is_clip,

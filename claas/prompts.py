@@ -1,14 +1,20 @@
 """Prompt rendering: the student's chat prompt and the teacher's hindsight prompt.
 
-The teacher is the frozen base model, shown the student's conversation with the user's feedback
-appended to the last user turn as hindsight context (DESIGN.md, "Teacher prompt"). The response
-tokens are scored unchanged after it. This module is the one place that renders either prompt.
+The teacher is shown the student's conversation with the user's feedback appended to the last
+user turn; the response tokens are scored unchanged after it. This module is the one place that
+renders either prompt. Two hindsight styles:
+
+- ``instruction`` (the default): ``(Instruction for your answer: <feedback>)``. A small model
+  follows it as an instruction: SmolLM2-135M then answers greeting prompts as "Kuro" 12 times in
+  12, against 3 in 12 with the context block (benchmarks/defaults.md).
+- ``context``: a ``=== HINDSIGHT CONTEXT ===`` block that presents the feedback as a future
+  message from the user, as in the SDPO paper's re-prompting.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator
 from transformers import PreTrainedTokenizerBase
@@ -63,25 +69,38 @@ def message_text(content: Any) -> str:
     raise ValueError(f"message content must be a string or a list of text parts, not {content!r}")
 
 
-def hindsight_block(feedback: str, repetitions: int = 1) -> str:
-    """What is appended to the last user turn: a blank line, the header, the intro, feedback."""
+HindsightStyle = Literal["instruction", "context"]
+INSTRUCTION_PREFIX = "(Instruction for your answer: "
+
+
+def hindsight_block(
+    feedback: str, repetitions: int = 1, style: HindsightStyle = "instruction"
+) -> str:
+    """What is appended to the last user turn, after a blank line: the feedback as an
+    instruction in parentheses, or the header, the intro and the feedback (`context`)."""
+    if style == "instruction":
+        hint = " ".join([feedback.strip()] * repetitions)
+        return f"\n\n{INSTRUCTION_PREFIX}{hint})"
     hint = "\n\n".join([feedback.strip()] * repetitions)
     return f"\n\n{HINDSIGHT_HEADER}\n{HINDSIGHT_INTRO}\n{hint}"
 
 
 def teacher_messages(
-    messages: Sequence[Message], feedback: str, repetitions: int = 1
+    messages: Sequence[Message],
+    feedback: str,
+    repetitions: int = 1,
+    style: HindsightStyle = "instruction",
 ) -> list[dict[str, Any]]:
     """The student's conversation with `feedback` appended to the last user turn as hindsight.
 
     The system prompt and earlier turns are unchanged. `repetitions` > 1 repeats the feedback
-    (separated by blank lines) to strengthen the hindsight signal.
+    to strengthen the hindsight signal.
     """
     rendered = [{**m, "content": message_text(m["content"])} for m in messages]
     last_user = max((i for i, m in enumerate(rendered) if m["role"] == "user"), default=None)
     if last_user is None:
         raise ValueError("the conversation has no user turn to attach the feedback to")
-    rendered[last_user]["content"] += hindsight_block(feedback, repetitions)
+    rendered[last_user]["content"] += hindsight_block(feedback, repetitions, style)
     return rendered
 
 
@@ -90,17 +109,23 @@ def teacher_prompt_tokens(
     messages: Sequence[Message],
     feedback: str,
     repetitions: int = 1,
+    style: HindsightStyle = "instruction",
 ) -> list[int]:
     """The teacher's prompt: hindsight messages, chat template, generation prompt.
 
     The response tokens are appended unchanged by the caller, never re-encoded or truncated.
     """
-    return chat_prompt_tokens(tokenizer, teacher_messages(messages, feedback, repetitions))
+    return chat_prompt_tokens(tokenizer, teacher_messages(messages, feedback, repetitions, style))
 
 
 def teacher_text_prompt_tokens(
-    tokenizer: PreTrainedTokenizerBase, prompt: str, feedback: str, repetitions: int = 1
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    feedback: str,
+    repetitions: int = 1,
+    style: HindsightStyle = "instruction",
 ) -> list[int]:
     """The teacher's prompt for a raw-text rollout (/v1/completions): no chat template, the
     student's prompt text with the same hindsight block appended."""
-    return [int(t) for t in tokenizer.encode(prompt + hindsight_block(feedback, repetitions))]
+    block = hindsight_block(feedback, repetitions, style)
+    return [int(t) for t in tokenizer.encode(prompt + block)]

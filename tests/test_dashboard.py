@@ -23,7 +23,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from serving import LiveServer, create, make_server
 
 from claas.api.dashboard import COOKIE
-from claas.prompts import HINDSIGHT_HEADER
+from claas.prompts import INSTRUCTION_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / ".artifacts"
@@ -266,8 +266,8 @@ def test_feedback_log_in_the_browser(site: Site, browser: Browser) -> None:
     assert row.locator("pre.response").text_content() == _text(newest["response"])
     assert row.locator("pre.feedback").text_content() == newest["feedback"]
     teacher = row.locator("pre.teacher").text_content() or ""
-    assert HINDSIGHT_HEADER in teacher and newest["feedback"] in teacher
-    assert newest["prompt"] in teacher.split(HINDSIGHT_HEADER)[0]
+    assert f"{INSTRUCTION_PREFIX}{newest['feedback']})" in teacher
+    assert newest["prompt"] in teacher.split(INSTRUCTION_PREFIX)[0]
     _screenshot(page, "feedback")
 
     # User text is shown as text, never run.

@@ -1,7 +1,8 @@
 """The SDPO engine on the local service: exact gradients, the learning signal, failure hygiene.
 
 The loss in `test_topk_gradient_is_exact` is written here independently, in torch, from
-DESIGN.md: token mean of r_t·GJS_t + kl_reg_weight·k3_t per sample, mean over samples.
+DESIGN.md: token mean of r_t·GJS_t + kl_reg_weight·k3_t per sample, mean over samples; on the
+teacher's demonstrations, GJS at alpha 0 (forward KL) with r_t = 1.
 """
 
 from __future__ import annotations
@@ -153,20 +154,70 @@ def reference_gjs(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tenso
     return alpha * kl(q, m) + (1 - alpha) * kl(p, m)
 
 
+def reference_demonstrations(
+    teacher: Any,
+    trained_from: Any,
+    samples: list[FeedbackSample],
+    tokenizer: Any,
+    config: TrainingConfig,
+) -> list[FeedbackSample]:
+    """The teacher's greedy answers (HF `generate`) to the first prompts, no longer than the
+    longest rollout, with the trained-from version's log-probs as behaviour."""
+    longest = max(len(s.response_tokens) for s in samples)
+    demonstrations = []
+    for sample in samples[: config.teacher_demonstrations]:
+        teacher_prompt = teacher_prompt_tokens(
+            tokenizer,
+            sample.messages,
+            sample.feedback,
+            config.feedback_repetitions,
+            config.hindsight,
+        )
+        with torch.no_grad():
+            out = teacher.generate(
+                torch.tensor([teacher_prompt]),
+                max_new_tokens=longest,
+                do_sample=False,
+                eos_token_id=tokenizer.eos_token_id,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+            answer = out[0, len(teacher_prompt) :].tolist()
+            n_p = len(sample.prompt_tokens)
+            logits = trained_from(input_ids=torch.tensor([sample.prompt_tokens + answer])).logits[0]
+            logprobs = torch.log_softmax(logits.float(), -1)[n_p - 1 : n_p - 1 + len(answer)]
+            behavior = logprobs.gather(-1, torch.tensor(answer)[:, None])[:, 0].clamp(max=0.0)
+        demonstrations.append(
+            sample.model_copy(
+                update={"response_tokens": answer, "behavior_logprobs": behavior.tolist()}
+            )
+        )
+    return demonstrations
+
+
 def reference_loss(
     student: Any,
+    teacher: Any,
     base: Any,
     samples: list[FeedbackSample],
     tokenizer: Any,
     config: TrainingConfig,
+    rollouts: int | None = None,
 ) -> torch.Tensor:
+    """Samples past the first `rollouts` are the teacher's demonstrations."""
+    rollouts = len(samples) if rollouts is None else rollouts
     per_sample = []
-    for sample in samples:
+    for index, sample in enumerate(samples):
         prompt, response = sample.prompt_tokens, sample.response_tokens
-        teacher_prompt = teacher_prompt_tokens(tokenizer, sample.messages, sample.feedback)
+        teacher_prompt = teacher_prompt_tokens(
+            tokenizer,
+            sample.messages,
+            sample.feedback,
+            config.feedback_repetitions,
+            config.hindsight,
+        )
         n_q, n_p, n_t = len(teacher_prompt), len(prompt), len(response)
         with torch.no_grad():
-            teacher_logits = base(input_ids=torch.tensor([teacher_prompt + response])).logits[0]
+            teacher_logits = teacher(input_ids=torch.tensor([teacher_prompt + response])).logits[0]
             teacher_all = torch.log_softmax(teacher_logits.double(), -1)[n_q - 1 : n_q - 1 + n_t]
             base_logits = base(input_ids=torch.tensor([prompt + response])).logits[0]
             base_all = torch.log_softmax(base_logits.double(), -1)[n_p - 1 : n_p - 1 + n_t]
@@ -177,17 +228,34 @@ def reference_loss(
         y = torch.tensor(response)[:, None]
         s_y = student_all.gather(-1, y)[:, 0]
         b_y = base_all.gather(-1, y)[:, 0]
-        behavior = torch.tensor(sample.behavior_logprobs, dtype=torch.float64)
-        ratio = torch.exp((s_y.detach() - behavior).clamp(-20, 20)).clamp(max=config.is_clip)
-        gjs_t = reference_gjs(s_support, teacher_top, config.alpha)
+        if index < rollouts:
+            behavior = torch.tensor(sample.behavior_logprobs, dtype=torch.float64)
+            ratio = torch.exp((s_y.detach() - behavior).clamp(-20, 20)).clamp(max=config.is_clip)
+            gjs_t = reference_gjs(s_support, teacher_top, config.alpha)
+        else:  # a teacher demonstration: forward KL(teacher ‖ student), weight 1
+            ratio = torch.ones_like(s_y)
+            gjs_t = reference_gjs(s_support, teacher_top, 0.0)
         k3_t = torch.exp(b_y - s_y) - 1 - (b_y - s_y)
         per_sample.append((ratio * gjs_t + config.kl_reg_weight * k3_t).mean())
     return torch.stack(per_sample).mean()
 
 
-@pytest.mark.parametrize("alpha", [0.5, 0.0, 1.0])
+@pytest.mark.parametrize(
+    ("alpha", "teacher", "demonstrations", "hindsight"),
+    [
+        (0.5, "adapter", 1, "instruction"),
+        (0.0, "adapter", 2, "instruction"),
+        (1.0, "base", 0, "context"),
+    ],
+)
 def test_topk_gradient_is_exact(
-    harness: Harness, model_cache: Path, monkeypatch: pytest.MonkeyPatch, alpha: float
+    harness: Harness,
+    model_cache: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    alpha: float,
+    teacher: Any,
+    demonstrations: int,
+    hindsight: Any,
 ) -> None:
     perturb_latest(harness)
     version = harness.store.latest_version(LORA)
@@ -202,11 +270,19 @@ def test_topk_gradient_is_exact(
     shifted[1] -= 3.0  # exp(3) ≈ 20 > is_clip = 5, so this ratio is clipped
     samples[0] = samples[0].model_copy(update={"behavior_logprobs": shifted})
     config = TrainingConfig(
-        steps_per_batch=1, teacher_top_k=6, alpha=alpha, kl_reg_weight=0.3, learning_rate=1e-3
+        steps_per_batch=1,
+        teacher_top_k=6,
+        alpha=alpha,
+        kl_reg_weight=0.3,
+        learning_rate=1e-3,
+        teacher=teacher,
+        teacher_demonstrations=demonstrations,
+        hindsight=hindsight,
     )
     spy = GradientSpy(monkeypatch)
     result = harness.run(harness.engine.distill(samples, config))
     assert result.metrics["clip_fraction"] > 0
+    assert result.metrics["demonstrations"] == demonstrations
     assert len(spy.grads) == 1
 
     # Independent: plain PEFT on the version's checkpoint, and an untouched base.
@@ -216,24 +292,28 @@ def test_topk_gradient_is_exact(
     params = {n.replace(".default.", "."): p for n, p in student.named_parameters() if "lora" in n}
     for param in params.values():
         param.requires_grad_(True)
-    reference_loss(student, base, samples, harness.tokenizer, config).backward()
+    scorer = student if teacher == "adapter" else base
+    batch = samples + reference_demonstrations(scorer, student, samples, harness.tokenizer, config)
+    assert len(result.teacher_texts) == len(batch)
+    for text, sample in zip(result.teacher_texts, batch, strict=True):
+        assert text.endswith(harness.tokenizer.decode(sample.response_tokens))
+    reference_loss(student, scorer, base, batch, harness.tokenizer, config, 2).backward()
     got = spy.grads[0]
     assert set(got) == set(params)
     for name, param in params.items():
         assert param.grad is not None
         scale = float(param.grad.abs().max()) + 1e-12
         torch.testing.assert_close(got[name], param.grad, rtol=2e-3, atol=2e-4 * scale)
-    assert result.steps[0].loss == pytest.approx(
-        float(reference_loss(student, base, samples, harness.tokenizer, config).detach()), rel=1e-4
-    )
+    loss = reference_loss(student, scorer, base, batch, harness.tokenizer, config, 2)
+    assert result.steps[0].loss == pytest.approx(float(loss.detach()), rel=1e-4)
 
 
 def test_first_step_is_topk_and_moves_gjs(harness: Harness) -> None:
     perturb_latest(harness)
     samples = [harness.sample_for("Tell me about the sea.", seed=1)]
-    result = harness.run(
-        harness.engine.distill(samples, TrainingConfig(steps_per_batch=1, learning_rate=1e-2))
-    )
+    # The base teacher: far from the perturbed version, so one step visibly closes the gap.
+    config = TrainingConfig(steps_per_batch=1, learning_rate=1e-2, teacher="base")
+    result = harness.run(harness.engine.distill(samples, config))
     assert result.divergence_mode == "topk_gjs"
     assert result.metrics["divergence_mode"] == "topk_gjs"
     assert result.metrics["steps_per_batch_applied"] == 1
@@ -241,7 +321,7 @@ def test_first_step_is_topk_and_moves_gjs(harness: Harness) -> None:
     assert result.steps[0].mean_is_ratio == pytest.approx(1.0, abs=1e-3)  # on-policy step 1
     assert result.version == 3
     assert harness.store.latest_version(LORA).version == 3  # type: ignore[union-attr]
-    assert "HINDSIGHT CONTEXT" in result.teacher_texts[0]
+    assert "(Instruction for your answer: " + FEEDBACK + ")" in result.teacher_texts[0]
     assert set(result.timings) >= {"teacher_scoring", "student_scoring", "train", "save"}
 
 
@@ -415,7 +495,7 @@ def test_text_prompt_rollouts_get_a_raw_teacher_prompt(harness: Harness) -> None
     )
     result = harness.run(harness.engine.distill([sample], TrainingConfig(steps_per_batch=1)))
     teacher_text = result.teacher_texts[0]
-    assert teacher_text.startswith(prompt_text + "\n\n=== HINDSIGHT CONTEXT ===")
+    assert teacher_text.startswith(prompt_text + "\n\n(Instruction for your answer: Answer with")
     assert "<|im_start|>" not in teacher_text
 
 

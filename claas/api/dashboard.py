@@ -40,7 +40,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from claas.api.auth import keys_configured, principal_for_key
 from claas.api.schemas import MAX_OFFSET
 from claas.errors import InvalidLoraId
-from claas.prompts import message_text, teacher_prompt_tokens, teacher_text_prompt_tokens
+from claas.prompts import (
+    HindsightStyle,
+    message_text,
+    teacher_prompt_tokens,
+    teacher_text_prompt_tokens,
+)
 from claas.runtime import Runtime
 from claas.settings import Settings
 from claas.store import (
@@ -227,23 +232,29 @@ class FeedbackRow:
         return request.finished_at - request.started_at
 
 
-def teacher_prompt_text(tokenizer: Any, rollout: Rollout, feedback: str, repetitions: int) -> str:
+def teacher_prompt_text(
+    tokenizer: Any, rollout: Rollout, feedback: str, repetitions: int, style: HindsightStyle
+) -> str:
     """The teacher's prompt for one sample, as text: the engine's own tokens, decoded.
 
     The tokens come from the functions in `claas.prompts` that the engine trains with, so the
-    page shows exactly what the frozen teacher was conditioned on (the special tokens of the
+    page shows exactly what the teacher was conditioned on (the special tokens of the
     chat template included).
     """
     if rollout.prompt_format == "text":
         prompt = message_text(rollout.messages[-1]["content"])
-        tokens = teacher_text_prompt_tokens(tokenizer, prompt, feedback, repetitions)
+        tokens = teacher_text_prompt_tokens(tokenizer, prompt, feedback, repetitions, style)
     else:
-        tokens = teacher_prompt_tokens(tokenizer, rollout.messages, feedback, repetitions)
+        tokens = teacher_prompt_tokens(tokenizer, rollout.messages, feedback, repetitions, style)
     return str(tokenizer.decode(tokens))
 
 
 def _sample_view(
-    tokenizer: Any, item: Mapping[str, Any], rollout: Rollout | None, repetitions: int
+    tokenizer: Any,
+    item: Mapping[str, Any],
+    rollout: Rollout | None,
+    repetitions: int,
+    style: HindsightStyle,
 ) -> SampleView:
     rollout_id, feedback = str(item.get("rollout_id", "")), str(item.get("feedback", ""))
     if rollout is None:
@@ -258,7 +269,7 @@ def _sample_view(
         note = "no tokenizer loaded: the teacher prompt cannot be rendered"
     else:
         try:
-            teacher = teacher_prompt_text(tokenizer, rollout, feedback, repetitions)
+            teacher = teacher_prompt_text(tokenizer, rollout, feedback, repetitions, style)
         except (ValueError, KeyError, TypeError) as error:
             note = f"the teacher prompt cannot be rendered: {error}"
     return SampleView(rollout_id, feedback, messages, rollout.response_text, teacher, note)
@@ -270,9 +281,15 @@ def feedback_rows(runtime: Runtime, requests: Sequence[FeedbackRequest]) -> list
     rows = []
     for request in requests:
         repetitions = int(request.training.get("feedback_repetitions", 1) or 1)
+        hindsight = request.training.get("hindsight")
+        style: HindsightStyle = "context" if hindsight == "context" else "instruction"
         samples = [
             _sample_view(
-                runtime.tokenizer, item, rollouts.get(str(item.get("rollout_id"))), repetitions
+                runtime.tokenizer,
+                item,
+                rollouts.get(str(item.get("rollout_id"))),
+                repetitions,
+                style,
             )
             for item in request.items
         ]
