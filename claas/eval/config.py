@@ -12,6 +12,7 @@ fields left unset there are not sent, so the server's own defaults apply, and th
 from __future__ import annotations
 
 import datetime as dt
+import secrets
 from pathlib import Path
 from typing import Any, Literal
 
@@ -122,8 +123,10 @@ class EvalConfig(BaseModel):
 
 
 def new_run_id(seed: int, now: dt.datetime | None = None) -> str:
+    """Time, seed and 4 random hex digits: two runs started in the same second with the same
+    seed (a top-K and a scalar run side by side) still get their own adapters."""
     moment = now or dt.datetime.now(dt.UTC)
-    return f"eval-{moment:%Y%m%d-%H%M%S}-{seed:x}"
+    return f"eval-{moment:%Y%m%d-%H%M%S}-{seed:x}-{secrets.token_hex(2)}"
 
 
 def parse_overrides(pairs: list[str]) -> dict[str, Any]:
