@@ -20,6 +20,7 @@ from peft import PeftModel
 from pydantic import ValidationError
 from tinker import types
 
+from claas import datums
 from claas.adapters import Adapters, AdapterSpec
 from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig, default_learning_rate
 from claas.errors import Conflict, ContextTooLong, InvalidFeedback
@@ -323,6 +324,34 @@ def test_first_step_is_topk_and_moves_gjs(harness: Harness) -> None:
     assert harness.store.latest_version(LORA).version == 3  # type: ignore[union-attr]
     assert "(Instruction for your answer: " + FEEDBACK + ")" in result.teacher_texts[0]
     assert set(result.timings) >= {"teacher_scoring", "student_scoring", "train", "save"}
+
+
+def test_demonstrations_are_weighted_one_at_every_step(
+    harness: Harness, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rollout keeps its behaviour log-probs across steps (its ratio drifts); a teacher
+    demonstration is compared with the current student (ratio 1) and trained at alpha 0."""
+    calls: list[tuple[np.ndarray, np.ndarray, float]] = []
+    real = datums.topk_loss_terms
+
+    def spy(student: Any, teacher: Any, behavior: Any, *args: Any) -> Any:
+        calls.append((np.asarray(student.sampled), np.asarray(behavior), args[1]))
+        return real(student, teacher, behavior, *args)
+
+    monkeypatch.setattr(datums, "topk_loss_terms", spy)
+    samples = [harness.sample_for("Tell me about the sea.", seed=1)]
+    config = TrainingConfig(steps_per_batch=3, learning_rate=5e-3, teacher_demonstrations=1)
+    result = harness.run(harness.engine.distill(samples, config))
+    assert result.metrics["samples"] == 1 and result.metrics["demonstrations"] == 1
+    rollout_calls, demo_calls = calls[0::2], calls[1::2]
+    assert len(demo_calls) == 4  # 3 steps and the final scoring
+    for sampled, behavior, alpha in demo_calls:
+        np.testing.assert_array_equal(behavior, sampled)
+        assert alpha == 0.0
+    assert all(alpha == config.alpha for _, _, alpha in rollout_calls)
+    first, last = rollout_calls[0], rollout_calls[-1]
+    np.testing.assert_array_equal(first[1], last[1])  # the rollout's behaviour, unchanged
+    assert not np.allclose(last[0], last[1])  # while the student moved
 
 
 def test_multi_step_keeps_the_rollout_behavior(
