@@ -1,10 +1,10 @@
 """The SDPO divergence and loss conventions: the one place where they are defined.
 
 SDPO (Hübotter et al. 2026, "Reinforcement Learning via Self-Distillation") moves the student (the
-adapter) toward a teacher (the frozen base model prompted with the user's feedback as hindsight
-context) by a generalised Jensen-Shannon divergence, the GJS of Agarwal et al. ("On-Policy
-Distillation of Language Models: Learning from Self-Generated Mistakes", GKD), evaluated at every
-completion position t.
+adapter) toward a teacher (the adapter's version before the request, or the frozen base model,
+prompted with the user's feedback) by a generalised Jensen-Shannon divergence, the GJS of
+Agarwal et al. ("On-Policy Distillation of Language Models: Learning from Self-Generated
+Mistakes", GKD), evaluated at every completion position t.
 
 **Support and tail.** At position t the support is the teacher's top-K token ids. Each distribution
 lives on K+1 buckets: those K ids, plus a tail bucket holding 1 − Σ top-K mass. Log-probs are

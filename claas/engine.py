@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from tinker import types
 
 from claas import datums
@@ -115,6 +115,15 @@ class TrainingConfig(BaseModel):
         "batch: they carry what the student never samples (a new name, say). Off by default: "
         "on SmolLM2-135M they cost capability (benchmarks/defaults.md)",
     )
+
+    @model_validator(mode="after")
+    def _demonstrations_need_topk(self) -> TrainingConfig:
+        if self.teacher_demonstrations and not self.use_topk_divergence:
+            raise ValueError(
+                "teacher_demonstrations need the top-K divergence (their loss is forward KL "
+                "over the teacher's top-K); set use_topk_divergence=true or demonstrations=0"
+            )
+        return self
 
     @property
     def divergence_mode(self) -> DivergenceMode:
@@ -241,12 +250,10 @@ class SDPOEngine:
         timings["validate"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
-        # The version trained from, as a sampler: the teacher in "adapter" mode, and the
-        # behaviour policy of the teacher's demonstrations.
-        trained_from = await self.service.create_sampling_client(model_path=current.sampler_path)
-        teacher = trained_from if config.teacher == "adapter" else base
-        rollouts = len(prepared)
-        prepared += await self._demonstrations(teacher, trained_from, prepared, config)
+        teacher = base
+        if config.teacher == "adapter":  # the version trained from, as a sampler
+            teacher = await self.service.create_sampling_client(model_path=current.sampler_path)
+        prepared += await self._demonstrations(teacher, prepared, config)
         timings["demonstrations"] = time.perf_counter() - clock
 
         clock = time.perf_counter()
@@ -284,8 +291,6 @@ class SDPOEngine:
             saved.append(sampler.path)
             timings["save"] = time.perf_counter() - clock
             metrics = self._request_metrics(prepared, steps, after, config)
-            metrics["samples"] = rollouts
-            metrics["demonstrations"] = len(prepared) - rollouts
             version = self.store.add_version(
                 lora_id,
                 state.path,
@@ -380,49 +385,36 @@ class SDPOEngine:
         )
 
     async def _demonstrations(
-        self,
-        teacher: Any,
-        trained_from: Any,
-        prepared: list[_Prepared],
-        config: TrainingConfig,
+        self, teacher: Any, prepared: list[_Prepared], config: TrainingConfig
     ) -> list[_Prepared]:
         """The teacher's own greedy answers to the batch's first prompts, as extra samples.
 
         On-policy distillation corrects only the tokens the student samples. A string it never
         samples gets no signal: "Kuro" is `' K'` + `'uro'`, and a student that never says `' K'`
         never shows the teacher a position where `'uro'` is due. A teacher answer puts those
-        tokens on the response positions. Their behaviour log-probs are those of the version
-        trained from, so the importance ratio starts at 1, as a rollout's does. A demonstration
-        is no longer than the batch's longest rollout.
+        tokens on the response positions (`_terms` trains them with forward KL at weight 1).
+        A demonstration is no longer than the batch's longest rollout and stops where the
+        model's turn ends (the sampler's default stops, as for rollouts); one that is only a
+        stop token is dropped, since it would teach nothing but ending at once.
         """
         sources = prepared[: config.teacher_demonstrations]
         if not sources:
             return []
         longest = max(len(p.response) for p in prepared)
-        eos = self._tokenizer.eos_token_id
         calls = []
         for p in sources:
             room = self.max_context - max(len(p.teacher_prompt), len(p.prompt)) - 1
-            params = types.SamplingParams(
-                max_tokens=max(1, min(longest, room)),
-                temperature=0.0,
-                stop=[int(eos)] if eos is not None else None,
-            )
+            params = types.SamplingParams(max_tokens=max(1, min(longest, room)), temperature=0.0)
             calls.append(teacher.sample(types.ModelInput.from_ints(p.teacher_prompt), 1, params))
-        answers = [result.sequences[0].tokens for result in await asyncio.gather(*calls)]
-        kept = [(p, list(a)) for p, a in zip(sources, answers, strict=True) if a]
-        scores = await asyncio.gather(
-            *[
-                trained_from.compute_logprobs(
-                    types.ModelInput.from_ints(p.prompt + answer),
-                    prompt_logprobs_last_n=len(answer),
-                )
-                for p, answer in kept
-            ]
-        )
         demonstrations = []
-        for (p, answer), score in zip(kept, scores, strict=True):
-            behavior = np.minimum(datums.response_logprobs(score, len(p.prompt), len(answer)), 0.0)
+        for p, result in zip(sources, await asyncio.gather(*calls), strict=True):
+            sequence = result.sequences[0]
+            answer = [int(t) for t in sequence.tokens]
+            if not answer or (len(answer) == 1 and sequence.stop_reason == "stop"):
+                continue
+            # The log-probs it was sampled with (the teacher's), for the record: training
+            # compares a demonstration with the current student, not with these.
+            behavior = np.minimum(np.asarray(sequence.logprobs or [0.0] * len(answer)), 0.0)
             sample = p.sample.model_copy(
                 update={"response_tokens": answer, "behavior_logprobs": behavior.tolist()}
             )
@@ -458,16 +450,17 @@ class SDPOEngine:
             else:
                 calls.append(teacher.compute_logprobs(prompt, prompt_logprobs_last_n=last_n))
         base_calls = []
-        if config.kl_reg_weight > 0:
+        rollouts = [i for i, p in enumerate(prepared) if not _is_demonstration(p)]
+        if config.kl_reg_weight > 0:  # k3 estimates KL(student ‖ base) on student samples only
             base_calls = [
                 base.compute_logprobs(
-                    types.ModelInput.from_ints(p.prompt + p.response),
-                    prompt_logprobs_last_n=len(p.response),
+                    types.ModelInput.from_ints(prepared[i].prompt + prepared[i].response),
+                    prompt_logprobs_last_n=len(prepared[i].response),
                 )
-                for p in prepared
+                for i in rollouts
             ]
         results = await asyncio.gather(*calls)
-        base_results = await asyncio.gather(*base_calls)
+        base_results = dict(zip(rollouts, await asyncio.gather(*base_calls), strict=False))
         for index, (p, result) in enumerate(zip(prepared, results, strict=True)):
             q, t = len(p.teacher_prompt), len(p.response)
             if config.use_topk_divergence:
@@ -477,7 +470,7 @@ class SDPOEngine:
                 p.teacher_sampled = datums.response_logprobs(result.prompt_logprobs, q, t)
             else:
                 p.teacher_sampled = datums.response_logprobs(result, q, t)
-            if base_results:
+            if index in base_results:
                 p.base_sampled = datums.response_logprobs(base_results[index], len(p.prompt), t)
 
     async def _score_student(
@@ -542,7 +535,7 @@ class SDPOEngine:
             # forward KL(teacher ‖ student) (alpha 0), whose gradient does not vanish where the
             # student gives the teacher's token almost no mass, at weight 1 (behaviour = the
             # current student, so no importance correction).
-            demonstration = bool(p.extra.get("demonstration"))
+            demonstration = _is_demonstration(p)
             behavior = s.sampled if demonstration else p.behavior
             alpha = 0.0 if demonstration else config.alpha
             if config.use_topk_divergence:
@@ -605,7 +598,7 @@ class SDPOEngine:
         await forward_backward
         optim = await optim_step
         metrics = optim.metrics or {}
-        summary = _summarise([t for t, _ in terms])
+        summary = _summarise(prepared, [t for t, _ in terms])
         gains = [g for _, g in terms if g is not None]
         advantages = np.concatenate([t.weight_sampled for t, _ in terms]) if gains else np.zeros(0)
         return StepMetrics(
@@ -629,7 +622,7 @@ class SDPOEngine:
         after: list[tuple[datums.LossTerms, float | None]],
         config: TrainingConfig,
     ) -> dict[str, float | int | str]:
-        final = _summarise([t for t, _ in after])
+        final = _summarise(prepared, [t for t, _ in after])
         first = steps[0]
         metrics: dict[str, float | int | str] = {
             "divergence_mode": config.divergence_mode,
@@ -639,14 +632,17 @@ class SDPOEngine:
             "divergence_mean_after": final["divergence_mean"],
             "mean_is_ratio": float(np.mean([s.mean_is_ratio for s in steps])),
             "clip_fraction": float(np.mean([s.clip_fraction for s in steps])),
-            "tokens": sum(len(p.response) for p in prepared),
-            "samples": len(prepared),
+            "tokens": sum(len(p.response) for p in prepared if not _is_demonstration(p)),
+            "samples": sum(1 for p in prepared if not _is_demonstration(p)),
+            "demonstrations": sum(1 for p in prepared if _is_demonstration(p)),
             "steps_per_batch_applied": len(steps),
             "learning_rate": self.learning_rate_for(config),
         }
         if config.use_topk_divergence:
             metrics["gjs_mean"] = first.divergence_mean
             metrics["gjs_mean_after"] = final["divergence_mean"]
+        if "demonstration_kl" in final:
+            metrics["demonstration_kl_after"] = final["demonstration_kl"]
         norms = [s.grad_norm for s in steps if s.grad_norm is not None]
         if norms:
             metrics["grad_norm"] = float(np.mean(norms))
@@ -657,15 +653,26 @@ class SDPOEngine:
         return metrics
 
 
-def _summarise(terms: list[datums.LossTerms]) -> dict[str, float]:
-    divergence = np.concatenate([t.divergence for t in terms])
-    return {
+def _is_demonstration(p: _Prepared) -> bool:
+    return bool(p.extra.get("demonstration"))
+
+
+def _summarise(prepared: list[_Prepared], terms: list[datums.LossTerms]) -> dict[str, float]:
+    """The loss over every sample; the divergence, ratio and k3 statistics over the rollouts
+    (a demonstration's forward KL at weight 1 is another scale: `demonstration_kl`)."""
+    rollouts = [t for p, t in zip(prepared, terms, strict=True) if not _is_demonstration(p)]
+    demonstrations = [t for p, t in zip(prepared, terms, strict=True) if _is_demonstration(p)]
+    summary = {
         "loss": float(sum(t.loss for t in terms)),
-        "divergence_mean": float(divergence.mean()),
-        "mean_is_ratio": float(np.concatenate([t.ratio for t in terms]).mean()),
-        "clip_fraction": float(np.concatenate([t.clipped for t in terms]).mean()),
-        "kl_reg_mean": float(np.concatenate([t.k3 for t in terms]).mean()),
+        "divergence_mean": float(np.concatenate([t.divergence for t in rollouts]).mean()),
+        "mean_is_ratio": float(np.concatenate([t.ratio for t in rollouts]).mean()),
+        "clip_fraction": float(np.concatenate([t.clipped for t in rollouts]).mean()),
+        "kl_reg_mean": float(np.concatenate([t.k3 for t in rollouts]).mean()),
     }
+    if demonstrations:
+        kl = np.concatenate([t.divergence for t in demonstrations])
+        summary["demonstration_kl"] = float(kl.mean())
+    return summary
 
 
 __all__ = [

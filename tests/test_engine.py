@@ -2,7 +2,7 @@
 
 The loss in `test_topk_gradient_is_exact` is written here independently, in torch, from
 DESIGN.md: token mean of r_t·GJS_t + kl_reg_weight·k3_t per sample, mean over samples; on the
-teacher's demonstrations, GJS at alpha 0 (forward KL) with r_t = 1.
+teacher's demonstrations, GJS at alpha 0 (forward KL) with r_t = 1 and no k3.
 """
 
 from __future__ import annotations
@@ -156,14 +156,10 @@ def reference_gjs(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tenso
 
 
 def reference_demonstrations(
-    teacher: Any,
-    trained_from: Any,
-    samples: list[FeedbackSample],
-    tokenizer: Any,
-    config: TrainingConfig,
+    teacher: Any, samples: list[FeedbackSample], tokenizer: Any, config: TrainingConfig
 ) -> list[FeedbackSample]:
     """The teacher's greedy answers (HF `generate`) to the first prompts, no longer than the
-    longest rollout, with the trained-from version's log-probs as behaviour."""
+    longest rollout. Their behaviour log-probs are unused: a demonstration has weight 1."""
     longest = max(len(s.response_tokens) for s in samples)
     demonstrations = []
     for sample in samples[: config.teacher_demonstrations]:
@@ -182,14 +178,10 @@ def reference_demonstrations(
                 eos_token_id=tokenizer.eos_token_id,
                 pad_token_id=tokenizer.eos_token_id,
             )
-            answer = out[0, len(teacher_prompt) :].tolist()
-            n_p = len(sample.prompt_tokens)
-            logits = trained_from(input_ids=torch.tensor([sample.prompt_tokens + answer])).logits[0]
-            logprobs = torch.log_softmax(logits.float(), -1)[n_p - 1 : n_p - 1 + len(answer)]
-            behavior = logprobs.gather(-1, torch.tensor(answer)[:, None])[:, 0].clamp(max=0.0)
+        answer = out[0, len(teacher_prompt) :].tolist()
         demonstrations.append(
             sample.model_copy(
-                update={"response_tokens": answer, "behavior_logprobs": behavior.tolist()}
+                update={"response_tokens": answer, "behavior_logprobs": [0.0] * len(answer)}
             )
         )
     return demonstrations
@@ -236,7 +228,9 @@ def reference_loss(
         else:  # a teacher demonstration: forward KL(teacher ‖ student), weight 1
             ratio = torch.ones_like(s_y)
             gjs_t = reference_gjs(s_support, teacher_top, 0.0)
-        k3_t = torch.exp(b_y - s_y) - 1 - (b_y - s_y)
+        k3_t = torch.exp(b_y - s_y) - 1 - (b_y - s_y)  # KL(student ‖ base) on its own samples
+        if index >= rollouts:
+            k3_t = torch.zeros_like(k3_t)
         per_sample.append((ratio * gjs_t + config.kl_reg_weight * k3_t).mean())
     return torch.stack(per_sample).mean()
 
@@ -294,7 +288,7 @@ def test_topk_gradient_is_exact(
     for param in params.values():
         param.requires_grad_(True)
     scorer = student if teacher == "adapter" else base
-    batch = samples + reference_demonstrations(scorer, student, samples, harness.tokenizer, config)
+    batch = samples + reference_demonstrations(scorer, samples, harness.tokenizer, config)
     assert len(result.teacher_texts) == len(batch)
     for text, sample in zip(result.teacher_texts, batch, strict=True):
         assert text.endswith(harness.tokenizer.decode(sample.response_tokens))
@@ -433,6 +427,10 @@ def test_validation_errors(harness: Harness) -> None:
             TrainingConfig.model_validate({field: value})
     with pytest.raises(ValidationError, match="extra"):
         TrainingConfig.model_validate({"beta": 0.5})
+    with pytest.raises(ValidationError, match="need the top-K divergence"):
+        TrainingConfig(teacher_demonstrations=1, use_topk_divergence=False)
+    with pytest.raises(ValidationError, match="teacher"):
+        TrainingConfig.model_validate({"teacher": "gpt-4"})
     assert [v.version for v in harness.store.list_versions(LORA)] == [1]
 
 

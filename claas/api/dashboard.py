@@ -281,7 +281,8 @@ def feedback_rows(runtime: Runtime, requests: Sequence[FeedbackRequest]) -> list
     rows = []
     for request in requests:
         repetitions = int(request.training.get("feedback_repetitions", 1) or 1)
-        hindsight = request.training.get("hindsight")
+        # Requests from before the hindsight setting existed were trained with the context block.
+        hindsight = request.training.get("hindsight", "context")
         style: HindsightStyle = "context" if hindsight == "context" else "instruction"
         samples = [
             _sample_view(
