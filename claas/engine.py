@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -45,12 +45,7 @@ from tinker import types
 from claas import datums
 from claas.divergence import LOGPROB_ROUNDING_TOL
 from claas.errors import ContextTooLong, InvalidFeedback
-from claas.prompts import (
-    HindsightStyle,
-    message_text,
-    teacher_prompt_tokens,
-    teacher_text_prompt_tokens,
-)
+from claas.prompts import HindsightStyle, rollout_teacher_prompt_tokens
 from claas.services import delete_checkpoints
 from claas.store import Store, validate_lora_id
 
@@ -189,7 +184,7 @@ class _Prepared:
     teacher_topk: datums.TeacherTopK | None = None
     teacher_sampled: np.ndarray | None = None
     base_sampled: np.ndarray | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
+    demonstration: bool = False  # the teacher's own answer (`_demonstrations`), not a rollout
 
     @property
     def prompt(self) -> list[int]:
@@ -353,22 +348,14 @@ class SDPOEngine:
 
     def _prepare(self, sample: FeedbackSample, config: TrainingConfig) -> _Prepared:
         try:
-            if sample.prompt_format == "text":
-                teacher_prompt = teacher_text_prompt_tokens(
-                    self._tokenizer,
-                    message_text(sample.messages[-1]["content"]),
-                    sample.feedback,
-                    config.feedback_repetitions,
-                    config.hindsight,
-                )
-            else:
-                teacher_prompt = teacher_prompt_tokens(
-                    self._tokenizer,
-                    sample.messages,
-                    sample.feedback,
-                    config.feedback_repetitions,
-                    config.hindsight,
-                )
+            teacher_prompt = rollout_teacher_prompt_tokens(
+                self._tokenizer,
+                sample.messages,
+                sample.prompt_format,
+                sample.feedback,
+                config.feedback_repetitions,
+                config.hindsight,
+            )
         except (ValueError, KeyError) as error:
             raise InvalidFeedback(f"cannot build the teacher prompt: {error}") from error
         total = len(teacher_prompt) + len(sample.response_tokens)
@@ -423,7 +410,7 @@ class SDPOEngine:
                     sample=sample,
                     teacher_prompt=p.teacher_prompt,
                     behavior=behavior,
-                    extra={"demonstration": True},
+                    demonstration=True,
                 )
             )
         return demonstrations
@@ -450,7 +437,7 @@ class SDPOEngine:
             else:
                 calls.append(teacher.compute_logprobs(prompt, prompt_logprobs_last_n=last_n))
         base_calls = []
-        rollouts = [i for i, p in enumerate(prepared) if not _is_demonstration(p)]
+        rollouts = [i for i, p in enumerate(prepared) if not p.demonstration]
         if config.kl_reg_weight > 0:  # k3 estimates KL(student ‖ base) on student samples only
             base_calls = [
                 base.compute_logprobs(
@@ -535,7 +522,7 @@ class SDPOEngine:
             # forward KL(teacher ‖ student) (alpha 0), whose gradient does not vanish where the
             # student gives the teacher's token almost no mass, at weight 1 (behaviour = the
             # current student, so no importance correction).
-            demonstration = _is_demonstration(p)
+            demonstration = p.demonstration
             behavior = s.sampled if demonstration else p.behavior
             alpha = 0.0 if demonstration else config.alpha
             if config.use_topk_divergence:
@@ -632,9 +619,9 @@ class SDPOEngine:
             "divergence_mean_after": final["divergence_mean"],
             "mean_is_ratio": float(np.mean([s.mean_is_ratio for s in steps])),
             "clip_fraction": float(np.mean([s.clip_fraction for s in steps])),
-            "tokens": sum(len(p.response) for p in prepared if not _is_demonstration(p)),
-            "samples": sum(1 for p in prepared if not _is_demonstration(p)),
-            "demonstrations": sum(1 for p in prepared if _is_demonstration(p)),
+            "tokens": sum(len(p.response) for p in prepared if not p.demonstration),
+            "samples": sum(1 for p in prepared if not p.demonstration),
+            "demonstrations": sum(1 for p in prepared if p.demonstration),
             "steps_per_batch_applied": len(steps),
             "learning_rate": self.learning_rate_for(config),
         }
@@ -653,15 +640,11 @@ class SDPOEngine:
         return metrics
 
 
-def _is_demonstration(p: _Prepared) -> bool:
-    return bool(p.extra.get("demonstration"))
-
-
 def _summarise(prepared: list[_Prepared], terms: list[datums.LossTerms]) -> dict[str, float]:
     """The loss over every sample; the divergence, ratio and k3 statistics over the rollouts
     (a demonstration's forward KL at weight 1 is another scale: `demonstration_kl`)."""
-    rollouts = [t for p, t in zip(prepared, terms, strict=True) if not _is_demonstration(p)]
-    demonstrations = [t for p, t in zip(prepared, terms, strict=True) if _is_demonstration(p)]
+    rollouts = [t for p, t in zip(prepared, terms, strict=True) if not p.demonstration]
+    demonstrations = [t for p, t in zip(prepared, terms, strict=True) if p.demonstration]
     summary = {
         "loss": float(sum(t.loss for t in terms)),
         "divergence_mean": float(np.concatenate([t.divergence for t in rollouts]).mean()),

@@ -129,3 +129,20 @@ def teacher_text_prompt_tokens(
     student's prompt text with the same hindsight block appended."""
     block = hindsight_block(feedback, repetitions, style)
     return [int(t) for t in tokenizer.encode(prompt + block)]
+
+
+def rollout_teacher_prompt_tokens(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: Sequence[Message],
+    prompt_format: Literal["chat", "text"],
+    feedback: str,
+    repetitions: int = 1,
+    style: HindsightStyle = "instruction",
+) -> list[int]:
+    """The teacher's prompt for a stored rollout of either kind: a chat rollout's messages, or
+    a raw-text rollout whose prompt is the last message's text. The engine trains with it and
+    the dashboard shows it, so both render the same tokens."""
+    if prompt_format == "text":
+        prompt = message_text(messages[-1]["content"])
+        return teacher_text_prompt_tokens(tokenizer, prompt, feedback, repetitions, style)
+    return teacher_prompt_tokens(tokenizer, messages, feedback, repetitions, style)

@@ -155,6 +155,14 @@ def reference_gjs(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tenso
     return alpha * kl(q, m) + (1 - alpha) * kl(p, m)
 
 
+def reference_teacher_prompt(
+    tokenizer: Any, sample: FeedbackSample, config: TrainingConfig
+) -> list[int]:
+    return teacher_prompt_tokens(
+        tokenizer, sample.messages, sample.feedback, config.feedback_repetitions, config.hindsight
+    )
+
+
 def reference_demonstrations(
     teacher: Any, samples: list[FeedbackSample], tokenizer: Any, config: TrainingConfig
 ) -> list[FeedbackSample]:
@@ -163,13 +171,7 @@ def reference_demonstrations(
     longest = max(len(s.response_tokens) for s in samples)
     demonstrations = []
     for sample in samples[: config.teacher_demonstrations]:
-        teacher_prompt = teacher_prompt_tokens(
-            tokenizer,
-            sample.messages,
-            sample.feedback,
-            config.feedback_repetitions,
-            config.hindsight,
-        )
+        teacher_prompt = reference_teacher_prompt(tokenizer, sample, config)
         with torch.no_grad():
             out = teacher.generate(
                 torch.tensor([teacher_prompt]),
@@ -201,13 +203,7 @@ def reference_loss(
     per_sample = []
     for index, sample in enumerate(samples):
         prompt, response = sample.prompt_tokens, sample.response_tokens
-        teacher_prompt = teacher_prompt_tokens(
-            tokenizer,
-            sample.messages,
-            sample.feedback,
-            config.feedback_repetitions,
-            config.hindsight,
-        )
+        teacher_prompt = reference_teacher_prompt(tokenizer, sample, config)
         n_q, n_p, n_t = len(teacher_prompt), len(prompt), len(response)
         with torch.no_grad():
             teacher_logits = teacher(input_ids=torch.tensor([teacher_prompt + response])).logits[0]

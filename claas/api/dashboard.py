@@ -40,12 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from claas.api.auth import keys_configured, principal_for_key
 from claas.api.schemas import MAX_OFFSET
 from claas.errors import InvalidLoraId
-from claas.prompts import (
-    HindsightStyle,
-    message_text,
-    teacher_prompt_tokens,
-    teacher_text_prompt_tokens,
-)
+from claas.prompts import HindsightStyle, message_text, rollout_teacher_prompt_tokens
 from claas.runtime import Runtime
 from claas.settings import Settings
 from claas.store import (
@@ -241,11 +236,9 @@ def teacher_prompt_text(
     page shows exactly what the teacher was conditioned on (the special tokens of the
     chat template included).
     """
-    if rollout.prompt_format == "text":
-        prompt = message_text(rollout.messages[-1]["content"])
-        tokens = teacher_text_prompt_tokens(tokenizer, prompt, feedback, repetitions, style)
-    else:
-        tokens = teacher_prompt_tokens(tokenizer, rollout.messages, feedback, repetitions, style)
+    tokens = rollout_teacher_prompt_tokens(
+        tokenizer, rollout.messages, rollout.prompt_format, feedback, repetitions, style
+    )
     return str(tokenizer.decode(tokens))
 
 
