@@ -28,7 +28,7 @@ from tinker import types
 
 from claas.errors import AdapterNotFound, ContextTooLong, InvalidRequest, VersionNotFound
 from claas.prompts import Message, chat_prompt_tokens, message_text
-from claas.services.decoding import StopGeneration
+from claas.services.protocol import StopGeneration
 from claas.store import Store, text_hash, validate_lora_id
 
 THINK_BLOCK = re.compile(r"<think>.*?(</think>\s*|$)", re.DOTALL)

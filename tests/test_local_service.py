@@ -590,7 +590,7 @@ def test_two_services_on_one_model_share_one_worker(model_cache: Path, tmp_path:
 
 
 def test_generation_stops_when_the_callback_asks(service: LocalServiceClient) -> None:
-    from claas.services.decoding import StopGeneration
+    from claas.services.protocol import StopGeneration
 
     sampler = service.create_sampling_client(base_model=service.base_model).result()
     seen: list[int] = []

@@ -17,11 +17,9 @@ from typing import Any
 
 import torch
 
+from claas.services.protocol import StopGeneration
+
 StopCheck = Callable[[list[int]], bool]
-
-
-class StopGeneration(Exception):
-    """Raised by an `on_token` callback to end generation early (a client went away)."""
 
 
 def log_normaliser(logits: torch.Tensor) -> torch.Tensor:
