@@ -1,6 +1,7 @@
 # Two entry points for a fresh machine with Python 3.11, pip and make:
 #   make run   - set up .venv, install claas and the embedded model, serve the API on it
 #   make test  - the same set-up, then ruff, mypy and pytest
+# and for contributors: make format (ruff fix + format), make bench (the benchmark scripts)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +12,7 @@ STAMP := $(VENV)/.claas-installed
 BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup lint browser clean
+.PHONY: run test setup lint format bench browser clean
 
 setup: $(STAMP)
 
@@ -30,6 +31,17 @@ lint: $(STAMP)
 	$(BIN)/ruff check claas tests benchmarks
 	$(BIN)/ruff format --check claas tests benchmarks
 	$(BIN)/mypy claas
+
+format: $(STAMP)
+	$(BIN)/ruff check --fix claas tests benchmarks
+	$(BIN)/ruff format claas tests benchmarks
+
+# Each benchmark prints ratios measured in one run (ours against a baseline or a machine limit).
+bench: $(STAMP)
+	$(BIN)/python benchmarks/divergence.py
+	$(BIN)/python benchmarks/local_service.py
+	$(BIN)/python benchmarks/engine.py
+	$(BIN)/python benchmarks/serve.py
 
 browser:
 	@ls $(BROWSER) >/dev/null 2>&1 || { \

@@ -1,4 +1,4 @@
-"""How fast is claas.divergence on one realistic batch (T = 4096 positions, K = 100)?
+"""How fast is claas.sdpo.divergence on one realistic batch (T = 4096 positions, K = 100)?
 
 Prints ratios, not seconds, so the figures mean the same on any machine:
 - the speed-up of ``gjs`` over a plain Python loop (math module) over positions and buckets;
@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 from numpy.typing import NDArray
 
-from claas.divergence import TAIL_LSE_CAP, gjs, gjs_and_grad, gjs_grad
+from claas.sdpo.divergence import TAIL_LSE_CAP, gjs, gjs_and_grad, gjs_grad
 
 F64 = NDArray[np.float64]
 

@@ -19,10 +19,11 @@ from pathlib import Path
 import numpy as np
 from tinker import types
 
-from claas import datums
 from claas.adapters import Adapters, AdapterSpec
-from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig
-from claas.prompts import chat_prompt_tokens
+from claas.feedback import train_and_register
+from claas.sdpo import datums
+from claas.sdpo.engine import FeedbackSample, SDPOEngine, TrainingConfig
+from claas.sdpo.prompts import chat_prompt_tokens
 from claas.services.local import LocalServiceClient, shared_model
 from claas.settings import EMBEDDED_MODEL, Settings
 from claas.store import Store
@@ -66,7 +67,6 @@ async def main() -> None:
         model_config = loaded.model.config
         engine = SDPOEngine(
             service,
-            store,
             loaded.name,
             loaded.max_context,
             model_config.hidden_size,
@@ -74,7 +74,7 @@ async def main() -> None:
         )
         config = TrainingConfig()
         start = time.perf_counter()
-        result = await engine.distill(samples, config)
+        _, result = await train_and_register(engine, store, samples, config)
         total = time.perf_counter() - start
 
         # Bare baseline: the same top-K datums, forward_backward + optim_step only.

@@ -2,8 +2,9 @@
 
 An adapter is a LoRA run per user, `owner/name`. `init` creates it on the service and saves its
 untrained weights as version 1, so every adapter always has a version to serve and to train from.
-Each feedback request adds a version (see `claas.engine`). `rollback` points the adapter back at
-an earlier version; the next training continues from there and gets the next free number.
+Each feedback request adds a version (`claas.feedback` registers what `claas.sdpo.engine`
+trains). `rollback` points the adapter back at an earlier version; the next training continues
+from there and gets the next free number.
 
     adapters = Adapters(service, store, base_model="SmolLM2-135M-Instruct")
     await adapters.init("alice/assistant", rank=16)
@@ -11,23 +12,33 @@ an earlier version; the next training continues from there and gets the next fre
 
 from __future__ import annotations
 
-import inspect
 import io
 import zipfile
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Awaitable, Sequence
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from claas.errors import AdapterNotFound, InvalidRequest, QuotaExceeded
-from claas.services import delete_checkpoints
-from claas.store import Adapter, AdapterVersion, Store, parse_lora_id
+from claas.ids import parse_lora_id
+from claas.records import Adapter, AdapterVersion
+from claas.services.protocol import (
+    ATTENTION_MODULES,
+    MLP_MODULES,
+    TINKER_LORA_ALPHA,
+    UNEMBED_MODULES,
+    ServiceClient,
+    TrainingClient,
+    capabilities_of,
+    delete_checkpoints,
+    exact_lora,
+    local_checkpoints,
+)
+from claas.store import Store
 
-ATTN = {"q_proj", "k_proj", "v_proj", "o_proj"}
-MLP = {"gate_proj", "up_proj", "down_proj"}
-UNEMBED = {"lm_head"}
+ATTN = frozenset(ATTENTION_MODULES)
+MLP = frozenset(MLP_MODULES)
+UNEMBED = frozenset(UNEMBED_MODULES)
 DEFAULT_TARGETS = sorted(ATTN | MLP)
-TINKER_LORA_ALPHA = 32.0
 
 
 class AdapterSpec(BaseModel):
@@ -47,7 +58,7 @@ class Adapters:
 
     def __init__(
         self,
-        service: Any,
+        service: ServiceClient,
         store: Store,
         base_model: str,
         allowed_base_models: Sequence[str] | None = None,
@@ -92,9 +103,7 @@ class Adapters:
         )
         saved: list[str] = []
         try:
-            trainer = await self.service.create_lora_training_client(
-                base_model, **self._lora_kwargs(spec)
-            )
+            trainer = await self._create_training_client(base_model, spec)
             state = await trainer.save_state("init")
             saved.append(state.path)
             sampler = await trainer.save_weights_for_sampler("init")
@@ -106,25 +115,31 @@ class Adapters:
             raise
         return self.store.get_adapter(adapter.lora_id)
 
-    def _lora_kwargs(self, spec: AdapterSpec) -> dict[str, Any]:
+    def _create_training_client(
+        self, base_model: str, spec: AdapterSpec
+    ) -> Awaitable[TrainingClient]:
         """Tinker's flags, plus exact alpha and modules where the service accepts them."""
         modules = set(spec.target_modules)
-        kwargs: dict[str, Any] = {
-            "rank": spec.rank,
-            "seed": spec.seed,
-            "train_attn": bool(modules & ATTN),
-            "train_mlp": bool(modules & MLP),
-            "train_unembed": bool(modules & UNEMBED),
-        }
-        accepted = inspect.signature(self.service.create_lora_training_client).parameters
-        if "target_modules" in accepted and "lora_alpha" in accepted:
-            kwargs.update(target_modules=sorted(modules), lora_alpha=spec.lora_alpha)
-        elif spec.lora_alpha != TINKER_LORA_ALPHA or modules not in _whole_groups(modules):
+        attn, mlp, unembed = bool(modules & ATTN), bool(modules & MLP), bool(modules & UNEMBED)
+        if capabilities_of(self.service).exact_lora_config:
+            return exact_lora(self.service).create_lora_training_client(
+                base_model,
+                spec.rank,
+                spec.seed,
+                train_mlp=mlp,
+                train_attn=attn,
+                train_unembed=unembed,
+                target_modules=sorted(modules),
+                lora_alpha=spec.lora_alpha,
+            )
+        if spec.lora_alpha != TINKER_LORA_ALPHA or modules not in _whole_groups(modules):
             raise InvalidRequest(
                 "this training service sets LoRA alpha and module groups itself; use "
                 f"lora_alpha={TINKER_LORA_ALPHA} and whole groups (attention, MLP, lm_head)"
             )
-        return kwargs
+        return self.service.create_lora_training_client(
+            base_model, spec.rank, spec.seed, train_mlp=mlp, train_attn=attn, train_unembed=unembed
+        )
 
     def list_adapters(self, prefix: str = "") -> list[Adapter]:
         return self.store.list_adapters(prefix)
@@ -154,13 +169,12 @@ class Adapters:
         )
         if chosen is None:
             raise AdapterNotFound(f"adapter {lora_id} has no version to export")
-        checkpoint_dir = getattr(self.service, "checkpoint_dir", None)
-        if checkpoint_dir is None:
+        if not capabilities_of(self.service).local_checkpoints:
             raise InvalidRequest(
                 "export needs local checkpoints; on hosted Tinker download the weights with "
                 f"the Tinker CLI from {chosen.sampler_path}"
             )
-        directory = checkpoint_dir(chosen.sampler_path)
+        directory = local_checkpoints(self.service).checkpoint_dir(chosen.sampler_path)
         buffer = io.BytesIO()
         with zipfile.ZipFile(buffer, "w", zipfile.ZIP_DEFLATED) as archive:
             for file in sorted(directory.iterdir()):

@@ -1,6 +1,6 @@
 """Serving: sample an answer from an adapter's current version and record its rollout.
 
-The first half of the data flow in DESIGN.md. A chat request names a model: an adapter
+The first half of the data flow (docs/architecture.md). A chat request names a model: an adapter
 `owner/name` (its current version), `owner/name@N` (a pinned version) or the base model. The
 answer is sampled through the training service's sampling client, so the served weights are
 exactly the ones the engine trains. Before the answer is returned, its rollout (messages, prompt
@@ -14,7 +14,6 @@ params) is stored, so feedback can later name it by completion id.
 from __future__ import annotations
 
 import asyncio
-import inspect
 import re
 import threading
 import time
@@ -22,14 +21,22 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from tinker import types
+from transformers import PreTrainedTokenizerBase
 
 from claas.errors import AdapterNotFound, ContextTooLong, InvalidRequest, VersionNotFound
-from claas.prompts import Message, chat_prompt_tokens, message_text
-from claas.services.protocol import StopGeneration
-from claas.store import Store, text_hash, validate_lora_id
+from claas.ids import text_hash, validate_lora_id
+from claas.sdpo.prompts import Message, chat_prompt_tokens, message_text
+from claas.services.protocol import (
+    SamplingClient,
+    ServiceClient,
+    StopGeneration,
+    capabilities_of,
+    streaming,
+)
+from claas.store import Store
 
 THINK_BLOCK = re.compile(r"<think>.*?(</think>\s*|$)", re.DOTALL)
 THINK_OPEN = "<think>"
@@ -80,7 +87,7 @@ class StreamDecoder:
     """Turns a growing token list into visible-text deltas, never splitting a character or
     leaking the start of a `<think>` tag."""
 
-    def __init__(self, tokenizer: Any) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokenizer = tokenizer
         self.tokens: list[int] = []
         self.sent = ""
@@ -104,10 +111,10 @@ class StreamDecoder:
 class ChatService:
     def __init__(
         self,
-        service: Any,
+        service: ServiceClient,
         store: Store,
         base_model: str,
-        tokenizer: Any,
+        tokenizer: PreTrainedTokenizerBase,
         max_context: int,
         rollout_ttl_seconds: float,
         max_cached_samplers: int = 64,
@@ -118,7 +125,7 @@ class ChatService:
         self.tokenizer = tokenizer
         self.max_context = max_context
         self.rollout_ttl_seconds = rollout_ttl_seconds
-        self._samplers: OrderedDict[str, Any] = OrderedDict()
+        self._samplers: OrderedDict[str, SamplingClient] = OrderedDict()
         self._max_cached = max_cached_samplers
 
     # -- which weights --------------------------------------------------------------------------
@@ -155,7 +162,7 @@ class ChatService:
             version = current
         return ModelTarget(model, lora_id, version.version, version.sampler_path)
 
-    async def sampler(self, target: ModelTarget) -> Any:
+    async def sampler(self, target: ModelTarget) -> SamplingClient:
         key = target.sampler_path or f"base:{self.base_model}"
         if key in self._samplers:
             self._samplers.move_to_end(key)
@@ -201,14 +208,15 @@ class ChatService:
                 "conversation or lower max_tokens"
             )
         sampler = await self.sampler(target)
-        kwargs: dict[str, Any] = {}
         abandoned = threading.Event()
-        if on_text is not None and "on_token" in inspect.signature(sampler.sample).parameters:
-            kwargs["on_token"] = self._token_bridge(on_text, n, abandoned)
+        streams = on_text is not None and capabilities_of(self.service).token_streaming
+        prompt = types.ModelInput.from_ints(prompt_tokens)
         try:
-            response = await sampler.sample(
-                types.ModelInput.from_ints(prompt_tokens), n, params, **kwargs
-            )
+            if streams and on_text is not None:
+                on_token = self._token_bridge(on_text, n, abandoned)
+                response = await streaming(sampler).sample(prompt, n, params, on_token=on_token)
+            else:
+                response = await sampler.sample(prompt, n, params)
         except asyncio.CancelledError:
             abandoned.set()  # the stream's client left: stop generating at the next token
             raise
@@ -227,7 +235,7 @@ class ChatService:
                     finish_reason=sequence.stop_reason,
                 )
             )
-        if on_text is not None and not kwargs:  # no token streaming here: send it whole
+        if on_text is not None and not streams:  # no token streaming here: send it whole
             for choice in choices:
                 on_text(choice.index, choice.text)
         user_text = prompt_text if prompt_text is not None else _last_user_text(messages)

@@ -30,7 +30,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from transformers import TextStreamer
 
     from claas.models import load_model
-    from claas.prompts import chat_prompt_tokens
+    from claas.sdpo.prompts import chat_prompt_tokens
 
     settings = _settings(args)
     loaded = load_model(settings.model, settings.model_cache_dir, settings.device)

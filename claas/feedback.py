@@ -1,14 +1,15 @@
 """The durable feedback queue: from a feedback request to a new adapter version.
 
-The second half of the data flow in DESIGN.md. A request names rollouts (by completion id, or by
-adapter + prompt text + response text) and carries the user's feedback. It is validated
-completely before anything is queued, then written to SQLite as `queued`, so it survives a
-restart; `running` requests found at start-up are queued again.
+The second half of the data flow (docs/architecture.md). A request names rollouts (by
+completion id, or by adapter + prompt text + response text) and carries the user's feedback. It
+is validated completely before anything is queued, then written to SQLite as `queued`, so it
+survives a restart; `running` requests found at start-up are queued again.
 
 Per adapter, requests run strictly in arrival order, one at a time. Requests for the same adapter
 and training config that queued up while a step was running are coalesced into one batch (up to
 `max_coalesce`), which is reported on each of them as `coalesced_into`. A finished request has
-already registered its version in the store, so the next chat is served by it.
+already registered its version in the store, so the next chat is served by it: the engine
+returns the trained checkpoint, and `train_and_register` makes it the adapter's next version.
 
     queue = FeedbackQueue(store, engine, max_coalesce=8)
     queue.start()
@@ -28,7 +29,6 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig
 from claas.errors import (
     ClaasError,
     FeedbackNotFound,
@@ -37,13 +37,8 @@ from claas.errors import (
     RolloutNotFound,
     TooManyRequests,
 )
-from claas.prompts import Utf8Text
-from claas.store import (
+from claas.ids import (
     LORA_ID_PATTERN,
-    PENDING,
-    FeedbackRequest,
-    Rollout,
-    Store,
     check_owner,
     parse_lora_id,
     rollout_missing,
@@ -51,6 +46,18 @@ from claas.store import (
     validate_lora_id,
     visible_to,
 )
+from claas.records import PENDING, AdapterVersion, FeedbackRequest, Rollout
+from claas.sdpo.config import (
+    FeedbackSample,
+    FeedbackText,
+    TrainedCheckpoint,
+    TrainFrom,
+    TrainingConfig,
+)
+from claas.sdpo.engine import SDPOEngine
+from claas.sdpo.prompts import Utf8Text
+from claas.services.protocol import delete_checkpoints
+from claas.store import Store
 
 logger = logging.getLogger(__name__)
 
@@ -71,7 +78,7 @@ class FeedbackItem(BaseModel):
     )
     prompt: Utf8Text | None = Field(None, max_length=200_000, description="The user message text.")
     response: Utf8Text | None = Field(None, max_length=200_000, description="The answer's text.")
-    feedback: Utf8Text = Field(min_length=1, max_length=8000)
+    feedback: FeedbackText
     training: TrainingConfig | None = None
 
     @model_validator(mode="after")
@@ -81,8 +88,6 @@ class FeedbackItem(BaseModel):
             raise ValueError(
                 "name the rollout with completion_id, or with lora_id + prompt + response"
             )
-        if not self.feedback.strip():
-            raise ValueError("feedback is empty; say what should change in the answer")
         return self
 
 
@@ -272,6 +277,7 @@ class FeedbackQueue:
                 await self.engine.check(samples, config)
             except ClaasError as error:
                 self._mark(self.store.mark_failed, [request.id], f"{type(error).__name__}: {error}")
+                await self.notify()  # its waiters learn now, not after the batch's step
                 continue
             ready.append((request, samples))
         if not ready:
@@ -286,16 +292,18 @@ class FeedbackQueue:
         started = time.perf_counter()
         try:
             samples = [sample for _, request_samples in ready for sample in request_samples]
-            result = await self.engine.distill(samples, config, feedback_id=head.id)
+            version, trained = await train_and_register(
+                self.engine, self.store, samples, config, feedback_id=head.id
+            )
             metrics = {
-                **result.metrics,
-                "timings": result.timings,
-                "steps": [s.model_dump() for s in result.steps],
-                "teacher_texts": result.teacher_texts,
+                **trained.metrics,
+                "timings": trained.timings,
+                "steps": [s.model_dump() for s in trained.steps],
+                "teacher_texts": trained.teacher_texts,
                 "coalesced": len(ready),
                 "coalesced_ids": ids,
             }
-            self._mark(self.store.mark_done, ids, result.version, metrics)
+            self._mark(self.store.mark_done, ids, version.version, metrics)
         except asyncio.CancelledError:
             raise  # shutting down: the requests stay `running` and are requeued at start-up
         except ClaasError as error:
@@ -340,3 +348,42 @@ class FeedbackQueue:
             feedback=item["feedback"],
             prompt_format=rollout.prompt_format,
         )
+
+
+async def train_and_register(
+    engine: SDPOEngine,
+    store: Store,
+    samples: Sequence[FeedbackSample],
+    config: TrainingConfig,
+    feedback_id: str | None = None,
+) -> tuple[AdapterVersion, TrainedCheckpoint]:
+    """Train the adapter's current version on `samples` and register the result as the next.
+
+    The adapter as it was when training started goes with the registration: if it was rolled
+    back, or deleted and re-created, meanwhile, the store refuses the result (`Conflict`) and
+    the checkpoints just written are removed, so nothing half-registered remains.
+    """
+    if not samples:
+        raise InvalidFeedback("no samples given; send at least one feedback item")
+    lora_id = validate_lora_id(samples[0].lora_id)
+    adapter = store.get_adapter(lora_id)
+    current = store.latest_version(lora_id)
+    if current is None:
+        raise InvalidFeedback(f"adapter {lora_id} has no version to train from; re-create it")
+    start = TrainFrom(
+        version=current.version, state_path=current.state_path, sampler_path=current.sampler_path
+    )
+    trained = await engine.distill(samples, config, start)
+    try:
+        version = store.add_version(
+            lora_id,
+            trained.state_path,
+            trained.sampler_path,
+            feedback_id,
+            {**trained.metrics, "timings": trained.timings},
+            trained_from=adapter,
+        )
+    except BaseException:
+        await delete_checkpoints(engine.service, [trained.state_path, trained.sampler_path])
+        raise
+    return version, trained

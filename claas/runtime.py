@@ -9,15 +9,21 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, cast
+
+from transformers import PreTrainedTokenizerBase
 
 from claas.adapters import Adapters
 from claas.chat import ChatService
-from claas.engine import SDPOEngine
 from claas.feedback import FeedbackQueue
 from claas.models import LoadedModel
+from claas.sdpo.engine import SDPOEngine
+from claas.services.protocol import Closable, ServiceClient, capabilities_of
 from claas.settings import Settings
 from claas.store import Store
+
+if TYPE_CHECKING:
+    from claas.services.local import AdapterHost
 
 logger = logging.getLogger(__name__)
 
@@ -25,27 +31,30 @@ logger = logging.getLogger(__name__)
 @dataclass
 class Runtime:
     settings: Settings
-    service: Any
+    service: ServiceClient
     store: Store
     base_model: str
-    tokenizer: Any
+    tokenizer: PreTrainedTokenizerBase
     max_context: int
     engine: SDPOEngine
     adapters: Adapters
     chat: ChatService
     queue: FeedbackQueue
+    host: AdapterHost | None = None  # the local service's model and worker, owned here
 
     @classmethod
     def build(cls, settings: Settings, loaded: LoadedModel | None = None) -> Runtime:
         """Load the model (or take `loaded`) and wire every part to it."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
         store = Store(settings.data_dir / "claas.db")
+        host = None
+        service: ServiceClient  # local or hosted: mypy checks both against the seam
         if settings.service == "tinker":
             service, base_model, tokenizer, max_context = _tinker_parts(settings)
             hidden_size, model_type = _local_config_shape(base_model)
         else:
-            from claas.services.checkpoints import sweep_unreferenced
-            from claas.services.local import LocalServiceClient, shared_model
+            from claas.services.local import AdapterHost, LocalServiceClient, shared_model
+            from claas.services.local.checkpoints import sweep_unreferenced
 
             if loaded is None:
                 loaded = shared_model(settings.model, settings.model_cache_dir, settings.device)
@@ -58,12 +67,13 @@ class Runtime:
                     len(swept),
                     ", ".join(str(p.relative_to(checkpoints)) for p in swept),
                 )
-            service = LocalServiceClient(loaded, checkpoints)
+            host = AdapterHost(loaded)
+            service = LocalServiceClient(host, checkpoints)
             base_model, tokenizer, max_context = loaded.name, loaded.tokenizer, loaded.max_context
             hidden_size = int(loaded.model.config.hidden_size)
             model_type = str(loaded.model.config.model_type)
-        # The default learning rate follows the base model's size (engine.default_learning_rate).
-        engine = SDPOEngine(service, store, base_model, max_context, hidden_size, model_type)
+        # The default learning rate follows the base model's size (default_learning_rate).
+        engine = SDPOEngine(service, base_model, max_context, hidden_size, model_type)
         return cls(
             settings=settings,
             service=service,
@@ -89,16 +99,18 @@ class Runtime:
                 settings.max_coalesce,
                 max_pending_per_owner=settings.max_pending_feedback_per_owner,
             ),
+            host=host,
         )
 
     def close(self) -> None:
-        close = getattr(self.service, "close", None)
-        if callable(close) and not _is_tinker(self.service):
-            close()
+        if capabilities_of(self.service).closable:
+            cast(Closable, self.service).close()
+        if self.host is not None:
+            self.host.close()
         self.store.close()
 
 
-def _tinker_parts(settings: Settings) -> tuple[Any, str, Any, int]:
+def _tinker_parts(settings: Settings) -> tuple[ServiceClient, str, PreTrainedTokenizerBase, int]:
     from claas.errors import InvalidRequest
     from claas.models import load_tokenizer
     from claas.services.tinker import build_service_client
@@ -113,10 +125,6 @@ def _tinker_parts(settings: Settings) -> tuple[Any, str, Any, int]:
     tokenizer = load_tokenizer(settings.tinker_base_model, Path(settings.model_cache_dir))
     max_context = int(getattr(tokenizer, "model_max_length", 32768) or 32768)
     return service, settings.tinker_base_model, tokenizer, min(max_context, 131072)
-
-
-def _is_tinker(service: Any) -> bool:
-    return type(service).__module__.startswith("tinker")
 
 
 def _local_config_shape(model: str) -> tuple[int | None, str | None]:

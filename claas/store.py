@@ -27,40 +27,43 @@ also keeps a second process (the CLI) on the same file correct.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 import sqlite3
 import threading
 import time
-import unicodedata
 import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
-
 from claas.errors import (
     AdapterExists,
     AdapterNotFound,
     Conflict,
     FeedbackNotFound,
-    Forbidden,
     IncompatibleDatabase,
-    InvalidLoraId,
     InvalidRequest,
     RolloutNotFound,
     VersionNotFound,
 )
+from claas.ids import (
+    feedback_missing,
+    rollout_missing,
+    validate_lora_id,
+)
+from claas.records import (
+    Adapter,
+    AdapterVersion,
+    EvalRun,
+    FeedbackRequest,
+    FeedbackStatus,
+    Rollout,
+)
+from claas.sdpo.config import DIVERGENCE_MODES
 
 SCHEMA_VERSION = 1
-LORA_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
-LORA_ID_PATTERN = f"^{LORA_ID_PART.pattern}/{LORA_ID_PART.pattern}$"  # for the OpenAPI schema
-FeedbackStatus = Literal["queued", "running", "done", "failed"]
-PENDING: tuple[FeedbackStatus, ...] = ("queued", "running")  # not finished yet
-DIVERGENCE_MODES = ("topk_gjs", "scalar_kl")
+
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS adapters (
@@ -127,127 +130,6 @@ CREATE TABLE IF NOT EXISTS eval_runs (
 """
 
 
-def parse_lora_id(lora_id: str) -> tuple[str, str]:
-    """Split `owner/name`, refusing anything else: no dots, no extra slashes, no whitespace.
-
-    Each part is `[A-Za-z0-9][A-Za-z0-9_-]{0,63}`, so a lora_id can never be a path that leaves
-    its directory (`..`, `.hidden`, `/abs`, `a\\b`).
-    """
-    parts = lora_id.split("/") if isinstance(lora_id, str) else []
-    if len(parts) != 2 or not all(LORA_ID_PART.fullmatch(part) for part in parts):
-        raise InvalidLoraId(
-            "lora_id must look like 'owner/name' (letters, digits, '_' and '-', up to 64 each, "
-            f"starting with a letter or digit); got {lora_id!r}"
-        )
-    return parts[0], parts[1]
-
-
-def validate_lora_id(lora_id: str) -> str:
-    """Return `lora_id` unchanged if it is a valid `owner/name`, else raise `InvalidLoraId`."""
-    parse_lora_id(lora_id)
-    return lora_id
-
-
-def check_owner(owner: str | None, lora_id: str) -> None:
-    """Refuse (403) an adapter that `owner` may not reach; `None` reaches every adapter.
-
-    Only for ids the caller *named*: a record found by its own id (a rollout, a feedback request)
-    that the caller may not see is answered as missing instead, see `visible_to`.
-    """
-    if owner is not None and parse_lora_id(lora_id)[0] != owner:
-        raise Forbidden(
-            f"this API key belongs to {owner!r} and cannot reach {lora_id}; use adapters named "
-            f"'{owner}/...'"
-        )
-
-
-def visible_to(owner: str | None, lora_id: str | None) -> bool:
-    """Whether a record of adapter `lora_id` exists for `owner` (`None`: the admin)."""
-    return owner is None or (lora_id is not None and lora_id.startswith(f"{owner}/"))
-
-
-def text_hash(text: str) -> str:
-    """sha256 of the text after NFC normalisation, stripping, and collapsing whitespace runs.
-
-    Prompt and response hashes both use it, so feedback that quotes an answer with different
-    line wrapping or Unicode composition still finds the rollout.
-    """
-    normal = " ".join(unicodedata.normalize("NFC", text).split())
-    # surrogatepass: a lone surrogate (valid in a Python str, not in UTF-8) still hashes.
-    return hashlib.sha256(normal.encode("utf-8", "surrogatepass")).hexdigest()
-
-
-class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True)
-
-
-class Adapter(_Frozen):
-    lora_id: str
-    base_model: str
-    rank: int
-    lora_alpha: float
-    target_modules: list[str]
-    created_at: float
-    current_version: int | None  # served and trained from; None before the first version
-
-
-class AdapterVersion(_Frozen):
-    lora_id: str
-    version: int
-    state_path: str
-    sampler_path: str
-    created_at: float
-    feedback_id: str | None
-    metrics: dict[str, Any]
-
-
-class Rollout(_Frozen):
-    id: str
-    lora_id: str | None  # None: sampled from the base model
-    adapter_version: int | None
-    model: str
-    messages: list[dict[str, Any]]
-    prompt_tokens: list[int]
-    response_tokens: list[int]
-    behavior_logprobs: list[float]
-    sampling_params: dict[str, Any]
-    response_text: str
-    prompt_hash: str
-    response_hash: str
-    created_at: float
-    expires_at: float | None  # None: never expires
-    # "chat": prompt_tokens are `messages` through the chat template; "text": a raw prompt
-    # (/v1/completions), whose teacher prompt is the raw text plus the hindsight block.
-    prompt_format: Literal["chat", "text"] = "chat"
-
-
-class FeedbackRequest(_Frozen):
-    id: str
-    lora_id: str
-    status: FeedbackStatus
-    items: list[dict[str, Any]]
-    training: dict[str, Any]
-    created_at: float
-    started_at: float | None
-    finished_at: float | None
-    error: str | None
-    metrics: dict[str, Any]
-    version: int | None  # the adapter version this request produced
-    coalesced_into: str | None  # the id of the request whose training step carried this one
-
-
-class EvalRun(_Frozen):
-    id: str
-    lora_id: str
-    created_at: float
-    config: dict[str, Any]
-    results: dict[str, Any]
-
-    @property
-    def divergence_mode(self) -> str:
-        return str(self.results["divergence_mode"])
-
-
 _JSON_COLUMNS = frozenset(
     {
         "target_modules",
@@ -277,22 +159,6 @@ def _fields(row: sqlite3.Row) -> dict[str, Any]:
 def _as_ids(ids: str | Sequence[str]) -> list[str]:
     # A bare string is one id, not a sequence of one-character ids.
     return [ids] if isinstance(ids, str) else list(dict.fromkeys(ids))
-
-
-def rollout_missing(rollout_id: str) -> RolloutNotFound:
-    """The one answer for a rollout id that is unknown, expired, or another owner's."""
-    return RolloutNotFound(
-        f"rollout {rollout_id!r} has expired or never existed; chat again and give feedback "
-        "on the new completion id"
-    )
-
-
-def feedback_missing(feedback_id: str) -> FeedbackNotFound:
-    """The one answer for a feedback id that is unknown, deleted, or another owner's."""
-    return FeedbackNotFound(
-        f"feedback request {feedback_id!r} does not exist; use the feedback_id returned by "
-        "POST /v1/feedback (requests of a deleted adapter are deleted with it)"
-    )
 
 
 class Store:

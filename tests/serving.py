@@ -1,4 +1,4 @@
-"""Shared test helpers: a real uvicorn server on 127.0.0.1 and the calls most tests make."""
+"""Shared test helpers: a real uvicorn server on 127.0.0.1, the calls most tests make, API keys."""
 
 from __future__ import annotations
 
@@ -16,6 +16,17 @@ from claas.runtime import Runtime
 from claas.settings import Settings
 
 HELLO = [{"role": "user", "content": "Hello there!"}]
+
+
+def bearer(key: str) -> dict[str, str]:
+    """Request headers that send `key` as the API key."""
+    return {"authorization": f"Bearer {key}"}
+
+
+# Two owners' keys and an admin key, for `make_server(..., api_keys=OWNER_KEYS, admin_key=...)`.
+OWNER_KEYS = {"sk-alice": "alice", "sk-bob": "bob"}
+ADMIN_KEY = "sk-admin"
+ALICE, BOB, ADMIN = bearer("sk-alice"), bearer("sk-bob"), bearer(ADMIN_KEY)
 
 
 class LiveServer:
@@ -54,6 +65,14 @@ def make_server(
     )
 
 
+def save_tiny_model(model_cache: Path, directory: Path) -> Path:
+    """The tiny random Llama (seed 0) saved as a model directory, for `claas serve --model`."""
+    loaded = tiny_llama(model_cache, seed=0)
+    loaded.model.save_pretrained(directory)
+    loaded.tokenizer.save_pretrained(directory)
+    return directory
+
+
 def create(live: LiveServer, lora_id: str, headers: dict[str, str] | None = None) -> Any:
     response = live.client.post(
         "/v1/adapters", json={"lora_id": lora_id, "rank": 4}, headers=headers or {}
@@ -85,7 +104,25 @@ def finished(
         time.sleep(0.05)
 
 
-def train_once(live: LiveServer, completion_id: str) -> Any:
-    """One quick feedback step (steps_per_batch=1), waited for."""
-    item = {"completion_id": completion_id, "feedback": "x", "training": {"steps_per_batch": 1}}
-    return live.client.post("/v1/feedback?wait=true", json={"items": [item]}).json()
+def train_once(
+    live: LiveServer,
+    completion_id: str,
+    feedback: str = "x",
+    headers: dict[str, str] | None = None,
+) -> Any:
+    """One quick feedback step (steps_per_batch=1), waited for; the finished request."""
+    item = {
+        "completion_id": completion_id,
+        "feedback": feedback,
+        "training": {"steps_per_batch": 1},
+    }
+    response = live.client.post(
+        "/v1/feedback?wait=true", json={"items": [item]}, headers=headers or {}
+    )
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def error_of(response: httpx.Response) -> tuple[int, str]:
+    """An error answer's status and message."""
+    return response.status_code, response.json()["error"]["message"]

@@ -26,10 +26,26 @@ import hypothesis
 import openai
 import pytest
 import schemathesis
-from serving import HELLO, LiveServer, chat, create, finished, make_server, train_once
+from serving import (
+    ADMIN,
+    ADMIN_KEY,
+    ALICE,
+    BOB,
+    HELLO,
+    OWNER_KEYS,
+    LiveServer,
+    bearer,
+    chat,
+    create,
+    error_of,
+    finished,
+    make_server,
+    save_tiny_model,
+    train_once,
+)
 
-from claas.models import LoadedModel, tiny_llama
-from claas.prompts import chat_prompt_tokens
+from claas.models import LoadedModel
+from claas.sdpo.prompts import chat_prompt_tokens
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -292,11 +308,7 @@ def _start(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes
 
 @pytest.fixture(scope="module")
 def tiny_dir(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    directory = tmp_path_factory.mktemp("tiny-model")
-    tiny = tiny_llama(model_cache, seed=0)
-    tiny.model.save_pretrained(directory)
-    tiny.tokenizer.save_pretrained(directory)
-    return directory
+    return save_tiny_model(model_cache, tmp_path_factory.mktemp("tiny-model"))
 
 
 def test_restart_after_sigkill_resumes_queued_feedback(tiny_dir: Path, tmp_path: Path) -> None:
@@ -353,34 +365,24 @@ def test_restart_after_sigkill_resumes_queued_feedback(tiny_dir: Path, tmp_path:
 
 
 def test_api_keys_scope_owners(tmp_path: Path, model_cache: Path) -> None:
-    live = make_server(
-        tmp_path,
-        model_cache,
-        api_keys={"sk-alice": "alice", "sk-bob": "bob"},
-        admin_key="sk-admin",
-    )
-    alice = {"authorization": "Bearer sk-alice"}
-    bob = {"authorization": "Bearer sk-bob"}
+    live = make_server(tmp_path, model_cache, api_keys=OWNER_KEYS, admin_key=ADMIN_KEY)
     try:
         assert live.client.get("/v1/adapters").status_code == 401
-        assert (
-            live.client.get("/v1/adapters", headers={"authorization": "Bearer x"}).status_code
-            == 401
-        )
-        create(live, "alice/private", headers=alice)
+        assert live.client.get("/v1/adapters", headers=bearer("x")).status_code == 401
+        create(live, "alice/private", headers=ALICE)
         assert (
             live.client.post(
-                "/v1/adapters", json={"lora_id": "alice/stolen"}, headers=bob
+                "/v1/adapters", json={"lora_id": "alice/stolen"}, headers=BOB
             ).status_code
             == 403
         )
-        assert live.client.get("/v1/adapters/alice/private", headers=bob).status_code == 403
-        assert chat(live, "alice/private", h=bob).status_code == 403
-        answer = chat(live, "alice/private", h=alice).json()
+        assert live.client.get("/v1/adapters/alice/private", headers=BOB).status_code == 403
+        assert chat(live, "alice/private", h=BOB).status_code == 403
+        answer = chat(live, "alice/private", h=ALICE).json()
         cross = live.client.post(
             "/v1/feedback",
             json={"items": [{"completion_id": answer["id"], "feedback": "x"}]},
-            headers=bob,
+            headers=BOB,
         )
         assert cross.status_code == 404  # another owner's id looks like no id at all
         mine = live.client.post(
@@ -394,19 +396,19 @@ def test_api_keys_scope_owners(tmp_path: Path, model_cache: Path) -> None:
                     }
                 ]
             },
-            headers=alice,
+            headers=ALICE,
         )
         assert mine.status_code == 202
         feedback_id = mine.json()["feedback_id"]
-        assert live.client.get(f"/v1/feedback/{feedback_id}", headers=bob).status_code == 404
-        assert live.client.get(f"/v1/feedback/{feedback_id}", headers=alice).status_code == 200
-        assert live.client.get("/v1/adapters", headers=bob).json()["data"] == []
-        listed = live.client.get("/v1/adapters", headers={"authorization": "Bearer sk-admin"})
+        assert live.client.get(f"/v1/feedback/{feedback_id}", headers=BOB).status_code == 404
+        assert live.client.get(f"/v1/feedback/{feedback_id}", headers=ALICE).status_code == 200
+        assert live.client.get("/v1/adapters", headers=BOB).json()["data"] == []
+        listed = live.client.get("/v1/adapters", headers=ADMIN)
         assert [a["lora_id"] for a in listed.json()["data"]] == ["alice/private"]
-        assert chat(live, live.runtime.base_model, h=bob).status_code == 200
-        for response in [live.client.get("/v1/adapters/alice/private", headers=bob)]:
+        assert chat(live, live.runtime.base_model, h=BOB).status_code == 200
+        for response in [live.client.get("/v1/adapters/alice/private", headers=BOB)]:
             assert "alice" in response.json()["error"]["message"]
-        unknown = chat(live, "bob/nothing", h=bob)  # 404 lists only bob's own names
+        unknown = chat(live, "bob/nothing", h=BOB)  # 404 lists only bob's own names
         assert unknown.status_code == 404 and "alice" not in unknown.json()["error"]["message"]
     finally:
         live.close()
@@ -430,111 +432,247 @@ def test_no_keys_means_loopback_only() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_bad_inputs_get_clear_errors(server: LiveServer) -> None:
-    create(server, "alice/valid")
-    data_dir = server.runtime.settings.data_dir
-    before = sorted(p.name for p in (data_dir / "checkpoints").iterdir())
+# Stand-ins in the table for the completion ids the fixture makes.
+ANSWER = "<a completion of alice/valid>"
+OTHER_ANSWER = "<a completion of alice/other>"
+BASE_ANSWER = "<a completion of the base model>"
 
-    def error(response: httpx.Response, status: int, needle: str) -> None:
-        assert response.status_code == status, response.text
-        message = response.json()["error"]["message"]
-        assert needle in message, message
 
-    for bad in ["../x", "a/../b", "a/b/c", "..", "/etc/passwd", "a\\b", "a/.b", ""]:
-        error(server.client.post("/v1/adapters", json={"lora_id": bad}), 422, "owner/name")
-    error(server.client.get("/v1/adapters/alice/.hidden"), 422, "owner/name")
-    error(server.client.delete("/v1/adapters/alice/..."), 422, "owner/name")
-    for raw in ["/v1/adapters/alice/..%2F..%2Fetc", "/v1/adapters/%2E%2E/%2E%2E"]:
-        assert server.client.get(raw).status_code in (404, 422)
-    assert sorted(p.name for p in (data_dir / "checkpoints").iterdir()) == before
-    error(chat(server, "nobody/nothing"), 404, "alice/valid")
-    error(chat(server, "alice/valid@7"), 404, "versions are [1]")
-    error(chat(server, "alice/valid@²"), 422, "must be a number")
-    error(chat(server, "alice/valid@99999999999999999999"), 422, "must be a number")
-    error(chat(server, "alice/valid", seed=2**64), 422, "seed")
-    assert chat(server, "alice/valid", seed=-5).status_code == 200
-    error(
-        server.client.post("/v1/adapters/alice/valid/rollback", json={"version": 10**30}),
-        422,
-        "version",
-    )
-    error(server.client.post("/v1/adapters", json={"lora_id": "alice/valid"}), 409, "exists")
-    error(chat(server, "alice/valid", max_tokens=100000), 422, "cap")
-    error(chat(server, "alice/valid", n=50), 422, "cap")
-    error(chat(server, "alice/valid", messages=HELLO * 300), 422, "messages")
-    error(chat(server, "alice/valid", messages=[]), 422, "messages")
-    error(server.client.post("/v1/chat/completions", content=b"{not json"), 422, "invalid")
-    surrogate = (  # JSON may name a lone surrogate, which no tokenizer can encode
-        b'{"model": "alice/valid", "messages": [{"role": "user", "content": "a\\ud800b"}]}'
-    )
-    as_json = {"content-type": "application/json"}
-    error(
-        server.client.post("/v1/chat/completions", content=surrogate, headers=as_json),
-        422,
-        "surrogate",
-    )
-    error(
-        server.client.post(
-            "/v1/chat/completions",
-            content=surrogate.replace(b"alice/valid", b"\\ud800"),
-            headers=as_json,
-        ),
-        422,
-        "surrogate",
-    )
-    error(server.client.post("/v1/chat/completions", content=b"x" * 2_000_000), 413, "body")
-    answer = chat(server, "alice/valid").json()
-    base_answer = chat(server, server.runtime.base_model).json()
+def chat_body(model: str, **fields: Any) -> dict[str, Any]:
+    """The body `serving.chat` sends."""
+    return {"model": model, "messages": HELLO, "max_tokens": 8, "temperature": 0, **fields}
 
-    def feedback(*items: dict[str, Any]) -> httpx.Response:
-        body = json.dumps({"items": list(items)})  # Python's json writes NaN, as some clients do
-        return server.client.post(
-            "/v1/feedback", content=body, headers={"content-type": "application/json"}
-        )
 
-    error(feedback({"feedback": "x"}), 422, "completion_id")
-    error(feedback({"completion_id": "chatcmpl-nope", "feedback": "x"}), 404, "chat again")
-    error(feedback({"completion_id": base_answer["id"], "feedback": "x"}), 409, "base model")
-    error(feedback({"completion_id": answer["id"], "feedback": "  "}), 422, "empty")
-    error(
-        feedback({"completion_id": answer["id"], "feedback": "x", "training": {"alpha": 2}}),
+def feedback_body(*items: dict[str, Any]) -> dict[str, Any]:
+    return {"items": list(items)}
+
+
+BAD_LORA_IDS = ["../x", "a/../b", "a/b/c", "..", "/etc/passwd", "a\\b", "a/.b", ""]
+
+
+def _bad_lora_id(bad: str) -> Any:
+    return pytest.param(
+        "POST",
+        "/v1/adapters",
+        {"lora_id": bad},
         422,
-        "alpha",
+        "owner/name",
+        id=f"create: lora_id {bad!r} is not owner/name -> 422",
     )
-    error(
-        feedback(
-            {
-                "completion_id": answer["id"],
-                "feedback": "x",
-                "training": {"learning_rate": math.nan},
-            }
+
+
+# (method, path, body, expected status, a fragment of the error message). A dict body is sent as
+# Python's json writes it (NaN and lone surrogates as escapes, as some clients do); bytes as they
+# are. A tuple of statuses allows any of them; a None fragment checks the status only.
+# fmt: off
+BAD_INPUTS = [
+    *(_bad_lora_id(bad) for bad in BAD_LORA_IDS),
+    pytest.param(
+        "GET", "/v1/adapters/alice/.hidden", None, 422, "owner/name",
+        id="get: a dot-name -> 422 owner/name",
+    ),
+    pytest.param(
+        "DELETE", "/v1/adapters/alice/...", None, 422, "owner/name",
+        id="delete: a dot-name -> 422 owner/name",
+    ),
+    pytest.param(
+        "GET", "/v1/adapters/alice/..%2F..%2Fetc", None, (404, 422), None,
+        id="get: an encoded ../ in the name -> 404 or 422",
+    ),
+    pytest.param(
+        "GET", "/v1/adapters/%2E%2E/%2E%2E", None, (404, 422), None,
+        id="get: encoded dots as owner and name -> 404 or 422",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", chat_body("nobody/nothing"), 404, "alice/valid",
+        id="chat: an unknown model -> 404 listing the models there are",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", chat_body("alice/valid@7"), 404, "versions are [1]",
+        id="chat: an unknown pinned version -> 404 listing the versions",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", chat_body("alice/valid@²"), 422, "must be a number",
+        id="chat: a pinned version that is a digit but not a number -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", chat_body("alice/valid@99999999999999999999"), 422,
+        "must be a number",
+        id="chat: a pinned version over int64 -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", chat_body("alice/valid", seed=2**64), 422, "seed",
+        id="chat: a seed over int64 -> 422 seed",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", chat_body("alice/valid", seed=-5), 200, None,
+        id="chat: a negative seed is fine -> 200",
+    ),
+    pytest.param(
+        "POST", "/v1/adapters/alice/valid/rollback", {"version": 10**30}, 422, "version",
+        id="rollback: a version over int32 -> 422 version",
+    ),
+    pytest.param(
+        "POST", "/v1/adapters", {"lora_id": "alice/valid"}, 409, "exists",
+        id="create: an adapter that exists -> 409",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", chat_body("alice/valid", max_tokens=100000), 422, "cap",
+        id="chat: max_tokens over the cap -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", chat_body("alice/valid", n=50), 422, "cap",
+        id="chat: n over the cap -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", chat_body("alice/valid", messages=HELLO * 300), 422,
+        "messages",
+        id="chat: more messages than the cap -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", chat_body("alice/valid", messages=[]), 422, "messages",
+        id="chat: no messages -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", b"{not json", 422, "invalid",
+        id="chat: a body that is not JSON -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions",
+        {"model": "alice/valid", "messages": [{"role": "user", "content": "a\ud800b"}]},
+        422, "surrogate",
+        id="chat: a lone surrogate in a message, which no tokenizer can encode -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions",
+        {"model": "\ud800", "messages": [{"role": "user", "content": "a\ud800b"}]},
+        422, "surrogate",
+        id="chat: a lone surrogate as the model -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/chat/completions", b"x" * 2_000_000, 413, "body",
+        id="chat: a body over the size limit -> 413",
+    ),
+    pytest.param(
+        "POST", "/v1/feedback", feedback_body({"feedback": "x"}), 422, "completion_id",
+        id="feedback: an item naming no completion -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/feedback", feedback_body({"completion_id": "chatcmpl-nope", "feedback": "x"}),
+        404, "chat again",
+        id="feedback: an unknown completion_id -> 404 chat again",
+    ),
+    pytest.param(
+        "POST", "/v1/feedback", feedback_body({"completion_id": BASE_ANSWER, "feedback": "x"}),
+        409, "base model",
+        id="feedback: on a base-model completion -> 409",
+    ),
+    pytest.param(
+        "POST", "/v1/feedback", feedback_body({"completion_id": ANSWER, "feedback": "  "}),
+        422, "empty",
+        id="feedback: blank feedback -> 422 empty",
+    ),
+    pytest.param(
+        "POST", "/v1/feedback",
+        feedback_body({"completion_id": ANSWER, "feedback": "x", "training": {"alpha": 2}}),
+        422, "alpha",
+        id="feedback: alpha out of range -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/feedback",
+        feedback_body(
+            {"completion_id": ANSWER, "feedback": "x", "training": {"learning_rate": math.nan}}
         ),
-        422,
-        "learning_rate",
-    )
-    error(
-        feedback(
-            {"completion_id": answer["id"], "feedback": "x", "training": {"alpha": 0.1}},
-            {"completion_id": answer["id"], "feedback": "y", "training": {"alpha": 0.2}},
+        422, "learning_rate",
+        id="feedback: a NaN learning_rate -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/feedback",
+        feedback_body(
+            {"completion_id": ANSWER, "feedback": "x", "training": {"alpha": 0.1}},
+            {"completion_id": ANSWER, "feedback": "y", "training": {"alpha": 0.2}},
         ),
-        422,
-        "training config",
-    )
-    create(server, "alice/other")
-    other = chat(server, "alice/other").json()
-    error(
-        feedback(
-            {"completion_id": answer["id"], "feedback": "x"},
-            {"completion_id": other["id"], "feedback": "y"},
+        422, "training config",
+        id="feedback: items with different training configs -> 422",
+    ),
+    pytest.param(
+        "POST", "/v1/feedback",
+        feedback_body(
+            {"completion_id": ANSWER, "feedback": "x"},
+            {"completion_id": OTHER_ANSWER, "feedback": "y"},
         ),
-        422,
-        "different adapters",
-    )
-    error(server.client.get("/v1/feedback/fb-unknown"), 404, "feedback_id")
-    error(server.client.post("/v1/adapters/alice/valid/rollback", json={"version": 9}), 404, "[1]")
-    error(server.client.get("/v1/nope"), 404, "docs")
-    assert server.runtime.store.queue_depth() == 0  # nothing was queued by any of these
-    assert server.client.get("/v1/health").json()["status"] == "ok"
+        422, "different adapters",
+        id="feedback: items for different adapters -> 422",
+    ),
+    pytest.param(
+        "GET", "/v1/feedback/fb-unknown", None, 404, "feedback_id",
+        id="feedback status: an unknown feedback_id -> 404",
+    ),
+    pytest.param(
+        "POST", "/v1/adapters/alice/valid/rollback", {"version": 9}, 404, "[1]",
+        id="rollback: to a version that does not exist -> 404 listing the versions",
+    ),
+    pytest.param(
+        "GET", "/v1/nope", None, 404, "docs",
+        id="an unknown route -> 404 pointing to /docs",
+    ),
+]
+# fmt: on
+
+
+@pytest.fixture(scope="module")
+def bad_input_server(
+    model_cache: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[LiveServer, dict[str, str]]]:
+    """alice/valid and alice/other at version 1, and a completion of each and of the base model."""
+    live = make_server(tmp_path_factory.mktemp("bad-inputs"), model_cache, max_tokens_cap=256)
+    create(live, "alice/valid")
+    create(live, "alice/other")
+    completions = {
+        ANSWER: chat(live, "alice/valid").json()["id"],
+        OTHER_ANSWER: chat(live, "alice/other").json()["id"],
+        BASE_ANSWER: chat(live, live.runtime.base_model).json()["id"],
+    }
+    yield live, completions
+    live.close()
+
+
+def _fill(body: Any, completions: dict[str, str]) -> Any:
+    """`body` with each stand-in replaced by its completion id."""
+    if isinstance(body, dict):
+        return {key: _fill(value, completions) for key, value in body.items()}
+    if isinstance(body, list):
+        return [_fill(value, completions) for value in body]
+    return completions.get(body, body) if isinstance(body, str) else body
+
+
+@pytest.mark.parametrize(("method", "path", "body", "status", "fragment"), BAD_INPUTS)
+def test_bad_inputs_get_clear_errors(
+    bad_input_server: tuple[LiveServer, dict[str, str]],
+    method: str,
+    path: str,
+    body: dict[str, Any] | bytes | None,
+    status: int | tuple[int, ...],
+    fragment: str | None,
+) -> None:
+    """Each bad request gets a clear 4xx, and touches nothing: no checkpoint, nothing queued."""
+    live, completions = bad_input_server
+    checkpoints = live.runtime.settings.data_dir / "checkpoints"
+    before = sorted(p.name for p in checkpoints.iterdir())
+    if isinstance(body, dict):
+        content: bytes | None = json.dumps(_fill(body, completions)).encode()
+        headers = {"content-type": "application/json"}
+    else:
+        content, headers = body, {}
+    response = live.client.request(method, path, content=content, headers=headers)
+    allowed = status if isinstance(status, tuple) else (status,)
+    assert response.status_code in allowed, response.text
+    if fragment is not None:
+        message = error_of(response)[1]
+        assert fragment in message, message
+    assert sorted(p.name for p in checkpoints.iterdir()) == before
+    assert live.runtime.store.queue_depth() == 0  # nothing was queued
+    assert live.client.get("/v1/health").json()["status"] == "ok"
 
 
 def test_adapter_lifecycle_over_http(server: LiveServer) -> None:

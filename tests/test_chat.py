@@ -11,6 +11,7 @@ from tinker import types
 
 from claas.chat import ChatService, ModelTarget, StreamDecoder, visible_text
 from claas.models import LoadedModel
+from claas.services.protocol import ServiceCapabilities
 from claas.store import Store
 
 RAW = "<think>The user wants a greeting.</think>\n\nHello world!"
@@ -58,12 +59,18 @@ class FakeThinkingSampler:
         return result()
 
 
+class StreamingService:
+    """A fake service that only declares token streaming; its sampler is set directly."""
+
+    capabilities = ServiceCapabilities(token_streaming=True)
+
+
 def test_rollout_keeps_raw_tokens_and_answer_hides_thinking(
     tiny: LoadedModel, tmp_path: Path
 ) -> None:
     tokens = tiny.tokenizer.encode(RAW, add_special_tokens=False)
     store = Store(tmp_path / "claas.db")
-    chat = ChatService(None, store, "tiny", tiny.tokenizer, 2048, 3600.0)
+    chat = ChatService(StreamingService(), store, "tiny", tiny.tokenizer, 2048, 3600.0)  # type: ignore[arg-type]
     target = ModelTarget(name="tiny")
     sampler = FakeThinkingSampler(tokens)
     chat._samplers[f"base:{chat.base_model}"] = sampler

@@ -20,10 +20,10 @@ import httpx
 import pytest
 from matplotlib.figure import Figure
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from serving import LiveServer, create, make_server
+from serving import LiveServer, bearer, chat, create, make_server, train_once
 
 from claas.api.dashboard import COOKIE
-from claas.prompts import INSTRUCTION_PREFIX
+from claas.sdpo.prompts import INSTRUCTION_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent
 ARTIFACTS = REPO / ".artifacts"
@@ -39,9 +39,9 @@ CHROMIUM_ARGS = [
     "--disable-sync",
 ]
 KEYS = {"sk-alice-dashboard": "alice", "sk-bob-dashboard": "bob"}
-ALICE = {"authorization": "Bearer sk-alice-dashboard"}
-BOB = {"authorization": "Bearer sk-bob-dashboard"}
-ADMIN = {"authorization": "Bearer sk-admin-dashboard"}
+ALICE = bearer("sk-alice-dashboard")
+BOB = bearer("sk-bob-dashboard")
+ADMIN = bearer("sk-admin-dashboard")
 XSS = "<script>window.xssRan = 1</script>"
 DONE_RUN, RUNNING_RUN, BOB_RUN = "20261125-1000-alice", "20261125-1100-alice", "20261125-0900-bob"
 
@@ -63,20 +63,13 @@ def _feedback(
     live: LiveServer, headers: dict[str, str], lora_id: str, prompt: str, feedback: str
 ) -> dict[str, Any]:
     """Chat once and train on one piece of feedback (one quick step), waited for."""
-    messages = [{"role": "user", "content": prompt}]
-    body = {"model": lora_id, "messages": messages, "max_tokens": 8, "temperature": 0}
-    answer = live.client.post("/v1/chat/completions", json=body, headers=headers)
+    answer = chat(live, lora_id, messages=[{"role": "user", "content": prompt}], h=headers)
     assert answer.status_code == 200, answer.text
     completion = answer.json()
-    item = {
-        "completion_id": completion["id"],
-        "feedback": feedback,
-        "training": {"steps_per_batch": 1},
-    }
-    done = live.client.post("/v1/feedback?wait=true", json={"items": [item]}, headers=headers)
-    assert done.status_code == 200 and done.json()["status"] == "done", done.text
+    done = train_once(live, completion["id"], feedback, headers)
+    assert done["status"] == "done", done
     return {
-        "id": done.json()["feedback_id"],
+        "id": done["feedback_id"],
         "prompt": prompt,
         "response": completion["choices"][0]["message"]["content"],
         "feedback": feedback,
@@ -367,7 +360,7 @@ def test_unauthenticated_and_wrong_keys(site: Site) -> None:
     plot = site.get(f"/dashboard/evals/{DONE_RUN}/plots/length.png")
     assert plot.status_code == 303 and not plot.content.startswith(b"\x89PNG")
 
-    wrong = site.get("/dashboard", headers={"authorization": "Bearer sk-nope"})
+    wrong = site.get("/dashboard", headers=bearer("sk-nope"))
     assert wrong.status_code == 401 and "Unknown API key" in wrong.text
     assert 'name="key"' in wrong.text  # the login form again, not an error body
 

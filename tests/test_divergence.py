@@ -1,4 +1,4 @@
-"""Property tests of claas.divergence against independent numpy and torch references.
+"""Property tests of claas.sdpo.divergence against independent numpy and torch references.
 
 The references below re-derive the conventions on purpose (K+1 buckets, clamped tail, GJS
 endpoints) so that the module is checked rather than trusted; everything else is imported.
@@ -17,8 +17,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from numpy.typing import NDArray
 
-import claas.divergence
-from claas.divergence import (
+import claas.sdpo.divergence
+from claas.sdpo.divergence import (
     GAIN_MAX,
     GAIN_MIN,
     GAIN_TARGET,
@@ -237,7 +237,7 @@ def test_blocks_of_positions_give_the_same_result(monkeypatch: pytest.MonkeyPatc
     student = np.take_along_axis(student_full, top_k, axis=1)
     teacher = np.take_along_axis(teacher_full, top_k, axis=1)
     one_block = gjs_and_grad(student, teacher, 0.3)
-    monkeypatch.setattr(claas.divergence, "BLOCK_LOGPROBS", 16)  # two positions per block
+    monkeypatch.setattr(claas.sdpo.divergence, "BLOCK_LOGPROBS", 16)  # two positions per block
     many_blocks = gjs_and_grad(student, teacher, 0.3)
     for whole, blocked in zip(one_block, many_blocks, strict=True):
         np.testing.assert_allclose(blocked, whole, rtol=1e-15, atol=1e-18)
@@ -442,4 +442,4 @@ def test_float32_rounding_just_above_zero_is_accepted_as_zero() -> None:
 
 
 def test_module_docstring_example_holds() -> None:
-    assert doctest.testmod(claas.divergence, raise_on_error=True).attempted > 0
+    assert doctest.testmod(claas.sdpo.divergence, raise_on_error=True).attempted > 0

@@ -1,8 +1,11 @@
 """The SDPO engine on the local service: exact gradients, the learning signal, failure hygiene.
 
-The loss in `test_topk_gradient_is_exact` is written here independently, in torch, from
-DESIGN.md: token mean of r_t·GJS_t + kl_reg_weight·k3_t per sample, mean over samples; on the
-teacher's demonstrations, GJS at alpha 0 (forward KL) with r_t = 1 and no k3.
+The loss in `test_topk_gradient_is_exact` is written here independently, in torch, from the
+conventions in `claas.sdpo.divergence`: token mean of r_t·GJS_t + kl_reg_weight·k3_t per
+sample, mean over samples; on the teacher's demonstrations, GJS at alpha 0 (forward KL) with
+r_t = 1 and no k3. It is checked at both steps of a two-step request, on a tiny model sharp
+enough that GJS, not k3, makes most of the gradient: the reference student carries the weights
+the engine had at each step, the teacher stays the version trained from.
 """
 
 from __future__ import annotations
@@ -20,12 +23,14 @@ from peft import PeftModel
 from pydantic import ValidationError
 from tinker import types
 
-from claas import datums
 from claas.adapters import Adapters, AdapterSpec
-from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig, default_learning_rate
 from claas.errors import Conflict, ContextTooLong, InvalidFeedback
+from claas.feedback import train_and_register
 from claas.models import LoadedModel, tiny_llama
-from claas.prompts import chat_prompt_tokens, teacher_prompt_tokens
+from claas.sdpo import datums
+from claas.sdpo.config import TrainedCheckpoint
+from claas.sdpo.engine import FeedbackSample, SDPOEngine, TrainingConfig, default_learning_rate
+from claas.sdpo.prompts import chat_prompt_tokens, teacher_prompt_tokens
 from claas.services.local import LocalServiceClient, LocalTrainingClient
 from claas.store import Store
 
@@ -41,11 +46,18 @@ class Harness:
         self.service = LocalServiceClient(loaded, root / "checkpoints")
         self.store = Store(root / "claas.db")
         self.adapters = Adapters(self.service, self.store, loaded.name)
-        self.engine = SDPOEngine(self.service, self.store, loaded.name, loaded.max_context)
+        self.engine = SDPOEngine(self.service, loaded.name, loaded.max_context)
+        self.version = 0  # the version the last `distill` registered
         self.tokenizer = loaded.tokenizer
 
     def run(self, coroutine: Any) -> Any:
         return asyncio.run(coroutine)
+
+    def distill(self, samples: list[FeedbackSample], config: TrainingConfig) -> TrainedCheckpoint:
+        """Train and register, as the feedback queue does."""
+        version, trained = self.run(train_and_register(self.engine, self.store, samples, config))
+        self.version = version.version
+        return trained
 
     def rollout(
         self, question: str, max_tokens: int, temperature: float = 0.0, seed: int = 0
@@ -81,10 +93,28 @@ class Harness:
         self.store.close()
 
 
+SHARP: dict[str, Any] = {"initializer_range": 0.3}
+"""LlamaConfig overrides for a tiny model with peaked logits. The default one's are nearly
+uniform, so its GJS gradient is lost next to k3's; a much sharper one is chaotic: the feedback
+prompt moves the teacher's top-K to ids where the student has no mass, and GJS saturates."""
+
+
+def started(loaded: LoadedModel, root: Path) -> Harness:
+    h = Harness(loaded, root)
+    h.run(h.adapters.init(LORA, AdapterSpec(rank=4, seed=0)))
+    return h
+
+
 @pytest.fixture
 def harness(model_cache: Path, tmp_path: Path) -> Iterator[Harness]:
-    h = Harness(tiny_llama(model_cache, seed=0), tmp_path)
-    h.run(h.adapters.init(LORA, AdapterSpec(rank=4, seed=0)))
+    h = started(tiny_llama(model_cache, seed=0), tmp_path)
+    yield h
+    h.close()
+
+
+@pytest.fixture
+def sharp_harness(model_cache: Path, tmp_path: Path) -> Iterator[Harness]:
+    h = started(tiny_llama(model_cache, seed=0, **SHARP), tmp_path)
     yield h
     h.close()
 
@@ -113,7 +143,7 @@ class GradientSpy:
         monkeypatch.setattr(LocalTrainingClient, "optim_step", optim_step)
 
 
-def perturb_latest(h: Harness, seed: int = 3) -> None:
+def perturb_latest(h: Harness, seed: int = 3, scale: float = 0.2) -> None:
     """Replace the latest version by one with non-zero B, so every LoRA weight gets gradient."""
     version = h.store.latest_version(LORA)
     assert version is not None
@@ -123,7 +153,7 @@ def perturb_latest(h: Harness, seed: int = 3) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for param in trainer.lora_parameters().values():
-            param.add_(0.2 * torch.randn(param.shape, generator=generator))
+            param.add_(scale * torch.randn(param.shape, generator=generator))
     state = trainer.save_state("perturbed").result().path
     sampler = trainer.save_weights_for_sampler("perturbed").result().path
     h.store.add_version(LORA, state, sampler, None, {})
@@ -135,7 +165,7 @@ def perturb_latest(h: Harness, seed: int = 3) -> None:
 
 
 def reference_gjs(s: torch.Tensor, t: torch.Tensor, alpha: float) -> torch.Tensor:
-    """GJS over K+1 buckets from (T, K) log-probs, written from DESIGN.md in torch."""
+    """GJS over K+1 buckets from (T, K) log-probs, written here in torch (not with `divergence`)."""
 
     def buckets(logprobs: torch.Tensor) -> torch.Tensor:
         lse = torch.logsumexp(logprobs, dim=-1, keepdim=True).clamp(max=-1e-7)
@@ -231,6 +261,18 @@ def reference_loss(
     return torch.stack(per_sample).mean()
 
 
+def max_relative_error(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> float:
+    """max |got − want| / max |want|, the worst over the LoRA tensors."""
+    assert set(got) == set(want)
+    return max(float((got[n] - want[n]).abs().max() / (want[n].abs().max() + 1e-30)) for n in want)
+
+
+GRADIENT_RTOL = 2e-4
+"""The largest `max_relative_error` of the engine's gradient. The honest test measures under 1e-5
+(float32 forward passes); 1 % more weight at the teacher's ids gives 1e-2, and 1 % more k3 (a
+small part of the gradient here) 5e-4 to 8e-3 at one of the two steps."""
+
+
 @pytest.mark.parametrize(
     ("alpha", "teacher", "demonstrations", "hindsight"),
     [
@@ -240,7 +282,7 @@ def reference_loss(
     ],
 )
 def test_topk_gradient_is_exact(
-    harness: Harness,
+    sharp_harness: Harness,
     model_cache: Path,
     monkeypatch: pytest.MonkeyPatch,
     alpha: float,
@@ -248,7 +290,11 @@ def test_topk_gradient_is_exact(
     demonstrations: int,
     hindsight: Any,
 ) -> None:
-    perturb_latest(harness)
+    """Two steps, each gradient against autograd of the reference loss. The sharp model makes
+    GJS most of the gradient (k3 stays, at a small weight); step 2 sees a moved student, while
+    the teacher and its demonstrations stay those of the version trained from."""
+    harness = sharp_harness
+    perturb_latest(harness, scale=5e-4)  # a student near the base, so k3 is a small part
     version = harness.store.latest_version(LORA)
     assert version is not None
     samples = [
@@ -261,42 +307,49 @@ def test_topk_gradient_is_exact(
     shifted[1] -= 3.0  # exp(3) ≈ 20 > is_clip = 5, so this ratio is clipped
     samples[0] = samples[0].model_copy(update={"behavior_logprobs": shifted})
     config = TrainingConfig(
-        steps_per_batch=1,
+        steps_per_batch=2,
         teacher_top_k=6,
         alpha=alpha,
-        kl_reg_weight=0.3,
-        learning_rate=1e-3,
+        kl_reg_weight=0.05,
+        learning_rate=1e-4,
         teacher=teacher,
         teacher_demonstrations=demonstrations,
         hindsight=hindsight,
     )
     spy = GradientSpy(monkeypatch)
-    result = harness.run(harness.engine.distill(samples, config))
+    result = harness.distill(samples, config)
     assert result.metrics["clip_fraction"] > 0
     assert result.metrics["demonstrations"] == demonstrations
-    assert len(spy.grads) == 1
+    assert len(spy.grads) == len(spy.weights) == 2
 
     # Independent: plain PEFT on the version's checkpoint, and an untouched base.
-    base = tiny_llama(model_cache, seed=0).model
+    def fresh() -> Any:
+        return tiny_llama(model_cache, seed=0, **SHARP).model
+
+    base = fresh()
     state_dir = harness.service.checkpoint_dir(version.state_path)
-    student = PeftModel.from_pretrained(tiny_llama(model_cache, seed=0).model, state_dir)
+    student = PeftModel.from_pretrained(fresh(), state_dir)
+    # The teacher is the version trained FROM: it does not move with the student.
+    scorer = PeftModel.from_pretrained(fresh(), state_dir) if teacher == "adapter" else base
     params = {n.replace(".default.", "."): p for n, p in student.named_parameters() if "lora" in n}
-    for param in params.values():
-        param.requires_grad_(True)
-    scorer = student if teacher == "adapter" else base
     batch = samples + reference_demonstrations(scorer, samples, harness.tokenizer, config)
     assert len(result.teacher_texts) == len(batch)
     for text, sample in zip(result.teacher_texts, batch, strict=True):
         assert text.endswith(harness.tokenizer.decode(sample.response_tokens))
-    reference_loss(student, scorer, base, batch, harness.tokenizer, config, 2).backward()
-    got = spy.grads[0]
-    assert set(got) == set(params)
-    for name, param in params.items():
-        assert param.grad is not None
-        scale = float(param.grad.abs().max()) + 1e-12
-        torch.testing.assert_close(got[name], param.grad, rtol=2e-3, atol=2e-4 * scale)
-    loss = reference_loss(student, scorer, base, batch, harness.tokenizer, config, 2)
-    assert result.steps[0].loss == pytest.approx(float(loss.detach()), rel=1e-4)
+    assert max_relative_error(spy.weights[0], params) == 0  # step 1 trains the checkpoint
+    assert max_relative_error(spy.weights[1], spy.weights[0]) > 1e-2  # step 2 sees a moved one
+    for step, (got, weights) in enumerate(zip(spy.grads, spy.weights, strict=True)):
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name])
+                param.requires_grad_(True)
+                param.grad = None
+        loss = reference_loss(student, scorer, base, batch, harness.tokenizer, config, 2)
+        loss.backward()
+        want = {n: p.grad for n, p in params.items() if p.grad is not None}
+        error = max_relative_error(got, want)
+        assert error < GRADIENT_RTOL, f"step {step + 1}: gradient off by {error:.3g}"
+        assert result.steps[step].loss == pytest.approx(float(loss.detach()), rel=1e-4)
 
 
 def test_first_step_is_topk_and_moves_gjs(harness: Harness) -> None:
@@ -304,13 +357,13 @@ def test_first_step_is_topk_and_moves_gjs(harness: Harness) -> None:
     samples = [harness.sample_for("Tell me about the sea.", seed=1)]
     # The base teacher: far from the perturbed version, so one step visibly closes the gap.
     config = TrainingConfig(steps_per_batch=1, learning_rate=1e-2, teacher="base")
-    result = harness.run(harness.engine.distill(samples, config))
+    result = harness.distill(samples, config)
     assert result.divergence_mode == "topk_gjs"
     assert result.metrics["divergence_mode"] == "topk_gjs"
     assert result.metrics["steps_per_batch_applied"] == 1
     assert result.metrics["gjs_mean_after"] < result.metrics["gjs_mean"]
     assert result.steps[0].mean_is_ratio == pytest.approx(1.0, abs=1e-3)  # on-policy step 1
-    assert result.version == 3
+    assert harness.version == 3 and result.trained_from == 2
     assert harness.store.latest_version(LORA).version == 3  # type: ignore[union-attr]
     assert "(Instruction for your answer: " + FEEDBACK + ")" in result.teacher_texts[0]
     assert set(result.timings) >= {"teacher_scoring", "student_scoring", "train", "save"}
@@ -331,7 +384,7 @@ def test_demonstrations_are_weighted_one_at_every_step(
     monkeypatch.setattr(datums, "topk_loss_terms", spy)
     samples = [harness.sample_for("Tell me about the sea.", seed=1)]
     config = TrainingConfig(steps_per_batch=3, learning_rate=5e-3, teacher_demonstrations=1)
-    result = harness.run(harness.engine.distill(samples, config))
+    result = harness.distill(samples, config)
     assert result.metrics["samples"] == 1 and result.metrics["demonstrations"] == 1
     rollout_calls, demo_calls = calls[0::2], calls[1::2]
     assert len(demo_calls) == 4  # 3 steps and the final scoring
@@ -350,7 +403,7 @@ def test_multi_step_keeps_the_rollout_behavior(
     samples = [harness.sample_for("Tell me about the sea.", seed=1)]
     spy = GradientSpy(monkeypatch)
     config = TrainingConfig(steps_per_batch=4, learning_rate=5e-3)
-    result = harness.run(harness.engine.distill(samples, config))
+    result = harness.distill(samples, config)
     assert len(spy.grads) == 4 and len(result.steps) == 4
     assert result.metrics["steps_per_batch_applied"] == 4
     ratios = [s.mean_is_ratio for s in result.steps]
@@ -367,7 +420,7 @@ def test_multi_step_keeps_the_rollout_behavior(
 def test_scalar_mode_uses_importance_sampling(harness: Harness) -> None:
     samples = [harness.sample_for("Tell me about the sea.", seed=1)]
     config = TrainingConfig(use_topk_divergence=False, steps_per_batch=2, learning_rate=1e-2)
-    result = harness.run(harness.engine.distill(samples, config))
+    result = harness.distill(samples, config)
     assert result.divergence_mode == "scalar_kl"
     assert result.metrics["divergence_mode"] == "scalar_kl"
     assert "gjs_mean" not in result.metrics
@@ -387,7 +440,7 @@ def test_failure_mid_request_leaves_no_trace(
 
     monkeypatch.setattr(LocalTrainingClient, "save_weights_for_sampler", broken_save)
     with pytest.raises(OSError, match="injected"):
-        harness.run(harness.engine.distill(samples, TrainingConfig(steps_per_batch=1)))
+        harness.distill(samples, TrainingConfig(steps_per_batch=1))
     assert harness.store.latest_version(LORA) == before_version
     assert [v.version for v in harness.store.list_versions(LORA)] == [1]
     harness.service.host.submit(lambda: None).result()  # let queued cleanup finish
@@ -401,7 +454,7 @@ def test_validation_errors(harness: Harness) -> None:
     config = TrainingConfig(steps_per_batch=1)
 
     def distill(samples: list[FeedbackSample]) -> Any:
-        return harness.run(harness.engine.distill(samples, config))
+        return harness.distill(samples, config)
 
     with pytest.raises(InvalidFeedback, match="one request trains one adapter"):
         distill([good, good.model_copy(update={"lora_id": "bob/other"})])
@@ -466,9 +519,9 @@ def test_real_model_learns_from_feedback(smol: LoadedModel, tmp_path: Path, topk
         assert before is not None
         eot_before = end_of_turn_logprob(h, sample, before.sampler_path)
         config = TrainingConfig(use_topk_divergence=topk)  # the defaults
-        result = h.run(h.engine.distill([sample], config))
+        result = h.distill([sample], config)
         after = h.store.latest_version(LORA)
-        assert after is not None and after.version == result.version == 2
+        assert after is not None and after.version == h.version == 2
         eot_after = end_of_turn_logprob(h, sample, after.sampler_path)
         assert eot_after > eot_before, (eot_before, eot_after)
         if topk:
@@ -491,7 +544,7 @@ def test_rollback_during_training_discards_the_result(
 
     monkeypatch.setattr(LocalTrainingClient, "save_state", save_then_rollback)
     with pytest.raises(Conflict, match="changed while this request trained"):
-        harness.run(harness.engine.distill(samples, TrainingConfig(steps_per_batch=1)))
+        harness.distill(samples, TrainingConfig(steps_per_batch=1))
     assert harness.store.get_adapter(LORA).current_version == 1  # the rollback stands
     assert [v.version for v in harness.store.list_versions(LORA)] == [1, 2]
     harness.service.host.submit(lambda: None).result()
@@ -516,7 +569,7 @@ def test_text_prompt_rollouts_get_a_raw_teacher_prompt(harness: Harness) -> None
         feedback="Answer with one word.",
         prompt_format="text",
     )
-    result = harness.run(harness.engine.distill([sample], TrainingConfig(steps_per_batch=1)))
+    result = harness.distill([sample], TrainingConfig(steps_per_batch=1))
     teacher_text = result.teacher_texts[0]
     assert teacher_text.startswith(prompt_text + "\n\n(Instruction for your answer: Answer with")
     assert "<|im_start|>" not in teacher_text

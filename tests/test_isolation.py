@@ -22,15 +22,25 @@ from typing import Any
 
 import httpx
 import pytest
-from serving import LiveServer, chat, create, finished, make_server
+from serving import (
+    ADMIN,
+    ADMIN_KEY,
+    ALICE,
+    BOB,
+    OWNER_KEYS,
+    LiveServer,
+    bearer,
+    chat,
+    create,
+    error_of,
+    finished,
+    make_server,
+    save_tiny_model,
+)
 
 from claas.models import tiny_llama
 from claas.runtime import Runtime
 from claas.settings import Settings
-
-ALICE = {"authorization": "Bearer sk-alice"}
-BOB = {"authorization": "Bearer sk-bob"}
-ADMIN = {"authorization": "Bearer sk-admin"}
 
 
 @pytest.fixture
@@ -38,18 +48,14 @@ def keyed(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
     live = make_server(
         tmp_path,
         model_cache,
-        api_keys={"sk-alice": "alice", "sk-bob": "bob"},
-        admin_key="sk-admin",
+        api_keys=OWNER_KEYS,
+        admin_key=ADMIN_KEY,
         max_adapters_per_owner=3,
         max_lora_rank=16,
         max_pending_feedback_per_owner=2,
     )
     yield live
     live.close()
-
-
-def _error(response: httpx.Response) -> tuple[int, str]:
-    return response.status_code, response.json()["error"]["message"]
 
 
 def _feedback(live: LiveServer, headers: dict[str, str], **item: Any) -> httpx.Response:
@@ -66,8 +72,8 @@ def test_a_foreign_completion_id_is_answered_like_an_unknown_one(keyed: LiveServ
     create(keyed, "alice/secret", headers=ALICE)
     answer = chat(keyed, "alice/secret", h=ALICE).json()["id"]
     unknown = "chatcmpl-" + "0" * 32
-    foreign_status, foreign_message = _error(_feedback(keyed, BOB, completion_id=answer))
-    unknown_status, unknown_message = _error(_feedback(keyed, BOB, completion_id=unknown))
+    foreign_status, foreign_message = error_of(_feedback(keyed, BOB, completion_id=answer))
+    unknown_status, unknown_message = error_of(_feedback(keyed, BOB, completion_id=unknown))
     assert foreign_status == unknown_status == 404
     assert foreign_message.replace(answer, "ID") == unknown_message.replace(unknown, "ID")
     assert "alice" not in foreign_message
@@ -81,8 +87,8 @@ def test_a_foreign_feedback_id_is_answered_like_an_unknown_one(keyed: LiveServer
     item = {"completion_id": answer, "training": {"steps_per_batch": 1}}
     feedback_id = _feedback(keyed, ALICE, **item).json()["feedback_id"]
     unknown = "fb-" + "0" * 32
-    foreign = _error(keyed.client.get(f"/v1/feedback/{feedback_id}", headers=BOB))
-    missing = _error(keyed.client.get(f"/v1/feedback/{unknown}", headers=BOB))
+    foreign = error_of(keyed.client.get(f"/v1/feedback/{feedback_id}", headers=BOB))
+    missing = error_of(keyed.client.get(f"/v1/feedback/{unknown}", headers=BOB))
     assert foreign[0] == missing[0] == 404
     assert foreign[1].replace(feedback_id, "ID") == missing[1].replace(unknown, "ID")
     assert "alice" not in foreign[1]
@@ -97,8 +103,8 @@ def test_guessing_another_owners_conversation_by_text_reveals_nothing(keyed: Liv
     answer = chat(keyed, "alice/secret", h=ALICE).json()
     had = {"prompt": "Hello there!", "response": answer["choices"][0]["message"]["content"]}
     never = {"prompt": "Hello there!", "response": "a reply alice never got"}
-    right = _error(_feedback(keyed, BOB, lora_id="alice/secret", **had))
-    wrong = _error(_feedback(keyed, BOB, lora_id="alice/secret", **never))
+    right = error_of(_feedback(keyed, BOB, lora_id="alice/secret", **had))
+    wrong = error_of(_feedback(keyed, BOB, lora_id="alice/secret", **never))
     assert right == wrong
     assert right[0] == 403
     # the owner's own guess still resolves (a real lookup: 202 for the chat, 404 for the other)
@@ -118,7 +124,7 @@ def test_keys_are_compared_in_constant_time(
 
     monkeypatch.setattr(hmac, "compare_digest", spy)
     assert keyed.client.get("/v1/adapters", headers=BOB).status_code == 200
-    unknown = keyed.client.get("/v1/adapters", headers={"authorization": "Bearer x"})
+    unknown = keyed.client.get("/v1/adapters", headers=bearer("x"))
     assert unknown.status_code == 401
     given = {a for a, _ in compared}
     assert {b"sk-bob", b"x"} <= given
@@ -315,10 +321,7 @@ def test_the_schema_documents_every_status_with_the_real_error_body(server: Live
 
 
 def test_serve_prints_the_address_it_really_bound(tmp_path: Path, model_cache: Path) -> None:
-    model_dir = tmp_path / "tiny"
-    loaded = tiny_llama(model_cache, seed=0)
-    loaded.model.save_pretrained(model_dir)
-    loaded.tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(model_cache, tmp_path / "tiny")
     process = subprocess.Popen(
         [sys.executable, "-m", "claas.cli", "serve", "--model", str(model_dir), "--port", "0"],
         env={

@@ -19,8 +19,8 @@ from tinker import types
 
 from claas.errors import CheckpointNotFound, ContextTooLong, InvalidRequest
 from claas.models import LoadedModel, tiny_llama
-from claas.prompts import chat_prompt_tokens
-from claas.services.local import LocalServiceClient, LocalTrainingClient
+from claas.sdpo.prompts import chat_prompt_tokens
+from claas.services.local import AdapterHost, LocalServiceClient, LocalTrainingClient
 
 TOKENS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 2]
 
@@ -576,17 +576,28 @@ def test_sdk_semantics_of_last_n_topk_and_optimizer_args(service: LocalServiceCl
         trainer.forward_backward([masked], "cross_entropy")
 
 
-def test_two_services_on_one_model_share_one_worker(model_cache: Path, tmp_path: Path) -> None:
-    loaded = tiny_llama(model_cache, seed=0)
-    first = LocalServiceClient(loaded, tmp_path / "a")
-    second = LocalServiceClient(loaded, tmp_path / "b")
+def test_two_services_on_one_host_share_one_worker(model_cache: Path, tmp_path: Path) -> None:
+    host = AdapterHost(tiny_llama(model_cache, seed=0))
+    first = LocalServiceClient(host, tmp_path / "a")
+    second = LocalServiceClient(host, tmp_path / "b")
     try:
-        assert first.host is second.host
-    finally:
+        assert first.host is second.host is host
         first.close()
-        assert not second.host._closed  # still in use by the second service
         second.close()
-    assert first.host._closed
+        assert not host.closed  # a shared host is its owner's to close
+        sampler = second.create_sampling_client(base_model=second.base_model).result()
+        sampler.compute_logprobs(types.ModelInput.from_ints(TOKENS[:4])).result()
+    finally:
+        host.close()
+    with pytest.raises(InvalidRequest, match="closed"):
+        first.create_lora_training_client(first.base_model, rank=2)
+
+
+def test_a_service_given_a_model_owns_its_host(model_cache: Path, tmp_path: Path) -> None:
+    service = LocalServiceClient(tiny_llama(model_cache, seed=0), tmp_path)
+    assert not service.host.closed
+    service.close()
+    assert service.host.closed
 
 
 def test_generation_stops_when_the_callback_asks(service: LocalServiceClient) -> None:

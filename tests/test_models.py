@@ -12,7 +12,7 @@ import torch
 from claas import models
 from claas.errors import ModelNotFound
 from claas.models import LoadedModel, convert_embedded, embedded_cache_dir, load_model
-from claas.prompts import chat_prompt_tokens
+from claas.sdpo.prompts import chat_prompt_tokens
 
 
 def _greedy_reply(loaded: LoadedModel, question: str, max_new_tokens: int = 20) -> str:

@@ -26,15 +26,9 @@ from claas.errors import (
     RolloutNotFound,
     VersionNotFound,
 )
-from claas.store import (
-    LORA_ID_PART,
-    SCHEMA_VERSION,
-    Rollout,
-    Store,
-    parse_lora_id,
-    text_hash,
-    validate_lora_id,
-)
+from claas.ids import LORA_ID_PART, parse_lora_id, text_hash, validate_lora_id
+from claas.records import Rollout
+from claas.store import SCHEMA_VERSION, Store
 
 LORA = "alice/assistant"
 OTHER = "bob/helper"

@@ -21,13 +21,15 @@ from tinker import types
 from tinker.proto import tinker_public_pb2 as public_pb
 from tinker.proto.request_conv import forward_backward_request_to_proto
 
-from claas import datums
 from claas.adapters import Adapters, AdapterSpec
-from claas.engine import FeedbackSample, SDPOEngine, TrainingConfig
 from claas.errors import InvalidRequest
+from claas.feedback import train_and_register
 from claas.models import tiny_llama
-from claas.prompts import chat_prompt_tokens
+from claas.sdpo import datums
+from claas.sdpo.engine import FeedbackSample, SDPOEngine, TrainingConfig
+from claas.sdpo.prompts import chat_prompt_tokens
 from claas.services import local
+from claas.services.protocol import HOSTED_TINKER, capabilities_of
 from claas.services.tinker import build_service_client, tinker_api_key
 from claas.store import Store
 
@@ -120,11 +122,11 @@ def test_engine_calls_match_the_sdk_signatures(
             feedback="shorter",
         )
         recorder = CallRecorder(monkeypatch)
-        engine = SDPOEngine(service, store, loaded.name, loaded.max_context)
+        engine = SDPOEngine(service, loaded.name, loaded.max_context)
         config = TrainingConfig(
             use_topk_divergence=topk, steps_per_batch=2, teacher_top_k=3, kl_reg_weight=0.1
         )
-        asyncio.run(engine.distill([sample], config))
+        asyncio.run(train_and_register(engine, store, [sample], config))
         recorder.recording = False  # only the engine's own calls; not the test's clean-up
     finally:
         service.close()
@@ -139,16 +141,26 @@ def test_engine_calls_match_the_sdk_signatures(
         inspect.signature(sdk_method).bind(None, *args, **kwargs)  # raises on a mismatch
 
 
-def test_adapter_init_arguments_bind_to_the_sdk() -> None:
-    """Against a real ServiceClient, init passes only Tinker's own LoRA arguments."""
+def test_adapter_init_arguments_bind_to_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Against a real ServiceClient, init passes only Tinker's own LoRA arguments.
+
+    The client's `create_lora_training_client` is replaced by a recorder (a fake: the hosted
+    service cannot run here) that binds each call to the SDK's real signature."""
     client = build_service_client(environ={"TINKER_API_KEY": "tml-test"})
+    assert capabilities_of(client) == HOSTED_TINKER
+    signature = inspect.signature(tinker.ServiceClient.create_lora_training_client)
+    calls: list[inspect.BoundArguments] = []
+
+    def record(*args: Any, **kwargs: Any) -> None:
+        calls.append(signature.bind(client, *args, **kwargs))  # raises on a mismatch
+
+    monkeypatch.setattr(client, "create_lora_training_client", record)
     adapters = Adapters(client, store=None, base_model="Qwen/Qwen3-8B")  # type: ignore[arg-type]
-    kwargs = adapters._lora_kwargs(
-        AdapterSpec(rank=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
-    )
-    inspect.signature(tinker.ServiceClient.create_lora_training_client).bind(
-        client, "Qwen/Qwen3-8B", **kwargs
-    )
-    assert kwargs["train_attn"] and not kwargs["train_mlp"] and not kwargs["train_unembed"]
+    attention = AdapterSpec(rank=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    adapters._create_training_client("Qwen/Qwen3-8B", attention)
+    (call,) = calls
+    assert call.arguments["rank"] == 8
+    assert call.arguments["train_attn"] and not call.arguments["train_mlp"]
+    assert not call.arguments["train_unembed"]
     with pytest.raises(InvalidRequest, match="whole groups"):
-        adapters._lora_kwargs(AdapterSpec(target_modules=["q_proj"]))
+        adapters._create_training_client("Qwen/Qwen3-8B", AdapterSpec(target_modules=["q_proj"]))

@@ -12,8 +12,8 @@ import hmac
 from dataclasses import dataclass
 
 from claas.errors import ClaasError
+from claas.ids import check_owner, visible_to
 from claas.settings import Settings
-from claas.store import check_owner, visible_to
 
 
 class Unauthorized(ClaasError):

@@ -40,16 +40,11 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from claas.api.auth import keys_configured, principal_for_key
 from claas.api.schemas import MAX_OFFSET
 from claas.errors import InvalidLoraId
-from claas.prompts import HindsightStyle, message_text, rollout_teacher_prompt_tokens
+from claas.ids import validate_lora_id, visible_to
+from claas.records import PENDING, FeedbackRequest, Rollout
 from claas.runtime import Runtime
+from claas.sdpo.prompts import HindsightStyle, message_text, rollout_teacher_prompt_tokens
 from claas.settings import Settings
-from claas.store import (
-    PENDING,
-    FeedbackRequest,
-    Rollout,
-    validate_lora_id,
-    visible_to,
-)
 
 COOKIE = "claas_dashboard_key"
 PAGE_SIZE = 25
@@ -232,7 +227,7 @@ def teacher_prompt_text(
 ) -> str:
     """The teacher's prompt for one sample, as text: the engine's own tokens, decoded.
 
-    The tokens come from the functions in `claas.prompts` that the engine trains with, so the
+    The tokens come from the functions in `claas.sdpo.prompts` that the engine trains with, so the
     page shows exactly what the teacher was conditioned on (the special tokens of the
     chat template included).
     """

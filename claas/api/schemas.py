@@ -1,4 +1,8 @@
-"""Request and response bodies of the HTTP API (OpenAI-compatible where OpenAI has one)."""
+"""Request and response bodies of the HTTP API (OpenAI-compatible where OpenAI has one).
+
+Every JSON route declares its response model, so `/docs` shows, and the schema fuzz test
+checks, what each one answers. Errors share one body, `claas.api.errors.ErrorEnvelope`.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +12,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from claas.adapters import AdapterSpec
 from claas.feedback import FeedbackItem
-from claas.prompts import Utf8Text
-from claas.store import LORA_ID_PATTERN
+from claas.ids import LORA_ID_PATTERN
+from claas.records import Adapter, AdapterVersion, FeedbackStatus
+from claas.records import FeedbackRequest as FeedbackRecord
+from claas.sdpo.prompts import Utf8Text
 
 MAX_OFFSET = 10**9  # a page offset; SQLite's OFFSET is an int64, and anything near it is a bug
 
@@ -98,31 +104,159 @@ class RollbackBody(BaseModel):
     version: int = Field(ge=1, le=2**31)
 
 
-class ErrorDetail(BaseModel):
-    message: str = Field(description="What went wrong, and what to do next.")
-    type: str = Field(description="The error's class, e.g. AdapterNotFound.")
-    code: int = Field(description="The HTTP status.")
+# ---------------------------------------------------------------------------------------------
+# Responses
+# ---------------------------------------------------------------------------------------------
 
 
-class ErrorEnvelope(BaseModel):
-    """Every error answer of the API (OpenAI's shape): `{"error": {...}}`."""
-
-    error: ErrorDetail
-
-
-_STATUS_MEANING = {
-    400: "The body could not be read.",
-    401: "No API key, or an unknown one.",
-    403: "The API key does not reach this adapter, or the owner is at a quota.",
-    404: "No such adapter, version, rollout or feedback request (for this key).",
-    409: "Conflicts with the current state (exists already, base-model rollout, …).",
-    413: "The request body is over the server's limit.",
-    422: "A field is invalid; the message names it.",
-    429: "The owner has too much feedback queued; retry after `Retry-After` seconds.",
-    503: "The server is not ready.",
-}
+class ModelCard(BaseModel):
+    id: str = Field(description="The base model's name, or an adapter's owner/name.")
+    object: Literal["model"] = "model"
+    owned_by: Literal["claas"] = "claas"
 
 
-def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    """OpenAPI `responses` for these error statuses, each with the real error body."""
-    return {code: {"model": ErrorEnvelope, "description": _STATUS_MEANING[code]} for code in codes}
+class ModelList(BaseModel):
+    """The models this key may chat with: the base model, then the owner's adapters."""
+
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class TokenLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None = None
+    top_logprobs: list[dict[str, Any]] = Field(
+        default_factory=list, description="Always empty: top log-probs are not computed."
+    )
+
+
+class ChoiceLogprobs(BaseModel):
+    content: list[TokenLogprob]
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    finish_reason: str = Field(description="`stop` or `length`.")
+    logprobs: ChoiceLogprobs | None = Field(description="With `logprobs: true` only.")
+
+
+class ChatCompletion(BaseModel):
+    """A chat answer (without `stream`); `id` is the completion_id to give feedback on."""
+
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class TextChoice(BaseModel):
+    index: int
+    text: str
+    finish_reason: str = Field(description="`stop` or `length`.")
+
+
+class TextCompletion(BaseModel):
+    """A plain completion (without `stream`); `id` is the completion_id to give feedback on."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChoice]
+    usage: Usage
+
+
+class ScoreResponse(BaseModel):
+    """The log-probability of each token of `completion` after the prompt."""
+
+    model: str
+    tokens: list[str]
+    token_ids: list[int]
+    logprobs: list[float]
+    total_logprob: float
+
+
+class FeedbackAccepted(BaseModel):
+    """A feedback request admitted to the queue (without `wait`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    feedback_id: str
+    status: FeedbackStatus
+    lora_id: str
+
+
+class FeedbackView(BaseModel):
+    """A feedback request and, once trained, what it produced."""
+
+    model_config = ConfigDict(extra="forbid")  # a new record field fails loudly, not silently
+
+    feedback_id: str
+    lora_id: str
+    status: FeedbackStatus
+    items: list[dict[str, Any]]
+    training: dict[str, Any] = Field(description="The training config it was trained with.")
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None = Field(description="Why it failed (status `failed`).")
+    metrics: dict[str, Any]
+    version: int | None = Field(description="The adapter version this request produced.")
+    coalesced_into: str | None = Field(
+        description="The request whose training step carried this one."
+    )
+
+    @classmethod
+    def of(cls, request: FeedbackRecord) -> FeedbackView:
+        return cls(feedback_id=request.id, **request.model_dump(exclude={"id"}))
+
+
+class FeedbackLog(BaseModel):
+    """One page of an adapter's feedback requests, newest first."""
+
+    lora_id: str
+    data: list[FeedbackView]
+    limit: int
+    offset: int
+
+
+class AdapterView(Adapter):
+    """An adapter and all its versions, oldest first."""
+
+    versions: list[AdapterVersion]
+
+
+class AdapterList(BaseModel):
+    data: list[Adapter]
+
+
+class AdapterDeleted(BaseModel):
+    lora_id: str
+    deleted: Literal[True] = True
+    versions_removed: int
+
+
+class Health(BaseModel):
+    """Readiness: 200 with status `ok`, else 503 with status `unavailable`."""
+
+    status: Literal["ok", "unavailable"]
+    model: str
+    model_loaded: bool
+    ready: bool
+    database_ok: bool
+    queue_depth: int | None = Field(description="Queued feedback; null if the database is down.")

@@ -4,7 +4,7 @@
 
 Overrides use dotted keys for nesting and YAML scalars for values (`true`, `1e-4`,
 `[concise,identity]`). Unknown keys are refused with the valid ones listed. `training` holds
-`claas.engine.TrainingConfig` fields and `adapter` holds `claas.adapters.AdapterSpec` fields;
+`claas.sdpo.engine.TrainingConfig` fields and `adapter` holds `claas.adapters.AdapterSpec` fields;
 fields left unset there are not sent, so the server's own defaults apply, and the resolved
 `config.yaml` of a run keeps them unset too.
 """
@@ -27,9 +27,9 @@ from pydantic import (
 )
 
 from claas.adapters import AdapterSpec
-from claas.engine import TrainingConfig
 from claas.errors import InvalidRequest
-from claas.store import LORA_ID_PART
+from claas.ids import LORA_ID_PART
+from claas.sdpo.engine import TrainingConfig
 
 MetricGroup = Literal["compliance", "margin", "capability", "collapse", "training"]
 METRIC_GROUPS: tuple[MetricGroup, ...] = (

@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from claas.eval.verifiers import Verifier, build_verifier
+from claas.sdpo.config import FeedbackText
 
 MIN_PROMPTS = 12
 
@@ -47,7 +48,7 @@ class Preference(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
-    feedback: str = Field(min_length=1, max_length=8000)
+    feedback: FeedbackText
     verifier: VerifierSpec
     probes: list[str] = Field(min_length=MIN_PROMPTS)
     training_prompts: list[str] = Field(min_length=MIN_PROMPTS)

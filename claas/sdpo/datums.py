@@ -2,7 +2,7 @@
 
 Everything here is numpy and `tinker.types`; the conventions (α, the tail bucket, the alignment of
 completion position t to datum position P − 1 + t, the importance ratio and k3) are those written
-once in `claas.divergence`.
+once in `claas.sdpo.divergence`.
 
 Top-K GJS mode is exact with one `forward_backward(..., "cross_entropy")`: Tinker's loss is
 −Σ logp(target)·weight, so with targets (N, K+1) = [teacher top-K ids, y_t] and
@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 from tinker import types
 
-from claas import divergence
+from claas.sdpo import divergence
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
@@ -114,7 +114,7 @@ def topk_loss_terms(
     kl_reg_weight: float,
     scale: float,
 ) -> LossTerms:
-    """Top-K GJS loss of one sample and its weights −∂L/∂logS (DESIGN.md, "Divergence")."""
+    """Top-K GJS loss of one sample and its weights −∂L/∂logS (conventions: `divergence`)."""
     if student.at_teacher_ids is None:
         raise ValueError("top-K mode needs the student's log-probs at the teacher's ids")
     value, grad = divergence.gjs_and_grad(student.at_teacher_ids, teacher.logprobs, alpha)

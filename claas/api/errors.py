@@ -1,0 +1,104 @@
+"""Every error answer of the API: one body model, the exception handlers that send it.
+
+The body is OpenAI's shape, `{"error": {"message", "type", "code"}}` (`ErrorEnvelope`), with a
+message that says what to do next. Domain errors (`ClaasError`) carry their own status; request
+validation, unknown routes and unexpected exceptions are mapped here, in one place.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from claas.errors import ClaasError
+
+
+class ErrorDetail(BaseModel):
+    message: str = Field(description="What went wrong, and what to do next.")
+    type: str = Field(description="The error's class, e.g. AdapterNotFound.")
+    code: int = Field(description="The HTTP status.")
+
+
+class ErrorEnvelope(BaseModel):
+    """Every error answer of the API (OpenAI's shape): `{"error": {...}}`."""
+
+    error: ErrorDetail
+
+
+_STATUS_MEANING = {
+    400: "The body could not be read.",
+    401: "No API key, or an unknown one.",
+    403: "The API key does not reach this adapter, or the owner is at a quota.",
+    404: "No such adapter, version, rollout or feedback request (for this key).",
+    409: "Conflicts with the current state (exists already, base-model rollout, …).",
+    413: "The request body is over the server's limit.",
+    422: "A field is invalid; the message names it.",
+    429: "The owner has too much feedback queued; retry after `Retry-After` seconds.",
+    503: "The server is not ready.",
+}
+
+
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, each with the real error body."""
+    return {code: {"model": ErrorEnvelope, "description": _STATUS_MEANING[code]} for code in codes}
+
+
+def error_body(code: int, message: str, kind: str) -> dict[str, Any]:
+    """The JSON of an error answer, as `ErrorEnvelope` documents it."""
+    return ErrorEnvelope(error=ErrorDetail(message=message, type=kind, code=code)).model_dump()
+
+
+def domain_error_body(error: ClaasError) -> dict[str, Any]:
+    return error_body(error.status_code, str(error), type(error).__name__)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error may quote input that is not valid UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, ensure_ascii=True).encode("ascii")
+
+
+async def _domain_error(request: Request, error: ClaasError) -> JSONResponse:
+    return ErrorResponse(domain_error_body(error), error.status_code, headers=error.headers or None)
+
+
+async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    problems = "; ".join(
+        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
+        for e in error.errors()
+    )
+    message = f"invalid request: {problems}. Fix these fields and retry (see /docs)"
+    return ErrorResponse(error_body(422, message, "InvalidRequest"), 422)
+
+
+async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
+    hint = {404: "no such route; see /docs", 405: "method not allowed; see /docs"}
+    message = hint.get(error.status_code, str(error.detail))
+    return ErrorResponse(
+        error_body(error.status_code, message, "HTTPError"),
+        error.status_code,
+        headers=error.headers,  # Allow on a 405
+    )
+
+
+async def _unexpected(request: Request, error: Exception) -> JSONResponse:
+    message = (
+        f"internal error ({type(error).__name__}); the server keeps running. Retry, and "
+        "report it with the request if it persists"
+    )
+    return ErrorResponse(error_body(500, message, "InternalError"), 500)
+
+
+def add_exception_handlers(app: FastAPI) -> None:
+    """Map every error a request can end in to an `ErrorEnvelope` answer."""
+    app.exception_handler(ClaasError)(_domain_error)
+    app.exception_handler(RequestValidationError)(_validation_error)
+    app.exception_handler(StarletteHTTPException)(_http_error)
+    app.exception_handler(Exception)(_unexpected)

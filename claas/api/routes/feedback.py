@@ -1,0 +1,81 @@
+"""Durable feedback: submit it (optionally waiting until trained), read one request, list a log.
+
+A request is queued in SQLite and trained by the runtime's queue, in arrival order per adapter.
+A request the caller may not see is answered exactly as if it did not exist.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Query, Response
+
+from claas.api.deps import Caller, RuntimeDep
+from claas.api.errors import error_responses
+from claas.api.schemas import (
+    MAX_OFFSET,
+    FeedbackAccepted,
+    FeedbackLog,
+    FeedbackRequestBody,
+    FeedbackView,
+)
+from claas.ids import LORA_ID_PATTERN, feedback_missing
+
+router = APIRouter(prefix="/v1")
+
+
+@router.post(
+    "/feedback",
+    status_code=202,
+    response_description="Queued; with wait=true, not trained before the timeout.",
+    response_model=FeedbackAccepted | FeedbackView,
+    responses={
+        200: {
+            "model": FeedbackView,
+            "description": "Trained (with wait=true): the finished request.",
+        },
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
+    },
+)
+async def submit_feedback(
+    body: FeedbackRequestBody,
+    runtime: RuntimeDep,
+    caller: Caller,
+    response: Response,
+    wait: bool = Query(False, description="Block until trained; return the result."),
+    timeout: float = Query(600.0, gt=0, le=3600, description="Longest wait, seconds."),
+) -> FeedbackAccepted | FeedbackView:
+    """202 with the queued request; with `wait`, 200 once trained (202 if the wait timed out)."""
+    request = await runtime.queue.admit(body.items, owner=caller.owner)
+    if not wait:
+        return FeedbackAccepted(
+            feedback_id=request.id, status=request.status, lora_id=request.lora_id
+        )
+    try:
+        done = await runtime.queue.wait(request.id, timeout)
+    except TimeoutError:
+        return FeedbackView.of(runtime.store.get_feedback(request.id))
+    response.status_code = 200
+    return FeedbackView.of(done)
+
+
+@router.get("/feedback/{feedback_id}", responses=error_responses(401, 404, 422))
+async def feedback_status(feedback_id: str, runtime: RuntimeDep, caller: Caller) -> FeedbackView:
+    request = runtime.store.get_feedback(feedback_id)
+    if not caller.sees(request.lora_id):
+        raise feedback_missing(feedback_id)  # exactly as if it did not exist
+    return FeedbackView.of(request)
+
+
+@router.get("/feedback", responses=error_responses(401, 403, 404, 422))
+async def feedback_log(
+    runtime: RuntimeDep,
+    caller: Caller,
+    lora_id: str = Query(..., max_length=200, json_schema_extra={"pattern": LORA_ID_PATTERN}),
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+) -> FeedbackLog:
+    caller.check(lora_id)
+    runtime.store.get_adapter(lora_id)
+    requests = runtime.store.list_feedback(lora_id, limit=limit, offset=offset)
+    return FeedbackLog(
+        lora_id=lora_id, data=[FeedbackView.of(r) for r in requests], limit=limit, offset=offset
+    )

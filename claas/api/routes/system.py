@@ -1,0 +1,35 @@
+"""Operations: /v1/health (readiness, for load balancers) and /metrics (Prometheus)."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from claas.api.deps import MetricsDep, RuntimeDep
+from claas.api.errors import error_responses
+from claas.api.schemas import Health
+
+router = APIRouter()
+
+
+@router.get("/v1/health", responses=error_responses(503))
+async def health(request: Request, response: Response, runtime: RuntimeDep) -> Health:
+    database_ok = runtime.store.ping()
+    model_loaded = runtime.tokenizer is not None
+    ready = bool(request.app.state.ready)
+    ok = ready and database_ok and model_loaded
+    if not ok:
+        response.status_code = 503
+    return Health(
+        status="ok" if ok else "unavailable",
+        model=runtime.base_model,
+        model_loaded=model_loaded,
+        ready=ready,
+        database_ok=database_ok,
+        queue_depth=runtime.queue.depth() if database_ok else None,
+    )
+
+
+@router.get("/metrics", include_in_schema=False)
+async def prometheus(metrics: MetricsDep) -> Response:
+    return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)

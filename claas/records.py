@@ -1,0 +1,85 @@
+"""The records claas keeps: adapters, their versions, rollouts, feedback requests, eval runs.
+
+Immutable pydantic models, as `claas.store` reads them from SQLite; the layers above pass them
+around without importing the store.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict
+
+FeedbackStatus = Literal["queued", "running", "done", "failed"]
+PENDING: tuple[FeedbackStatus, ...] = ("queued", "running")  # not finished yet
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+
+class Adapter(_Frozen):
+    lora_id: str
+    base_model: str
+    rank: int
+    lora_alpha: float
+    target_modules: list[str]
+    created_at: float
+    current_version: int | None  # served and trained from; None before the first version
+
+
+class AdapterVersion(_Frozen):
+    lora_id: str
+    version: int
+    state_path: str
+    sampler_path: str
+    created_at: float
+    feedback_id: str | None
+    metrics: dict[str, Any]
+
+
+class Rollout(_Frozen):
+    id: str
+    lora_id: str | None  # None: sampled from the base model
+    adapter_version: int | None
+    model: str
+    messages: list[dict[str, Any]]
+    prompt_tokens: list[int]
+    response_tokens: list[int]
+    behavior_logprobs: list[float]
+    sampling_params: dict[str, Any]
+    response_text: str
+    prompt_hash: str
+    response_hash: str
+    created_at: float
+    expires_at: float | None  # None: never expires
+    # "chat": prompt_tokens are `messages` through the chat template; "text": a raw prompt
+    # (/v1/completions), whose teacher prompt is the raw text plus the hindsight block.
+    prompt_format: Literal["chat", "text"] = "chat"
+
+
+class FeedbackRequest(_Frozen):
+    id: str
+    lora_id: str
+    status: FeedbackStatus
+    items: list[dict[str, Any]]
+    training: dict[str, Any]
+    created_at: float
+    started_at: float | None
+    finished_at: float | None
+    error: str | None
+    metrics: dict[str, Any]
+    version: int | None  # the adapter version this request produced
+    coalesced_into: str | None  # the id of the request whose training step carried this one
+
+
+class EvalRun(_Frozen):
+    id: str
+    lora_id: str
+    created_at: float
+    config: dict[str, Any]
+    results: dict[str, Any]
+
+    @property
+    def divergence_mode(self) -> str:
+        return str(self.results["divergence_mode"])

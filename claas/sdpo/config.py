@@ -1,0 +1,165 @@
+"""What one feedback request is made of: its samples, its training config, and what it produces.
+
+`TrainingConfig` holds the SDPO hyper-parameters (the README's "How a feedback request trains"
+table gives each default and the runs behind it, in benchmarks/defaults.md); `FeedbackSample` is
+one rollout with the user's feedback; `TrainedCheckpoint` is the engine's result, which the
+feedback queue registers as the adapter's next version.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, get_args
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from claas.sdpo.prompts import HindsightStyle, utf8_text
+
+DivergenceMode = Literal["topk_gjs", "scalar_kl"]
+DIVERGENCE_MODES: tuple[DivergenceMode, ...] = get_args(DivergenceMode)
+FEEDBACK_MAX_CHARS = 8000
+
+
+def feedback_text(value: str) -> str:
+    """The one check of a feedback message: not blank, at most FEEDBACK_MAX_CHARS."""
+    if not value.strip():
+        raise ValueError("feedback is empty; say what should change in the answer")
+    if len(value) > FEEDBACK_MAX_CHARS:
+        raise ValueError(
+            f"feedback is {len(value)} characters, over the limit of {FEEDBACK_MAX_CHARS}; "
+            "say what should change in fewer words"
+        )
+    return value
+
+
+FeedbackText = Annotated[
+    str,
+    AfterValidator(utf8_text),
+    AfterValidator(feedback_text),
+    Field(max_length=FEEDBACK_MAX_CHARS),
+]
+
+# The learning-rate rule. Tinker's LoRA rule of thumb scales a learning rate with the model's
+# hidden size H as (2000 / H) ** P, with P = 0.781 for Llama-family models and 0.0775 for Qwen
+# (tinker-cookbook's `hyperparam_utils.get_lr`). claas keeps that shape and calibrates its
+# constant on the embedded SmolLM2-135M (H = 576), where 1e-4 takes the `concise` preference
+# from 0.17 to 1.0 compliance in 3 feedback requests without losing capability (`claas eval`,
+# benchmarks/defaults.md), while 3e-5 barely moves it. That gives 3.7e-5 at H = 2048 (1B) and
+# 2.2e-5 at H = 4096 (8B): about 13 times below Tinker's own fine-tuning rates, so a larger
+# model is not pushed to diverge. Hidden sizes below 576 are not calibrated: they get 576's rate.
+LR_AT_H2000 = 3.8e-5
+LR_EXPONENTS = {"qwen2": 0.0775, "qwen3": 0.0775, "qwen3_moe": 0.0775}
+LLAMA_LR_EXPONENT = 0.781
+CALIBRATED_MIN_HIDDEN = 576
+UNKNOWN_HIDDEN_SIZE = 4096  # a model whose config is not at hand: assume a large one
+
+
+def default_learning_rate(hidden_size: int | None, model_type: str | None = None) -> float:
+    """The learning rate a feedback request uses when it does not set one (see above)."""
+    size = max(hidden_size or UNKNOWN_HIDDEN_SIZE, CALIBRATED_MIN_HIDDEN)
+    exponent = LR_EXPONENTS.get(model_type or "", LLAMA_LR_EXPONENT)
+    return float(LR_AT_H2000 * (2000 / size) ** exponent)
+
+
+class TrainingConfig(BaseModel):
+    """Hyper-parameters of one feedback request. `alpha` is the GJS mixing weight, nothing else."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    use_topk_divergence: bool = True
+    teacher_top_k: int = Field(100, ge=1, le=1000)
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="GJS weight of the teacher")
+    learning_rate: float | None = Field(
+        None,
+        gt=0.0,
+        le=1.0,
+        description="None: scaled to the base model's hidden size (default_learning_rate)",
+    )
+    steps_per_batch: int = Field(4, ge=1, le=64)
+    is_clip: float = Field(5.0, ge=1.0, le=1e4)
+    max_grad_norm: float = Field(1.0, ge=0.0, le=1e6, description="0 disables clipping")
+    kl_reg_weight: float = Field(0.0, ge=0.0, le=1e3)
+    kl_coef: float = Field(1.0, gt=0.0, le=1e3, description="scalar_kl mode only")
+    feedback_repetitions: int = Field(1, ge=1, le=8)
+    hindsight: HindsightStyle = Field(
+        "instruction", description="how the feedback is put to the teacher (claas.sdpo.prompts)"
+    )
+    teacher: Literal["adapter", "base"] = Field(
+        "adapter",
+        description="adapter: the version being trained from, so earlier feedback is kept; "
+        "base: the frozen base model",
+    )
+    teacher_demonstrations: int = Field(
+        0,
+        ge=0,
+        le=16,
+        description="greedy answers of the teacher to the batch's first prompts, added to the "
+        "batch: they carry what the student never samples (a new name, say). Off by default: "
+        "on SmolLM2-135M they cost capability (benchmarks/defaults.md)",
+    )
+
+    @model_validator(mode="after")
+    def _demonstrations_need_topk(self) -> TrainingConfig:
+        if self.teacher_demonstrations and not self.use_topk_divergence:
+            raise ValueError(
+                "teacher_demonstrations need the top-K divergence (their loss is forward KL "
+                "over the teacher's top-K); set use_topk_divergence=true or demonstrations=0"
+            )
+        return self
+
+    @property
+    def divergence_mode(self) -> DivergenceMode:
+        return "topk_gjs" if self.use_topk_divergence else "scalar_kl"
+
+
+class FeedbackSample(BaseModel):
+    """One rollout plus the user's feedback on it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lora_id: str
+    messages: list[dict[str, Any]] = Field(min_length=1)
+    prompt_tokens: list[int] = Field(min_length=1)
+    response_tokens: list[int]
+    behavior_logprobs: list[float]
+    feedback: FeedbackText
+    prompt_format: Literal["chat", "text"] = Field(
+        "chat", description="text: the prompt was raw text (messages[-1] holds it), not chat"
+    )
+
+
+class StepMetrics(BaseModel):
+    step: int
+    loss: float
+    divergence_mean: float
+    mean_is_ratio: float
+    clip_fraction: float
+    kl_reg_mean: float
+    grad_norm: float | None = None
+    adv_mean: float | None = None
+    adv_abs_mean: float | None = None
+    adv_gain: float | None = None
+    seconds: float
+
+
+class TrainFrom(BaseModel):
+    """The adapter version a request trains from: its number and checkpoints."""
+
+    model_config = ConfigDict(frozen=True)
+
+    version: int = Field(ge=0)
+    state_path: str
+    sampler_path: str
+
+
+class TrainedCheckpoint(BaseModel):
+    """What one feedback request produced: saved checkpoints, not yet a registered version."""
+
+    lora_id: str
+    trained_from: int
+    state_path: str
+    sampler_path: str
+    divergence_mode: DivergenceMode
+    metrics: dict[str, float | int | str]
+    steps: list[StepMetrics]
+    teacher_texts: list[str]
+    timings: dict[str, float]

@@ -1,0 +1,435 @@
+"""The SDPO engine: one feedback batch in, one better adapter version out.
+
+SDPO (self-distillation policy optimisation; Hübotter et al. 2026, "Reinforcement Learning via
+Self-Distillation", arXiv:2601.20802; Kleine Buening et al. 2026, "Aligning Language Models from
+User Interactions") needs no labels and no reward model. The **teacher** is the adapter's
+version being trained from (or, with `teacher="base"`, the frozen base model) shown the
+student's conversation with the user's feedback appended to the last user turn
+(`claas.sdpo.prompts.teacher_prompt_tokens`); it scores the *same* response tokens the student
+produced. Because the teacher is the adapter itself, it already carries the earlier feedback, and
+a new preference is taught on top of the old ones instead of pulling the adapter back to the
+base. The **student** is the user's LoRA adapter, and it moves its token distribution toward
+the teacher's by minimising, per response position, a generalised Jensen-Shannon divergence over
+the teacher's top-K tokens plus a tail bucket (`claas.sdpo.divergence`).
+
+The engine is written once against the Tinker client API and runs unchanged on the local service
+(`claas.services.local`) and on hosted Tinker. One request:
+
+1. validates the samples (one adapter, aligned lengths, a non-empty response, a teacher prompt
+   that fits the context);
+2. adds `teacher_demonstrations` greedy answers of the teacher to the batch, then scores
+   teacher prompt + unchanged response on the teacher once: in top-K mode one
+   `sample(max_tokens=1, include_prompt_logprobs=True, topk_prompt_logprobs=K)`, in scalar mode
+   `compute_logprobs`; with `kl_reg_weight > 0` also the student prompt on the base;
+3. runs `steps_per_batch` steps, each on the *current* student: exact log-probs at the teacher's
+   ids (`target_prompt_logprobs`) and of each sampled token (`prompt_logprobs`), datums built by
+   `claas.sdpo.datums`, then `forward_backward` and `optim_step` pipelined;
+4. saves state (with optimizer) and sampler weights, and returns them as a `TrainedCheckpoint`;
+   the feedback queue registers it as the adapter's next version (`claas.feedback`).
+
+The divergence-specific parts (what is scored, the loss terms, the datum) are the strategies of
+`claas.sdpo.strategies`; the engine never touches the database.
+
+    engine = SDPOEngine(service, base_model="SmolLM2-135M-Instruct", max_context=8192)
+    trained = await engine.distill(samples, TrainingConfig(), start=TrainFrom(...))
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+from tinker import types
+from transformers import PreTrainedTokenizerBase
+
+from claas.errors import ContextTooLong, InvalidFeedback
+from claas.ids import validate_lora_id
+from claas.sdpo import datums
+from claas.sdpo.config import (
+    FeedbackSample,
+    StepMetrics,
+    TrainedCheckpoint,
+    TrainFrom,
+    TrainingConfig,
+    default_learning_rate,
+)
+from claas.sdpo.divergence import LOGPROB_ROUNDING_TOL
+from claas.sdpo.prompts import rollout_teacher_prompt_tokens
+from claas.sdpo.strategies import (
+    Prepared,
+    ScalarKL,
+    Scored,
+    Strategy,
+    TeacherT,
+    TopKGJS,
+    rollout_statistics,
+)
+from claas.services.protocol import (
+    SamplingClient,
+    ServiceClient,
+    TrainingClient,
+    delete_checkpoints,
+)
+
+
+@contextmanager
+def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
+    """Add the time the block takes to `timings[phase]`."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+class SDPOEngine:
+    """Turns feedback batches into trained adapter checkpoints, on any Tinker-style service."""
+
+    def __init__(
+        self,
+        service: ServiceClient,
+        base_model: str,
+        max_context: int,
+        hidden_size: int | None = None,
+        model_type: str | None = None,
+    ) -> None:
+        self.service = service
+        self.base_model = base_model
+        self.max_context = max_context
+        self.learning_rate = default_learning_rate(hidden_size, model_type)
+        self._base_sampler: SamplingClient | None = None
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+
+    def learning_rate_for(self, config: TrainingConfig) -> float:
+        return config.learning_rate if config.learning_rate is not None else self.learning_rate
+
+    async def base_sampler(self) -> SamplingClient:
+        if self._base_sampler is None:
+            self._base_sampler = await self.service.create_sampling_client(
+                base_model=self.base_model
+            )
+            self._tokenizer = self._base_sampler.get_tokenizer()
+        return self._base_sampler
+
+    async def tokenizer(self) -> PreTrainedTokenizerBase:
+        await self.base_sampler()
+        assert self._tokenizer is not None  # set with the base sampler
+        return self._tokenizer
+
+    # -- the request ------------------------------------------------------------------------
+    async def distill(
+        self, samples: Sequence[FeedbackSample], config: TrainingConfig, start: TrainFrom
+    ) -> TrainedCheckpoint:
+        """Train the adapter version `start` on one feedback batch; return the new checkpoint."""
+        if config.use_topk_divergence:
+            return await self._distill(TopKGJS(config), samples, config, start)
+        return await self._distill(ScalarKL(config), samples, config, start)
+
+    async def _distill(
+        self,
+        strategy: Strategy[TeacherT],
+        samples: Sequence[FeedbackSample],
+        config: TrainingConfig,
+        start: TrainFrom,
+    ) -> TrainedCheckpoint:
+        timings: dict[str, float] = {}
+        with timed(timings, "validate"):
+            prepared = await self.check(samples, config)
+            base = await self.base_sampler()
+            tokenizer = await self.tokenizer()
+        with timed(timings, "demonstrations"):
+            teacher = base
+            if config.teacher == "adapter":  # the version trained from, as a sampler
+                teacher = await self.service.create_sampling_client(model_path=start.sampler_path)
+            prepared += await self._demonstrations(teacher, prepared, config)
+        with timed(timings, "teacher_scoring"):
+            scored = await self._score(strategy, teacher, base, prepared, config)
+        with timed(timings, "load_adapter"):
+            trainer = await self.service.create_training_client_from_state_with_optimizer(
+                start.state_path
+            )
+        saved: list[str] = []
+        try:
+            steps = []
+            for step in range(config.steps_per_batch):
+                with timed(timings, "student_scoring"):
+                    student = await self._score_student(strategy, trainer, scored)
+                with timed(timings, "train"):
+                    steps.append(await self._step(strategy, trainer, scored, student, config, step))
+            with timed(timings, "final_scoring"):
+                final = await self._score_student(strategy, trainer, scored)
+                after = self._terms(strategy, scored, final)
+            with timed(timings, "save"):
+                name = f"v{start.version + 1}-{int(time.time())}"
+                state = await trainer.save_state(name)
+                saved.append(state.path)
+                sampler = await trainer.save_weights_for_sampler(name)
+                saved.append(sampler.path)
+        except BaseException:
+            await delete_checkpoints(self.service, saved)  # no half-made checkpoint remains
+            raise
+        return TrainedCheckpoint(
+            lora_id=samples[0].lora_id,
+            trained_from=start.version,
+            state_path=state.path,
+            sampler_path=sampler.path,
+            divergence_mode=strategy.mode,
+            metrics=self._request_metrics(scored, steps, after, config),
+            steps=steps,
+            teacher_texts=[tokenizer.decode(p.teacher_prompt + p.response) for p in prepared],
+            timings=timings,
+        )
+
+    async def check(
+        self, samples: Sequence[FeedbackSample], config: TrainingConfig
+    ) -> list[Prepared]:
+        """Everything that can be refused before any model work: raises a domain error."""
+        tokenizer = await self.tokenizer()
+        self._validate(samples)
+        # Teacher prompts are tokenised off the event loop: a long conversation takes a while.
+        return await asyncio.to_thread(
+            lambda: [self._prepare(tokenizer, s, config) for s in samples]
+        )
+
+    # -- phases -----------------------------------------------------------------------------
+    def _validate(self, samples: Sequence[FeedbackSample]) -> str:
+        if not samples:
+            raise InvalidFeedback("no samples given; send at least one feedback item")
+        lora_ids = {s.lora_id for s in samples}
+        if len(lora_ids) != 1:
+            raise InvalidFeedback(
+                f"one request trains one adapter, but the samples name {sorted(lora_ids)}; "
+                "send one request per adapter"
+            )
+        lora_id = validate_lora_id(lora_ids.pop())
+        for index, sample in enumerate(samples):
+            where = f"sample {index}"
+            if not sample.response_tokens:
+                raise InvalidFeedback(f"{where}: the response is empty; nothing to train on")
+            if len(sample.response_tokens) != len(sample.behavior_logprobs):
+                raise InvalidFeedback(
+                    f"{where}: {len(sample.response_tokens)} response tokens but "
+                    f"{len(sample.behavior_logprobs)} behavior log-probs; they must align"
+                )
+            behavior = np.asarray(sample.behavior_logprobs, dtype=np.float64)
+            if not np.all(np.isfinite(behavior)) or behavior.max() > LOGPROB_ROUNDING_TOL:
+                raise InvalidFeedback(f"{where}: behavior log-probs must be finite and <= 0")
+            if len(sample.prompt_tokens) + len(sample.response_tokens) >= self.max_context:
+                raise ContextTooLong(
+                    f"{where}: prompt + response exceed the model's context of "
+                    f"{self.max_context} tokens"
+                )
+        return lora_id
+
+    def _prepare(
+        self, tokenizer: PreTrainedTokenizerBase, sample: FeedbackSample, config: TrainingConfig
+    ) -> Prepared:
+        try:
+            teacher_prompt = rollout_teacher_prompt_tokens(
+                tokenizer,
+                sample.messages,
+                sample.prompt_format,
+                sample.feedback,
+                config.feedback_repetitions,
+                config.hindsight,
+            )
+        except (ValueError, KeyError) as error:
+            raise InvalidFeedback(f"cannot build the teacher prompt: {error}") from error
+        total = len(teacher_prompt) + len(sample.response_tokens)
+        if total >= self.max_context:  # scoring needs room for one sampled token
+            raise ContextTooLong(
+                f"the teacher prompt (conversation + hindsight feedback) plus the response is "
+                f"{total} tokens, over the model's context of {self.max_context}; shorten the "
+                "conversation or the feedback (the response is never truncated)"
+            )
+        return Prepared(
+            sample=sample,
+            teacher_prompt=teacher_prompt,
+            behavior=np.asarray(sample.behavior_logprobs, dtype=np.float64),
+        )
+
+    async def _demonstrations(
+        self, teacher: SamplingClient, prepared: list[Prepared], config: TrainingConfig
+    ) -> list[Prepared]:
+        """The teacher's own greedy answers to the batch's first prompts, as extra samples.
+
+        On-policy distillation corrects only the tokens the student samples. A string it never
+        samples gets no signal: "Kuro" is `' K'` + `'uro'`, and a student that never says `' K'`
+        never shows the teacher a position where `'uro'` is due. A teacher answer puts those
+        tokens on the response positions (`_terms` trains them with forward KL at weight 1).
+        A demonstration is no longer than the batch's longest rollout and stops where the
+        model's turn ends (the sampler's default stops, as for rollouts); one that is only a
+        stop token is dropped, since it would teach nothing but ending at once.
+        """
+        sources = prepared[: config.teacher_demonstrations]
+        if not sources:
+            return []
+        longest = max(len(p.response) for p in prepared)
+        calls = []
+        for p in sources:
+            room = self.max_context - max(len(p.teacher_prompt), len(p.prompt)) - 1
+            params = types.SamplingParams(max_tokens=max(1, min(longest, room)), temperature=0.0)
+            calls.append(teacher.sample(types.ModelInput.from_ints(p.teacher_prompt), 1, params))
+        demonstrations = []
+        for p, result in zip(sources, await asyncio.gather(*calls), strict=True):
+            sequence = result.sequences[0]
+            answer = [int(t) for t in sequence.tokens]
+            if not answer or (len(answer) == 1 and sequence.stop_reason == "stop"):
+                continue
+            # The log-probs it was sampled with (the teacher's), for the record: training
+            # compares a demonstration with the current student, not with these.
+            behavior = np.minimum(np.asarray(sequence.logprobs or [0.0] * len(answer)), 0.0)
+            sample = p.sample.model_copy(
+                update={"response_tokens": answer, "behavior_logprobs": behavior.tolist()}
+            )
+            demonstrations.append(
+                Prepared(
+                    sample=sample,
+                    teacher_prompt=p.teacher_prompt,
+                    behavior=behavior,
+                    demonstration=True,
+                )
+            )
+        return demonstrations
+
+    async def _score(
+        self,
+        strategy: Strategy[TeacherT],
+        teacher: SamplingClient,
+        base: SamplingClient,
+        prepared: list[Prepared],
+        config: TrainingConfig,
+    ) -> list[Scored[TeacherT]]:
+        """The teacher's view of every sample, and (for k3) the base model's of each rollout."""
+
+        async def base_sampled(p: Prepared) -> datums.F64 | None:
+            # k3 estimates KL(student ‖ base) on student samples only: not on demonstrations.
+            if config.kl_reg_weight == 0 or p.demonstration:
+                return None
+            values = await base.compute_logprobs(
+                types.ModelInput.from_ints(p.prompt + p.response),
+                prompt_logprobs_last_n=len(p.response),
+            )
+            return datums.response_logprobs(values, len(p.prompt), len(p.response))
+
+        views, bases = await asyncio.gather(
+            asyncio.gather(*(strategy.score_teacher(teacher, p) for p in prepared)),
+            asyncio.gather(*(base_sampled(p) for p in prepared)),
+        )
+        return [
+            Scored(prepared=p, teacher=view, base_sampled=base_view)
+            for p, view, base_view in zip(prepared, views, bases, strict=True)
+        ]
+
+    async def _score_student(
+        self, strategy: Strategy[TeacherT], trainer: TrainingClient, scored: list[Scored[TeacherT]]
+    ) -> list[datums.StudentScores]:
+        """The current student's exact log-probs on every sample."""
+        student = await trainer.save_weights_and_get_sampling_client(kind="inflight")
+        return list(await asyncio.gather(*(strategy.score_student(student, s) for s in scored)))
+
+    @staticmethod
+    def _terms(
+        strategy: Strategy[TeacherT],
+        scored: list[Scored[TeacherT]],
+        student: list[datums.StudentScores],
+    ) -> list[tuple[datums.LossTerms, float | None]]:
+        """Per sample: the loss terms at the current student (and the scalar-mode gain)."""
+        batch = len(scored)
+        return [
+            strategy.terms(
+                s, st, 1.0 / (batch * len(s.prepared.response))
+            )  # token, then sample mean
+            for s, st in zip(scored, student, strict=True)
+        ]
+
+    async def _step(
+        self,
+        strategy: Strategy[TeacherT],
+        trainer: TrainingClient,
+        scored: list[Scored[TeacherT]],
+        student: list[datums.StudentScores],
+        config: TrainingConfig,
+        step: int,
+    ) -> StepMetrics:
+        clock = time.perf_counter()
+        terms = self._terms(strategy, scored, student)
+        data = [
+            strategy.datum(s, st, t) for s, st, (t, _) in zip(scored, student, terms, strict=True)
+        ]
+        adam = types.AdamParams(
+            learning_rate=self.learning_rate_for(config), grad_clip_norm=config.max_grad_norm
+        )
+        forward_backward = trainer.forward_backward(data, strategy.loss_fn)  # pipelined
+        optim_step = trainer.optim_step(adam)
+        await forward_backward
+        optim = await optim_step
+        metrics = optim.metrics or {}
+        summary = rollout_statistics([s.prepared for s in scored], [t for t, _ in terms])
+        gains = [g for _, g in terms if g is not None]
+        advantages = np.concatenate([t.weight_sampled for t, _ in terms]) if gains else np.zeros(0)
+        return StepMetrics(
+            step=step + 1,
+            loss=summary["loss"],
+            divergence_mean=summary["divergence_mean"],
+            mean_is_ratio=summary["mean_is_ratio"],
+            clip_fraction=summary["clip_fraction"],
+            kl_reg_mean=summary["kl_reg_mean"],
+            grad_norm=metrics.get("grad_norm"),
+            adv_mean=float(advantages.mean()) if gains else None,
+            adv_abs_mean=float(np.abs(advantages).mean()) if gains else None,
+            adv_gain=float(np.mean(gains)) if gains else None,
+            seconds=time.perf_counter() - clock,
+        )
+
+    def _request_metrics(
+        self,
+        scored: list[Scored[TeacherT]],
+        steps: list[StepMetrics],
+        after: list[tuple[datums.LossTerms, float | None]],
+        config: TrainingConfig,
+    ) -> dict[str, float | int | str]:
+        prepared = [s.prepared for s in scored]
+        final = rollout_statistics(prepared, [t for t, _ in after])
+        first = steps[0]
+        metrics: dict[str, float | int | str] = {
+            "divergence_mode": config.divergence_mode,
+            "loss": first.loss,
+            "loss_after": final["loss"],
+            "divergence_mean": first.divergence_mean,
+            "divergence_mean_after": final["divergence_mean"],
+            "mean_is_ratio": float(np.mean([s.mean_is_ratio for s in steps])),
+            "clip_fraction": float(np.mean([s.clip_fraction for s in steps])),
+            "tokens": sum(len(p.response) for p in prepared if not p.demonstration),
+            "samples": sum(1 for p in prepared if not p.demonstration),
+            "demonstrations": sum(1 for p in prepared if p.demonstration),
+            "steps_per_batch_applied": len(steps),
+            "learning_rate": self.learning_rate_for(config),
+        }
+        if config.use_topk_divergence:
+            metrics["gjs_mean"] = first.divergence_mean
+            metrics["gjs_mean_after"] = final["divergence_mean"]
+        if "demonstration_kl" in final:
+            metrics["demonstration_kl_after"] = final["demonstration_kl"]
+        norms = [s.grad_norm for s in steps if s.grad_norm is not None]
+        if norms:
+            metrics["grad_norm"] = float(np.mean(norms))
+        for key in ("adv_mean", "adv_abs_mean", "adv_gain"):
+            values = [getattr(s, key) for s in steps if getattr(s, key) is not None]
+            if values:
+                metrics[key] = float(np.mean(values))
+        return metrics
+
+
+__all__ = [
+    "FeedbackSample",
+    "SDPOEngine",
+    "StepMetrics",
+    "TrainFrom",
+    "TrainedCheckpoint",
+    "TrainingConfig",
+    "timed",
+]

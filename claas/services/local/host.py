@@ -1,0 +1,161 @@
+"""The adapter host: one base model, its named LoRA adapters, and the worker that runs them.
+
+Every training client and every sampler of the local service is a named LoRA adapter on one
+`PeftModel`, selected per call (`using`); the base model is never reloaded or copied. Sampler
+adapters are loaded on first use and kept in an LRU of at most `max_loaded_samplers`.
+
+An `AdapterHost` is created once by its owner (the runtime, or a `LocalServiceClient` given a
+bare `LoadedModel`) and closed by it. Services handed the same host share its worker, so two of
+them never run the PEFT model from two threads at once. Adapter methods run on the worker only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+import torch
+from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from tinker.lib.public_interfaces.api_future import APIFuture
+
+from claas.errors import InvalidRequest
+from claas.models import LoadedModel, load_model
+from claas.services.local.checkpoints import LoadedCheckpoint
+from claas.services.local.worker import ModelWorker
+
+T = TypeVar("T")
+I = TypeVar("I")  # noqa: E741 - a batched item
+
+
+class AdapterHost:
+    """One base model, its named LoRA adapters, and the single worker thread that runs them."""
+
+    IDLE_ADAPTER = "claas-idle"
+
+    def __init__(self, loaded: LoadedModel, max_loaded_samplers: int = 16) -> None:
+        self.loaded = loaded
+        self.max_loaded_samplers = max_loaded_samplers
+        self.worker = ModelWorker()
+        self._peft: Any = None
+        self._samplers: OrderedDict[str, None] = OrderedDict()  # LRU of loaded sampler adapters
+
+    # -- the worker ------------------------------------------------------------------------
+    def submit(self, fn: Callable[[], T]) -> APIFuture[T]:
+        return self.worker.submit(fn)
+
+    def submit_batched(self, key: str, item: I, run: Callable[[list[I]], list[T]]) -> APIFuture[T]:
+        return self.worker.submit_batched(key, item, run)
+
+    @property
+    def closed(self) -> bool:
+        return self.worker.closed
+
+    def close(self) -> None:
+        self.worker.close()
+
+    @property
+    def model(self) -> Any:
+        """The module to call: the PeftModel once an adapter exists, else the plain base."""
+        return self._peft if self._peft is not None else self.loaded.model
+
+    # -- adapters (worker thread only) ----------------------------------------------------------
+    def has_adapter(self, name: str) -> bool:
+        return self._peft is not None and name in self._peft.peft_config
+
+    def add_adapter(
+        self, name: str, config: LoraConfig, weights: Mapping[str, torch.Tensor] | None, seed: int
+    ) -> None:
+        if self._peft is None:
+            # A permanent rank-1 placeholder, never active, so deleting the last real adapter
+            # never leaves PEFT without one.
+            idle = LoraConfig(r=1, target_modules=["q_proj"], lora_dropout=0.0)
+            self._peft = get_peft_model(self.loaded.model, idle, adapter_name=self.IDLE_ADAPTER)
+            self._peft.train(False)
+        torch.manual_seed(seed)  # LoRA A init draws from the global RNG
+        self._peft.add_adapter(name, config)
+        if weights is not None:
+            result = set_peft_model_state_dict(self._peft, dict(weights), adapter_name=name)
+            missing = [k for k in result.missing_keys if f".{name}." in k]
+            if result.unexpected_keys or missing:
+                self._peft.delete_adapter(name)
+                raise InvalidRequest(
+                    f"checkpoint weights do not match the adapter config (missing {missing[:3]},"
+                    f" unexpected {list(result.unexpected_keys)[:3]}); was it saved for another"
+                    " base model?"
+                )
+        for param in self.adapter_parameters(name).values():
+            param.requires_grad_(False)
+
+    def remove_adapter(self, name: str) -> None:
+        if self.has_adapter(name):
+            self._peft.set_adapter(self.IDLE_ADAPTER)
+            self._peft.delete_adapter(name)
+        self._samplers.pop(name, None)
+
+    def adapter_parameters(self, name: str) -> dict[str, torch.nn.Parameter]:
+        marker = f".{name}."
+        return {
+            key.replace(marker, "."): param
+            for key, param in self._peft.named_parameters()
+            if marker in key
+        }
+
+    def adapter_state_dict(self, name: str) -> dict[str, torch.Tensor]:
+        """The adapter's weights with PEFT's on-disk key names."""
+        # Tied embeddings are frozen base weights: never copy them into a checkpoint.
+        state: dict[str, torch.Tensor] = get_peft_model_state_dict(
+            self._peft, adapter_name=name, save_embedding_layers=False
+        )
+        return state
+
+    def ensure_sampler(self, name: str, load: Callable[[], LoadedCheckpoint]) -> None:
+        """Make a sampler adapter resident, evicting the least recently used beyond the cap."""
+        if self.has_adapter(name):
+            self._samplers.move_to_end(name, last=True)
+            return
+        checkpoint = load()
+        self.add_adapter(name, peft_lora_config(checkpoint.adapter_config), checkpoint.weights, 0)
+        self._samplers[name] = None
+        while len(self._samplers) > self.max_loaded_samplers:
+            evicted, _ = self._samplers.popitem(last=False)
+            self.remove_adapter(evicted)
+
+    @contextmanager
+    def using(self, adapter: str | None) -> Iterator[Any]:
+        """Run the model with one adapter active, or with none (the base model)."""
+        if adapter is None:
+            if self._peft is None:
+                yield self.loaded.model
+            else:
+                with self._peft.disable_adapter():
+                    yield self._peft
+        else:
+            self._peft.set_adapter(adapter)
+            yield self._peft
+
+
+def peft_lora_config(adapter_config: Mapping[str, Any]) -> LoraConfig:
+    return LoraConfig(
+        r=int(adapter_config["r"]),
+        lora_alpha=float(adapter_config["lora_alpha"]),
+        target_modules=list(adapter_config["target_modules"]),
+        lora_dropout=0.0,
+        bias="none",
+    )
+
+
+def _release_adapter(host: AdapterHost, adapter: str) -> None:
+    """Finalizer of a client: drop its adapter on the worker (nothing to do at shutdown)."""
+    with contextlib.suppress(InvalidRequest, RuntimeError):  # closed, or interpreter exiting
+        host.submit(lambda: host.remove_adapter(adapter))
+
+
+@functools.cache
+def shared_model(spec: str, cache_root: Path, device: str) -> LoadedModel:
+    """The process-wide base model for a spec: loaded at most once per process."""
+    return load_model(spec, cache_root, device)
