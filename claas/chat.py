@@ -31,7 +31,7 @@ from claas.ids import text_hash, validate_lora_id
 from claas.sdpo.prompts import Message, chat_prompt_tokens, message_text
 from claas.services.protocol import (
     SamplingClient,
-    ServiceClient,
+    SamplingService,
     StopGeneration,
     capabilities_of,
     streaming,
@@ -111,7 +111,7 @@ class StreamDecoder:
 class ChatService:
     def __init__(
         self,
-        service: ServiceClient,
+        service: SamplingService,
         store: Store,
         base_model: str,
         tokenizer: PreTrainedTokenizerBase,

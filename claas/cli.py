@@ -15,7 +15,7 @@ from claas.settings import Settings
 
 def _settings(args: argparse.Namespace) -> Settings:
     """Settings from the environment, overridden by whichever flags were given."""
-    names = ("model", "data_dir", "device", "host", "port", "service")
+    names = ("model", "data_dir", "device", "host", "port", "service", "inference", "vllm_url")
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in names if getattr(args, name, None) is not None
     }
@@ -201,6 +201,10 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--host", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (default 8000)")
     serve.add_argument("--service", choices=["local", "tinker"], help="training service")
+    serve.add_argument(
+        "--inference", choices=["local", "vllm"], help="who samples chat (default local)"
+    )
+    serve.add_argument("--vllm-url", help="the vLLM server, with --inference vllm")
     serve.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback bind without API keys"
     )

@@ -23,7 +23,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,12 +106,14 @@ class FeedbackQueue:
         max_coalesce: int = 8,
         on_trained: Callable[[FeedbackRequest, float], None] | None = None,
         max_pending_per_owner: int | None = None,
+        on_version: Callable[[AdapterVersion], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
         self.max_coalesce = max_coalesce
         self.max_pending_per_owner = max_pending_per_owner
         self.on_trained = on_trained
+        self.on_version = on_version  # after a version is registered: e.g. load it for serving
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._running: dict[str, asyncio.Task[None]] = {}
@@ -304,6 +306,7 @@ class FeedbackQueue:
                 "coalesced_ids": ids,
             }
             self._mark(self.store.mark_done, ids, version.version, metrics)
+            await self._announce(version)
         except asyncio.CancelledError:
             raise  # shutting down: the requests stay `running` and are requeued at start-up
         except ClaasError as error:
@@ -319,6 +322,15 @@ class FeedbackQueue:
             if self.on_trained is not None:
                 self.on_trained(head, time.perf_counter() - started)
             await self.notify()
+
+    async def _announce(self, version: AdapterVersion) -> None:
+        """Tell `on_version` of a new version; its failure never fails the trained request."""
+        if self.on_version is None:
+            return
+        try:
+            await self.on_version(version)
+        except Exception:
+            logger.exception("after training %s v%d", version.lora_id, version.version)
 
     @staticmethod
     def _mark(update: Callable[..., None], *args: Any) -> bool:

@@ -18,12 +18,13 @@ from claas.chat import ChatService
 from claas.feedback import FeedbackQueue
 from claas.models import LoadedModel
 from claas.sdpo.engine import SDPOEngine
-from claas.services.protocol import Closable, ServiceClient, capabilities_of
+from claas.services.protocol import Closable, ServiceClient, capabilities_of, local_checkpoints
 from claas.settings import Settings
 from claas.store import Store
 
 if TYPE_CHECKING:
     from claas.services.local import AdapterHost
+    from claas.services.vllm import VLLMBackend
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +42,7 @@ class Runtime:
     chat: ChatService
     queue: FeedbackQueue
     host: AdapterHost | None = None  # the local service's model and worker, owned here
+    inference: VLLMBackend | None = None  # chat's sampler when it is not the training service
 
     @classmethod
     def build(cls, settings: Settings, loaded: LoadedModel | None = None) -> Runtime:
@@ -74,6 +76,7 @@ class Runtime:
             model_type = str(loaded.model.config.model_type)
         # The default learning rate follows the base model's size (default_learning_rate).
         engine = SDPOEngine(service, base_model, max_context, hidden_size, model_type)
+        inference = _inference_backend(settings, service, base_model, tokenizer)
         return cls(
             settings=settings,
             service=service,
@@ -91,15 +94,22 @@ class Runtime:
                 max_adapters_per_owner=settings.max_adapters_per_owner,
             ),
             chat=ChatService(
-                service, store, base_model, tokenizer, max_context, settings.rollout_ttl_seconds
+                inference or service,
+                store,
+                base_model,
+                tokenizer,
+                max_context,
+                settings.rollout_ttl_seconds,
             ),
             queue=FeedbackQueue(
                 store,
                 engine,
                 settings.max_coalesce,
                 max_pending_per_owner=settings.max_pending_feedback_per_owner,
+                on_version=inference.load_version if inference is not None else None,
             ),
             host=host,
+            inference=inference,
         )
 
     def close(self) -> None:
@@ -125,6 +135,35 @@ def _tinker_parts(settings: Settings) -> tuple[ServiceClient, str, PreTrainedTok
     tokenizer = load_tokenizer(settings.tinker_base_model, Path(settings.model_cache_dir))
     max_context = int(getattr(tokenizer, "model_max_length", 32768) or 32768)
     return service, settings.tinker_base_model, tokenizer, min(max_context, 131072)
+
+
+def _inference_backend(
+    settings: Settings,
+    service: ServiceClient,
+    base_model: str,
+    tokenizer: PreTrainedTokenizerBase,
+) -> VLLMBackend | None:
+    """The vLLM backend when chat is served by vLLM; None when the training service samples."""
+    if settings.inference != "vllm":
+        return None
+    from claas.errors import InvalidRequest
+    from claas.services.vllm import VLLMBackend
+
+    if not settings.vllm_url:
+        raise InvalidRequest("--inference vllm needs --vllm-url (CLAAS_VLLM_URL), the vLLM server")
+    if not capabilities_of(service).local_checkpoints:
+        raise InvalidRequest(
+            "--inference vllm loads adapter versions from local checkpoint files; train with "
+            "--service local (hosted Tinker keeps its weights remote)"
+        )
+    return VLLMBackend(
+        settings.vllm_url,
+        settings.vllm_model or base_model,
+        tokenizer,
+        local_checkpoints(service),
+        api_key=settings.vllm_api_key,
+        keep_loaded=settings.vllm_keep_loaded,
+    )
 
 
 def _local_config_shape(model: str) -> tuple[int | None, str | None]:

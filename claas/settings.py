@@ -47,6 +47,21 @@ class Settings(BaseSettings):
     service: Literal["local", "tinker"] = Field(
         "local", description="Training service: in-process (local) or hosted Tinker."
     )
+    inference: Literal["local", "vllm"] = Field(
+        "local",
+        description="Who samples chat answers: the training service itself (local), or a vLLM "
+        "server run outside claas (vllm, with --vllm-url); training is unchanged either way.",
+    )
+    vllm_url: str | None = Field(None, description="The vLLM server (with --inference vllm).")
+    vllm_api_key: str | None = Field(None, description="Its API key, if it was started with one.")
+    vllm_model: str | None = Field(
+        None,
+        description="vLLM's name of the base model (its --served-model-name); default: "
+        "the base model's name.",
+    )
+    vllm_keep_loaded: int = Field(
+        8, ge=1, le=1024, description="Adapter versions kept loaded in vLLM (least recent out)."
+    )
     tinker_base_model: str | None = Field(
         None, description="Base model name on hosted Tinker (with --service tinker)."
     )

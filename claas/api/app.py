@@ -34,6 +34,8 @@ def create_app(runtime: Runtime) -> FastAPI:
         finally:
             app.state.ready = False
             await runtime.queue.stop()
+            if runtime.inference is not None:
+                await runtime.inference.aclose()
 
     app = FastAPI(
         title="claas",

@@ -260,3 +260,8 @@ class Health(BaseModel):
     ready: bool
     database_ok: bool
     queue_depth: int | None = Field(description="Queued feedback; null if the database is down.")
+    inference: dict[str, Any] | None = Field(
+        None,
+        description="The vLLM backend's report (status ok | unreachable | error, url, loaded "
+        "adapters) when chat is served by vLLM; null when the training service samples.",
+    )

@@ -104,7 +104,15 @@ class RestClient(Protocol):
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> Awaitable[None]: ...
 
 
-class ServiceClient(Protocol):
+class SamplingService(Protocol):
+    """What chat needs: a sampling client for the base model or for one adapter version."""
+
+    def create_sampling_client(
+        self, model_path: str | None = None, base_model: str | None = None
+    ) -> Awaitable[SamplingClient]: ...
+
+
+class ServiceClient(SamplingService, Protocol):
     def create_lora_training_client(
         self,
         base_model: str,
@@ -167,7 +175,7 @@ class ServiceCapabilities(BaseModel):
 HOSTED_TINKER = ServiceCapabilities()  # Tinker's API and nothing more
 
 
-def capabilities_of(service: ServiceClient) -> ServiceCapabilities:
+def capabilities_of(service: SamplingService) -> ServiceCapabilities:
     """A service's declared capabilities (its `capabilities` attribute); Tinker declares none."""
     declared = getattr(service, "capabilities", HOSTED_TINKER)
     return declared if isinstance(declared, ServiceCapabilities) else HOSTED_TINKER

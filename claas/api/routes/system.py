@@ -17,7 +17,9 @@ async def health(request: Request, response: Response, runtime: RuntimeDep) -> H
     database_ok = runtime.store.ping()
     model_loaded = runtime.tokenizer is not None
     ready = bool(request.app.state.ready)
-    ok = ready and database_ok and model_loaded
+    inference = await runtime.inference.health() if runtime.inference is not None else None
+    serving = inference is None or inference["status"] == "ok"
+    ok = ready and database_ok and model_loaded and serving
     if not ok:
         response.status_code = 503
     return Health(
@@ -27,6 +29,7 @@ async def health(request: Request, response: Response, runtime: RuntimeDep) -> H
         ready=ready,
         database_ok=database_ok,
         queue_depth=runtime.queue.depth() if database_ok else None,
+        inference=inference,
     )
 
 
