@@ -329,6 +329,8 @@ class FeedbackQueue:
             return
         try:
             await self.on_version(version)
+        except ClaasError as error:  # e.g. vLLM down: it is loaded on first use instead
+            logger.warning("after training %s v%d: %s", version.lora_id, version.version, error)
         except Exception:
             logger.exception("after training %s v%d", version.lora_id, version.version)
 

@@ -22,7 +22,7 @@ from serving import LiveServer, make_server
 from tinker import types
 
 from claas.models import LoadedModel
-from claas.services.vllm import lora_name
+from claas.services.vllm import BackendError, lora_name, sequence
 
 SERVED_NAME = "SmolLM2-135M-Instruct"  # tests/vllm_server.py's --served-model-name
 QUESTION = [{"role": "user", "content": "Explain how a rainbow forms."}]
@@ -211,3 +211,20 @@ def test_vllm_down_gives_503_and_a_degraded_health(tmp_path: Path, model_cache: 
         assert report["inference"]["url"] == url
     finally:
         live.close()
+
+
+def test_a_reply_whose_ids_and_logprobs_do_not_pair_up_is_refused() -> None:
+    """What vLLM returns is checked before a rollout is made of it."""
+    good = {
+        "finish_reason": "length",
+        "logprobs": {"tokens": ["token_id:5", "token_id:7"], "token_logprobs": [-0.5, -1.0]},
+    }
+    parsed = sequence(good)
+    assert parsed.tokens == [5, 7] and parsed.stop_reason == "length"
+    assert parsed.logprobs == pytest.approx([-0.5, -1.0])
+    short = {**good, "logprobs": {**good["logprobs"], "token_logprobs": [-0.5]}}
+    with pytest.raises(BackendError, match="2 tokens but 1 log-probs"):
+        sequence(short)
+    as_text = {**good, "logprobs": {**good["logprobs"], "tokens": ["Hello", "token_id:7"]}}
+    with pytest.raises(BackendError, match="as text, not as an id"):
+        sequence(as_text)
