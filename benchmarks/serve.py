@@ -10,20 +10,35 @@ for /v1/health, and measures in one run:
 - a short chat while a feedback step trains, against the same chat when the server is idle.
 
     .venv/bin/python benchmarks/serve.py
+
+`--backend vllm` measures the local backend and the vLLM backend side by side in one run instead:
+vLLM is started with tests/vllm_server.py (on CLAAS_TEST_VLLM_PORT; stopped by its pid at the
+end, even on error) unless `--vllm-url` names a running one, and two `claas serve` are started,
+one with default inference and one with `CLAAS_INFERENCE=vllm`. The figures, alternated between
+the two `--repeats` times (median, with the range): tokens/s of one streamed 128-token chat (on
+the base model, and on an adapter); total tokens/s of 4 concurrent chats on 4 different
+adapters; and the swap, from a feedback's reply to the first token served by the version it
+trained. See benchmarks/vllm.md.
+
+    .venv/bin/python benchmarks/serve.py --backend vllm [--vllm-url URL] [--repeats 3]
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.util
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack, contextmanager, redirect_stdout, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -60,12 +75,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(data_dir: Path, port: int, log: Path) -> subprocess.Popen[bytes]:
+def start_server(
+    data_dir: Path, port: int, log: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen[bytes]:
     """`claas serve` on CPU, with the default data dir's model cache linked into `data_dir`."""
     cached_models = default_data_dir() / "models"
     if cached_models.is_dir():
         (data_dir / "models").symlink_to(cached_models, target_is_directory=True)
-    env = {**os.environ, "CLAAS_DATA_DIR": str(data_dir), "CLAAS_DEVICE": "cpu"}
+    env = {
+        **os.environ,
+        "CLAAS_DATA_DIR": str(data_dir),
+        "CLAAS_DEVICE": "cpu",
+        **(extra_env or {}),
+    }
     with log.open("wb") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "claas.cli", "serve", "--port", str(port)],
@@ -171,15 +193,19 @@ def median_chat(client: httpx.Client, model: str, repeats: int) -> float:
     return statistics.median(chat(client, model, SHORT_PROMPT, 16).seconds for _ in range(repeats))
 
 
-def main() -> None:
+@contextmanager
+def claas_server(
+    extra_env: dict[str, str] | None = None,
+) -> Iterator[tuple[httpx.Client, float]]:
+    """A healthy `claas serve` (client, seconds to healthy) on a temp data dir; stopped on exit."""
     with tempfile.TemporaryDirectory(prefix="claas-bench-") as tmp:
         data_dir, port = Path(tmp), free_port()
         log = data_dir / "server.log"
-        server = start_server(data_dir, port, log)
+        server = start_server(data_dir, port, log, extra_env)
         try:
             with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=REQUEST_SECONDS) as c:
                 startup = wait_healthy(c, server, log)
-                run(c, startup)
+                yield c, startup
         finally:
             server.terminate()
             try:
@@ -187,6 +213,33 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 server.kill()
                 server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--backend",
+        choices=["local", "vllm"],
+        default="local",
+        help="local: the figures of the docstring (default); vllm: local and vLLM side by side",
+    )
+    parser.add_argument(
+        "--vllm-url", help="a running vLLM server to use (default: start one, tests/vllm_server.py)"
+    )
+    parser.add_argument(
+        "--vllm-model",
+        default=VLLM_SERVED_NAME,
+        help=f"vLLM's --served-model-name of the base model (default {VLLM_SERVED_NAME})",
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=3, help="with --backend vllm: runs of each figure"
+    )
+    args = parser.parse_args()
+    if args.backend == "vllm":
+        compare(args.vllm_url, args.vllm_model, max(1, args.repeats))
+        return
+    with claas_server() as (client, startup):
+        run(client, startup)
 
 
 def run(client: httpx.Client, startup: float) -> None:
@@ -307,6 +360,281 @@ def run(client: httpx.Client, startup: float) -> None:
         "Short chat: 16 tokens; 'while training' is the median of chats that finished before\n"
         "an 8-step feedback step did, against the idle median."
     )
+
+
+# -- --backend vllm: the local backend and vLLM side by side -----------------------------------
+REPO = Path(__file__).resolve().parent.parent
+VLLM_SERVED_NAME = "SmolLM2-135M-Instruct"  # tests/vllm_server.py's --served-model-name
+USERS = [f"bench/user{i}" for i in range(len(PROMPTS))]  # one adapter per concurrent chat
+SWAP_ADAPTER = "bench/swap"
+
+
+@dataclass(frozen=True)
+class Side:
+    name: str
+    client: httpx.Client
+    startup: float
+
+
+@dataclass(frozen=True)
+class Swap:
+    seconds: float  # feedback reply -> reply of a 1-token chat on the new version
+    warm: float  # the same chat again, median of 3
+    train: float  # finished_at - started_at
+    reply_lag: float  # finished_at -> the feedback's reply (vLLM: loading the version into it)
+
+
+def load_vllm_server() -> Any:
+    """tests/vllm_server.py as a module (tests/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("vllm_server", REPO / "tests" / "vllm_server.py")
+    if spec is None or spec.loader is None:
+        raise RuntimeError("cannot load tests/vllm_server.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def alive(pid: int) -> bool:
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return False  # our child (vllm_server.start ran in this process), reaped now
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process under `pid` (from /proc): the engine core vLLM forks, and its helpers."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for children in Path(f"/proc/{todo.pop()}/task").glob("*/children"):
+            try:
+                pids = [int(p) for p in children.read_text().split()]
+            except OSError:
+                continue
+            found += pids
+            todo += pids
+    return found
+
+
+def stop_pid(pid: int) -> None:
+    """SIGTERM to `pid` (SIGKILL after 30 s), then SIGKILL to any of its children left."""
+    children = descendants(pid)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        if not alive(pid):
+            break
+        with suppress(ProcessLookupError):
+            os.kill(pid, sig)
+        with suppress(TimeoutError):
+            wait_until(f"pid {pid} to exit", lambda: not alive(pid), 30.0, poll=0.2)
+    for child in children:
+        if alive(child):
+            with suppress(ProcessLookupError):
+                os.kill(child, signal.SIGKILL)
+
+
+@contextmanager
+def own_vllm() -> Iterator[tuple[str, str]]:
+    """(URL, served name) of a vLLM that tests/vllm_server.py starts; stopped by its pid on exit."""
+    server = load_vllm_server()
+    pid_file = Path(server.STATE) / "server.pid"
+    if pid_file.exists():
+        other = int(pid_file.read_text())
+        if alive(other):
+            raise RuntimeError(
+                f"{pid_file} names a running vLLM (pid {other}) that this run did not start; "
+                "stop it (tests/vllm_server.py stop) or pass --vllm-url"
+            )
+        pid_file.unlink()  # stale: its process is gone
+    with socket.socket() as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as vLLM: TIME_WAIT is fine
+        try:
+            sock.bind(("127.0.0.1", server.PORT))
+        except OSError:
+            raise RuntimeError(
+                f"port {server.PORT} is taken: set CLAAS_TEST_VLLM_PORT to a free port, or pass "
+                "--vllm-url"
+            ) from None
+    pid: int | None = None
+    try:
+        with redirect_stdout(sys.stderr):  # it prints the URL; stdout is the table
+            url = server.start(STARTUP_SECONDS)
+        pid = int(pid_file.read_text())
+        yield url, server.SERVED_NAME
+    finally:
+        if pid is None and pid_file.exists():  # start failed after writing it
+            pid = int(pid_file.read_text())
+        if pid is not None:
+            stop_pid(pid)
+            if pid_file.exists() and pid_file.read_text().strip() == str(pid):
+                pid_file.unlink()
+            progress(f"stopped vLLM (pid {pid}); its log: {Path(server.STATE) / 'server.log'}")
+
+
+def progress(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def warm(client: httpx.Client, models: list[str]) -> None:
+    for model in models:
+        chat(client, model, SHORT_PROMPT, 1)
+
+
+def one_stream(client: httpx.Client, model: str) -> tuple[float, float, int]:
+    """(tokens/s over the whole stream, TTFT, tokens) of one streamed 128-token greedy chat."""
+    ttft, streamed = stream(client, model, LONG_PROMPT, 128)
+    return streamed.completion_tokens / streamed.seconds, ttft, streamed.completion_tokens
+
+
+def concurrent_users(client: httpx.Client) -> tuple[float, int]:
+    """(total tokens/s, tokens) of 4 concurrent 128-token chats, each on its own adapter."""
+    warm(client, USERS)  # each adapter loaded (vLLM: in its LoRA cache) before the clock starts
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(USERS)) as pool:
+        chats = list(pool.map(lambda u, p: chat(client, u, p, 128), USERS, PROMPTS))
+    seconds = time.perf_counter() - start
+    tokens = sum(c.completion_tokens for c in chats)
+    return tokens / seconds, tokens
+
+
+def swap(client: httpx.Client) -> Swap:
+    """One default feedback step on SWAP_ADAPTER, then the first token of the version it made."""
+    answered = chat(client, SWAP_ADAPTER, LONG_PROMPT, 100)
+    done = feedback(client, answered.completion_id, {}, wait=True)
+    done_at, done_wall = time.perf_counter(), time.time()
+    if done["status"] != "done":
+        raise RuntimeError(f"feedback did not finish: {done}")
+    pinned = f"{SWAP_ADAPTER}@{done['version']}"  # the new version, without asking which it is
+    chat(client, pinned, SHORT_PROMPT, 1)
+    seconds = time.perf_counter() - done_at
+    again = statistics.median(chat(client, pinned, SHORT_PROMPT, 1).seconds for _ in range(3))
+    return Swap(
+        seconds,
+        again,
+        done["finished_at"] - done["started_at"],
+        done_wall - done["finished_at"],
+    )
+
+
+def compare(vllm_url: str | None, vllm_model: str, repeats: int) -> None:
+    # A SIGTERM unwinds like Ctrl-C, so the servers (and vLLM) are stopped on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with ExitStack() as stack:
+        if vllm_url is None:
+            progress("starting vLLM (tests/vllm_server.py) ...")
+            vllm_url, vllm_model = stack.enter_context(own_vllm())
+        progress("starting claas serve (local inference) ...")
+        local = Side("local", *stack.enter_context(claas_server({"CLAAS_INFERENCE": "local"})))
+        progress(f"starting claas serve (vLLM inference, {vllm_url}) ...")
+        vllm_env = {
+            "CLAAS_INFERENCE": "vllm",
+            "CLAAS_VLLM_URL": vllm_url,
+            "CLAAS_VLLM_MODEL": vllm_model,
+        }
+        vllm = Side("vllm", *stack.enter_context(claas_server(vllm_env)))
+        inference = vllm.client.get("/v1/health").json().get("inference") or {}
+        if inference.get("status") != "ok":
+            raise RuntimeError(f"the vLLM-backed claas does not serve from vLLM: {inference}")
+        measure(local, vllm, vllm_url, repeats)
+
+
+def measure(local: Side, vllm: Side, vllm_url: str, repeats: int) -> None:
+    sides = (local, vllm)
+    for side in sides:
+        for lora_id in [*USERS, SWAP_ADAPTER]:
+            side.client.post("/v1/adapters", json={"lora_id": lora_id}).raise_for_status()
+        warm(side.client, [EMBEDDED_MODEL, *USERS, SWAP_ADAPTER])  # first kernels, first loads
+
+    # Alternate the two (and which goes first), so a busy spell on the machine hits both.
+    streams: dict[str, list[tuple[float, float, int]]] = {s.name: [] for s in sides}
+    adapter_streams: dict[str, list[tuple[float, float, int]]] = {s.name: [] for s in sides}
+    users: dict[str, list[tuple[float, int]]] = {s.name: [] for s in sides}
+    swaps: dict[str, list[Swap]] = {s.name: [] for s in sides}
+    for i in range(repeats):
+        order = sides if i % 2 == 0 else sides[::-1]
+        for side in order:
+            streams[side.name].append(one_stream(side.client, EMBEDDED_MODEL))
+            adapter_streams[side.name].append(one_stream(side.client, USERS[0]))
+            progress(
+                f"run {i + 1}/{repeats} {side.name}: 1 stream {streams[side.name][-1][0]:.1f}, "
+                f"on an adapter {adapter_streams[side.name][-1][0]:.1f}"
+            )
+        for side in order:
+            users[side.name].append(concurrent_users(side.client))
+            progress(f"run {i + 1}/{repeats} {side.name}: 4 users {users[side.name][-1][0]:.1f}")
+    for i in range(repeats):
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            swaps[side.name].append(swap(side.client))
+            progress(f"run {i + 1}/{repeats} {side.name}: swap {swaps[side.name][-1].seconds:.3f}")
+
+    def cell(values: list[float], digits: int) -> str:
+        middle = f"{statistics.median(values):.{digits}f}"
+        if len(values) == 1:
+            return middle
+        return f"{middle} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+    def row(
+        name: str, values: Callable[[str], list[float]], digits: int, higher_wins: bool
+    ) -> tuple[str, str, str, str, str]:
+        here, there = values("local"), values("vllm")
+        ratio = statistics.median(here) / statistics.median(there)
+        vllm_wins = ratio < 1 if higher_wins else ratio > 1
+        gain = 1 / ratio if higher_wins else ratio
+        faster = f"vllm {gain:.2f}x" if vllm_wins else f"local {1 / gain:.2f}x"
+        return name, cell(here, digits), cell(there, digits), f"{ratio:.2f}", faster
+
+    rows = [
+        row("(a) 1 stream, tok/s", lambda n: [s[0] for s in streams[n]], 1, True),
+        row("(a) same, on an adapter", lambda n: [s[0] for s in adapter_streams[n]], 1, True),
+        row("(b) 4 users, total tok/s", lambda n: [u[0] for u in users[n]], 1, True),
+        row("(c) swap, ms", lambda n: [w.seconds * 1e3 for w in swaps[n]], 0, False),
+        row("TTFT, 1 stream, ms", lambda n: [s[1] * 1e3 for s in streams[n]], 0, False),
+        row("1-token chat, warm, ms", lambda n: [w.warm * 1e3 for w in swaps[n]], 0, False),
+        row("feedback train, s", lambda n: [w.train for w in swaps[n]], 2, False),
+        row("train done -> reply, ms", lambda n: [w.reply_lag * 1e3 for w in swaps[n]], 0, False),
+        row(
+            "claas start to healthy, s",
+            lambda n: [{"local": local, "vllm": vllm}[n].startup],
+            1,
+            False,
+        ),
+    ]
+    tokens = {
+        n: [sorted({run[-1] for run in runs[n]}) for runs in (streams, adapter_streams, users)]
+        for n in streams
+    }
+    print(
+        f"claas serve, {EMBEDDED_MODEL} on CPU, {os.cpu_count()} cores, over HTTP on loopback: "
+        f"local inference vs vLLM ({vllm_url}); {repeats} runs of each, alternated; "
+        "median (min-max)"
+    )
+    widths = [max(len(r[i]) for r in [*rows, HEADER]) for i in range(len(HEADER))]
+    for name, *cells in [HEADER, *rows]:
+        print(
+            f"{name:{widths[0]}s}", *(f"{c:>{w}s}" for c, w in zip(cells, widths[1:], strict=True))
+        )
+    print(
+        f"\ncompletion tokens per run (local, vllm): 1 stream {tokens['local'][0]}, "
+        f"{tokens['vllm'][0]}; on an adapter {tokens['local'][1]}, {tokens['vllm'][1]}; 4 users "
+        f"{tokens['local'][2]}, {tokens['vllm'][2]}\n"
+        "(a) one streamed chat, 128 tokens greedy, on the base model and on an (untrained)\n"
+        "adapter: completion tokens / the whole stream's time (claas gets vLLM's answer whole\n"
+        "and sends it as one chunk, so vLLM's TTFT is the whole answer).\n"
+        "(b) 4 concurrent 128-token chats, each on its own (untrained, version 1) adapter, all\n"
+        "warmed first: total completion tokens / wall time.\n"
+        "(c) from the reply of a feedback step (wait=true) to the reply of a 1-token chat on\n"
+        "owner/name@N, the version it trained; 'warm' is that chat again. With vLLM the version\n"
+        "is loaded into vLLM before the feedback replies: that is in 'train done -> reply'.\n"
+        "local/vllm: the ratio of the medians (below 1 on tok/s, above 1 on times: vLLM wins)."
+    )
+
+
+HEADER = ("figure", "local", "vllm", "local/vllm", "faster")
 
 
 if __name__ == "__main__":
