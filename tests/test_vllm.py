@@ -39,18 +39,25 @@ def vllm_url() -> str:
     return url
 
 
-@pytest.fixture
-def on_vllm(smol: LoadedModel, tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
-    """claas on the real SmolLM2 (trained locally), chat served by the real vLLM."""
+def vllm_served(
+    smol: LoadedModel, tmp_path: Path, model_cache: Path, **settings: Any
+) -> LiveServer:
+    """claas on the real SmolLM2 (trained locally, on its own copy), chat served by vLLM."""
     own = LoadedModel(smol.name, copy.deepcopy(smol.model), smol.tokenizer, smol.device)
-    live = make_server(
+    return make_server(
         tmp_path,
         model_cache,
         loaded=own,
         inference="vllm",
         vllm_url=vllm_url(),
         vllm_model=SERVED_NAME,
+        **settings,
     )
+
+
+@pytest.fixture
+def on_vllm(smol: LoadedModel, tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
+    live = vllm_served(smol, tmp_path, model_cache)
     yield live
     live.close()
 
@@ -157,16 +164,7 @@ def test_a_version_vllm_no_longer_has_is_loaded_again_on_first_use(on_vllm: Live
 def test_only_the_most_recent_versions_stay_loaded(
     smol: LoadedModel, tmp_path: Path, model_cache: Path
 ) -> None:
-    own = LoadedModel(smol.name, copy.deepcopy(smol.model), smol.tokenizer, smol.device)
-    live = make_server(
-        tmp_path,
-        model_cache,
-        loaded=own,
-        inference="vllm",
-        vllm_url=vllm_url(),
-        vllm_model=SERVED_NAME,
-        vllm_keep_loaded=1,
-    )
+    live = vllm_served(smol, tmp_path, model_cache, vllm_keep_loaded=1)
     try:
         names = []
         for lora_id in ("alice/k1", "alice/k2"):
