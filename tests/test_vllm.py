@@ -18,6 +18,7 @@ from typing import Any
 
 import httpx
 import pytest
+import vllm_server
 from serving import LiveServer, make_server
 from tinker import types
 
@@ -180,6 +181,22 @@ def test_only_the_most_recent_versions_stay_loaded(
         chat(live, "alice/k1", max_tokens=4)  # still served: loaded again on use
     finally:
         live.close()
+
+
+@pytest.mark.vllm
+def test_after_a_real_vllm_restart_versions_are_loaded_again(on_vllm: LiveServer) -> None:
+    """vLLM is stopped by its pid and started again (about a minute); claas, which still
+    believes the version is loaded, serves the next chat by loading it again."""
+    on_vllm.client.post("/v1/adapters", json={"lora_id": "alice/rs", "seed": 2}).raise_for_status()
+    before = chat(on_vllm, "alice/rs")
+    vllm_server.stop()
+    assert vllm_server.start(timeout=300) == vllm_url()
+    after = chat(on_vllm, "alice/rs")
+    assert after["choices"][0]["message"] == before["choices"][0]["message"]
+    version = on_vllm.runtime.store.latest_version("alice/rs")
+    assert version is not None
+    models = httpx.get(f"{vllm_url()}/v1/models", timeout=30).json()["data"]
+    assert lora_name(version.sampler_path) in {m["id"] for m in models}
 
 
 def free_port() -> int:
