@@ -6,13 +6,17 @@ from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from claas.api.deps import MetricsDep, RuntimeDep
-from claas.api.errors import error_responses
 from claas.api.schemas import Health
 
 router = APIRouter()
 
 
-@router.get("/v1/health", responses=error_responses(503))
+@router.get(
+    "/v1/health",
+    responses={
+        503: {"model": Health, "description": "Not ready: the same report, status unavailable."}
+    },
+)
 async def health(request: Request, response: Response, runtime: RuntimeDep) -> Health:
     database_ok = runtime.store.ping()
     model_loaded = runtime.tokenizer is not None
