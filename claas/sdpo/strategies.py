@@ -219,11 +219,11 @@ class ScalarKL:
         return datums.scalar_datum(p.prompt, p.response, student.sampled, terms.weight_sampled)
 
 
-def rollout_statistics(scored: list[Prepared], terms: list[datums.LossTerms]) -> dict[str, float]:
+def rollout_statistics(prepared: list[Prepared], terms: list[datums.LossTerms]) -> dict[str, float]:
     """The loss over every sample; the divergence, ratio and k3 statistics over the rollouts
     (a demonstration's forward KL at weight 1 is another scale: `demonstration_kl`)."""
-    rollouts = [t for p, t in zip(scored, terms, strict=True) if not p.demonstration]
-    demonstrations = [t for p, t in zip(scored, terms, strict=True) if p.demonstration]
+    rollouts = [t for p, t in zip(prepared, terms, strict=True) if not p.demonstration]
+    demonstrations = [t for p, t in zip(prepared, terms, strict=True) if p.demonstration]
     summary = {
         "loss": float(sum(t.loss for t in terms)),
         "divergence_mean": float(np.concatenate([t.divergence for t in rollouts]).mean()),

@@ -18,6 +18,7 @@ being probed at each call site:
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol, cast
@@ -206,7 +207,5 @@ async def delete_checkpoints(service: ServiceClient, paths: Sequence[str]) -> No
         return
     rest = service.create_rest_client()
     for path in paths:
-        try:
+        with contextlib.suppress(Exception):
             await rest.delete_checkpoint_from_tinker_path(path)
-        except Exception:
-            continue
