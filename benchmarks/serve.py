@@ -140,7 +140,11 @@ def chat(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> Chat
 
 def stream(client: httpx.Client, model: str, prompt: str, max_tokens: int) -> tuple[float, Chat]:
     """(time to first token, the whole chat) of one SSE stream; tokens from the usage chunk."""
-    body = {**chat_body(model, prompt, max_tokens), "stream": True}
+    body = {
+        **chat_body(model, prompt, max_tokens),
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     first: float | None = None
     usage: dict[str, int] | None = None
     chunk_id = ""

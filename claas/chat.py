@@ -47,6 +47,31 @@ def visible_text(raw: str) -> str:
     return THINK_BLOCK.sub("", raw)
 
 
+def stop_strings(params: types.SamplingParams) -> list[str]:
+    """The request's stop strings (token-id stops are the sampler's business)."""
+    stop = params.stop
+    if isinstance(stop, str):
+        return [stop]
+    return [s for s in stop or [] if isinstance(s, str)]
+
+
+def cut_at_stop(text: str, stops: Sequence[str]) -> str:
+    """`text` up to the earliest stop string, which OpenAI leaves out of the answer."""
+    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
+    return text[: min(ends)] if ends else text
+
+
+def _held_back(text: str, stops: Sequence[str]) -> int:
+    """How many trailing characters might begin a stop string (or a `<think>` tag), and so
+    must wait for the next token before they are streamed."""
+    markers = [THINK_OPEN, *stops]
+    for held in range(min(len(text), max(len(m) for m in markers)), 0, -1):
+        tail = text[-held:]
+        if any(m.startswith(tail) and m != tail for m in markers):
+            return held
+    return 0
+
+
 @dataclass(frozen=True)
 class ModelTarget:
     """What a request's `model` resolves to: the base, or one adapter version."""
@@ -65,6 +90,8 @@ class Choice:
     tokens: list[int]
     logprobs: list[float]
     finish_reason: str
+    # With `top_logprobs`: per token, the k likeliest (token id, log-prob) under the model.
+    top_logprobs: list[list[tuple[int, float]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -84,24 +111,30 @@ TextCallback = Callable[[int, str], None]
 
 
 class StreamDecoder:
-    """Turns a growing token list into visible-text deltas, never splitting a character or
-    leaking the start of a `<think>` tag."""
+    """Turns a growing token list into visible-text deltas: never splitting a character,
+    leaking the start of a `<think>` tag, or sending any part of a stop string. What it sends
+    adds up to the answer's final text (`visible_text`, then `cut_at_stop`)."""
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase) -> None:
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str] = ()) -> None:
         self.tokenizer = tokenizer
+        self.stops = list(stops)
         self.tokens: list[int] = []
         self.sent = ""
+        self.stopped = False
 
     def push(self, token: int) -> str:
+        if self.stopped:
+            return ""
         self.tokens.append(token)
         text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
-        shown = visible_text(text)
-        for cut in range(len(THINK_OPEN) - 1, 0, -1):  # hold back a possible "<thi…"
-            if shown.endswith(THINK_OPEN[:cut]):
-                shown = shown[:-cut]
-                break
+        visible = visible_text(text)
+        shown = cut_at_stop(visible, self.stops)
+        if len(shown) < len(visible):
+            self.stopped = True  # a stop string: nothing after it is ever sent
+        else:
+            shown = shown[: len(shown) - _held_back(shown, self.stops)]
         if not shown.startswith(self.sent):
             return ""
         delta, self.sent = shown[len(self.sent) :], shown
@@ -194,11 +227,15 @@ class ChatService:
         prompt_text: str | None = None,
         completion_id: str | None = None,
         prompt_format: Literal["chat", "text"] = "chat",
+        top_logprobs: int = 0,
     ) -> Completion:
         """Sample `n` answers, store their rollouts, return them.
 
         `on_text(choice, delta)` streams visible text as tokens arrive (where the service can).
         `prompt_text` is what feedback by text must match: the last user message by default.
+        An answer's text ends before its first stop string, as OpenAI's does; its tokens (the
+        rollout) are the ones sampled, up to the token that completed the stop string.
+        `top_logprobs` > 0 also returns the k likeliest tokens at each step.
         """
         max_tokens = params.max_tokens or 0
         if len(prompt_tokens) + max_tokens > self.max_context:
@@ -211,12 +248,17 @@ class ChatService:
         abandoned = threading.Event()
         streams = on_text is not None and capabilities_of(self.service).token_streaming
         prompt = types.ModelInput.from_ints(prompt_tokens)
+        stops = stop_strings(params)
         try:
             if streams and on_text is not None:
-                on_token = self._token_bridge(on_text, n, abandoned)
-                response = await streaming(sampler).sample(prompt, n, params, on_token=on_token)
+                on_token = self._token_bridge(on_text, n, abandoned, stops)
+                response = await streaming(sampler).sample(
+                    prompt, n, params, topk_sample_logprobs=top_logprobs, on_token=on_token
+                )
             else:
-                response = await sampler.sample(prompt, n, params)
+                response = await sampler.sample(
+                    prompt, n, params, topk_sample_logprobs=top_logprobs
+                )
         except asyncio.CancelledError:
             abandoned.set()  # the stream's client left: stop generating at the next token
             raise
@@ -229,10 +271,13 @@ class ChatService:
                 Choice(
                     index=index,
                     rollout_id=completion_id if index == 0 else f"{completion_id}.{index}",
-                    text=visible_text(raw),
+                    text=cut_at_stop(visible_text(raw), stops),
                     tokens=list(sequence.tokens),
                     logprobs=[float(x) for x in sequence.logprobs or []],
                     finish_reason=sequence.stop_reason,
+                    top_logprobs=[row or [] for row in sequence.topk_logprobs or []]
+                    if top_logprobs
+                    else None,
                 )
             )
         if on_text is not None and not streams:  # no token streaming here: send it whole
@@ -260,11 +305,11 @@ class ChatService:
         return Completion(completion_id, created, target.name, len(prompt_tokens), choices)
 
     def _token_bridge(
-        self, on_text: TextCallback, n: int, abandoned: threading.Event
+        self, on_text: TextCallback, n: int, abandoned: threading.Event, stops: Sequence[str]
     ) -> Callable[[int, int, float], None]:
         """Called on the model thread per token; hands visible deltas to the event loop."""
         loop = asyncio.get_running_loop()
-        decoders = [StreamDecoder(self.tokenizer) for _ in range(n)]
+        decoders = [StreamDecoder(self.tokenizer, stops) for _ in range(n)]
 
         def on_token(index: int, token: int, logprob: float) -> None:
             if abandoned.is_set():
@@ -291,8 +336,9 @@ class ChatService:
         return [float(v) for v in values[len(prompt_tokens) :] if v is not None]
 
 
-def new_completion_id() -> str:
-    return f"chatcmpl-{uuid.uuid4().hex}"
+def new_completion_id(prefix: Literal["chatcmpl", "cmpl"] = "chatcmpl") -> str:
+    """OpenAI's id shapes: `chatcmpl-…` for chat, `cmpl-…` for plain completions."""
+    return f"{prefix}-{uuid.uuid4().hex}"
 
 
 def _last_user_text(messages: Sequence[Message]) -> str:

@@ -8,20 +8,30 @@ says what went wrong *and* what the user should do next.
 class ClaasError(Exception):
     """Base class of every claas domain error.
 
-    `headers` are sent with the HTTP answer (for example `Retry-After` on a 429).
+    `headers` are sent with the HTTP answer (for example `Retry-After` on a 429); `param` names
+    the request field at fault, as OpenAI's errors do.
     """
 
     status_code = 500
 
-    def __init__(self, message: str, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, headers: dict[str, str] | None = None, param: str | None = None
+    ) -> None:
         super().__init__(message)
         self.headers = headers or {}
+        self.param = param
 
 
 class InvalidRequest(ClaasError):
     """Input that can never succeed as sent (bad shapes, bad ids, bad config)."""
 
     status_code = 422
+
+
+class UnsupportedParameter(ClaasError):
+    """An OpenAI request field this server cannot honour; refused, never silently ignored."""
+
+    status_code = 400
 
 
 class InvalidLoraId(InvalidRequest):

@@ -38,7 +38,15 @@ class FakeThinkingSampler:
     def __init__(self, tokens: list[int]) -> None:
         self.tokens = tokens
 
-    def sample(self, prompt: Any, num_samples: int, params: Any, *, on_token: Any = None) -> Any:
+    def sample(
+        self,
+        prompt: Any,
+        num_samples: int,
+        params: Any,
+        topk_sample_logprobs: int = 0,
+        *,
+        on_token: Any = None,
+    ) -> Any:
         self.streamed = on_token is not None
         for token in self.tokens:
             if on_token is not None:

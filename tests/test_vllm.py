@@ -243,3 +243,34 @@ def test_a_reply_whose_ids_and_logprobs_do_not_pair_up_is_refused() -> None:
     as_text = {**good, "logprobs": {**good["logprobs"], "tokens": ["Hello", "token_id:7"]}}
     with pytest.raises(BackendError, match="as text, not as an id"):
         sequence(as_text)
+
+
+@pytest.mark.vllm
+def test_openai_fields_through_vllm(on_vllm: LiveServer) -> None:
+    """top_logprobs, logit_bias and stop strings, served by vLLM, as the local sampler serves
+    them: the likeliest tokens as text, biased choices with the model's own log-probs, and the
+    stop string left out of the text."""
+    model = on_vllm.runtime.base_model
+    plain = chat(on_vllm, model, max_tokens=8, logprobs=True, top_logprobs=5)
+    content = plain["choices"][0]["logprobs"]["content"]
+    assert len(content) == plain["usage"]["completion_tokens"]
+    text = plain["choices"][0]["message"]["content"]
+    assert b"".join(bytes(c["bytes"]) for c in content).decode() == text
+    for item in content:
+        tops = item["top_logprobs"]
+        assert len(tops) == 5 and tops[0]["token"] == item["token"]
+        assert [t["logprob"] for t in tops] == sorted((t["logprob"] for t in tops), reverse=True)
+
+    runner_up = content[0]["top_logprobs"][1]
+    (runner_up_id,) = on_vllm.runtime.tokenizer.encode(
+        bytes(runner_up["bytes"]).decode(), add_special_tokens=False
+    )
+    biased = chat(on_vllm, model, max_tokens=3, logprobs=True, logit_bias={str(runner_up_id): 100})
+    first = biased["choices"][0]["logprobs"]["content"][0]
+    assert first["token"] == runner_up["token"]
+    assert first["logprob"] == pytest.approx(runner_up["logprob"], abs=1e-3)  # the model's own
+
+    stop = text[4:7]
+    stopped = chat(on_vllm, model, max_tokens=8, stop=[stop])
+    assert stopped["choices"][0]["message"]["content"] == text[: text.find(stop)]
+    assert stopped["choices"][0]["finish_reason"] == "stop"

@@ -1,8 +1,9 @@
 """Every error answer of the API: one body model, the exception handlers that send it.
 
-The body is OpenAI's shape, `{"error": {"message", "type", "code"}}` (`ErrorEnvelope`), with a
-message that says what to do next. Domain errors (`ClaasError`) carry their own status; request
-validation, unknown routes and unexpected exceptions are mapped here, in one place.
+The body is OpenAI's shape, `{"error": {"message", "type", "param", "code"}}` (`ErrorEnvelope`),
+with a message that says what to do next and `param` naming the field at fault, if one is.
+Domain errors (`ClaasError`) carry their own status; request validation, unknown routes and
+unexpected exceptions are mapped here, in one place.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from claas.errors import ClaasError
 class ErrorDetail(BaseModel):
     message: str = Field(description="What went wrong, and what to do next.")
     type: str = Field(description="The error's class, e.g. AdapterNotFound.")
+    param: str | None = Field(
+        None, description="The request field at fault (dotted path), when one is."
+    )
     code: int = Field(description="The HTTP status.")
 
 
@@ -32,7 +36,7 @@ class ErrorEnvelope(BaseModel):
 
 
 _STATUS_MEANING = {
-    400: "The body could not be read.",
+    400: "The body could not be read, or asks for what this server does not do (`param`).",
     401: "No API key, or an unknown one.",
     403: "The API key does not reach this adapter, or the owner is at a quota.",
     404: "No such adapter, version, rollout or feedback request (for this key).",
@@ -49,13 +53,14 @@ def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     return {code: {"model": ErrorEnvelope, "description": _STATUS_MEANING[code]} for code in codes}
 
 
-def error_body(code: int, message: str, kind: str) -> dict[str, Any]:
+def error_body(code: int, message: str, kind: str, param: str | None = None) -> dict[str, Any]:
     """The JSON of an error answer, as `ErrorEnvelope` documents it."""
-    return ErrorEnvelope(error=ErrorDetail(message=message, type=kind, code=code)).model_dump()
+    detail = ErrorDetail(message=message, type=kind, param=param, code=code)
+    return ErrorEnvelope(error=detail).model_dump()
 
 
 def domain_error_body(error: ClaasError) -> dict[str, Any]:
-    return error_body(error.status_code, str(error), type(error).__name__)
+    return error_body(error.status_code, str(error), type(error).__name__, error.param)
 
 
 class ErrorResponse(JSONResponse):
@@ -70,12 +75,14 @@ async def _domain_error(request: Request, error: ClaasError) -> JSONResponse:
 
 
 async def _validation_error(request: Request, error: RequestValidationError) -> JSONResponse:
+    fields = [".".join(str(p) for p in e.get("loc", ()) if p != "body") for e in error.errors()]
     problems = "; ".join(
-        f"{'.'.join(str(p) for p in e.get('loc', ()) if p != 'body')}: {e.get('msg')}"
-        for e in error.errors()
+        f"{field}: {e.get('msg')}" for field, e in zip(fields, error.errors(), strict=True)
     )
     message = f"invalid request: {problems}. Fix these fields and retry (see /docs)"
-    return ErrorResponse(error_body(422, message, "InvalidRequest"), 422)
+    return ErrorResponse(
+        error_body(422, message, "InvalidRequest", next(filter(None, fields), None)), 422
+    )
 
 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:

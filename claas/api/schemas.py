@@ -11,6 +11,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from claas.adapters import AdapterSpec
+from claas.errors import UnsupportedParameter
 from claas.feedback import FeedbackItem
 from claas.ids import LORA_ID_PATTERN
 from claas.records import Adapter, AdapterVersion, FeedbackStatus
@@ -40,21 +41,52 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    include_usage: bool = Field(
+        False, description="End the stream with a chunk of token counts (and empty `choices`)."
+    )
+    include_obfuscation: bool | None = Field(
+        None, description="Accepted; claas adds no obfuscation padding either way."
+    )
+
+
 class SamplingFields(BaseModel):
-    """The sampling knobs shared by chat and plain completions."""
+    """The fields chat and plain completions share, OpenAI's names and ranges.
+
+    Unknown fields are refused (422, naming the field), and fields OpenAI has that this server
+    cannot honour are refused with a 400 naming them: a request is never half-obeyed.
+    """
+
+    model_config = ConfigDict(extra="forbid")
 
     model: Utf8Text = Field(min_length=1, max_length=300)
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: Utf8Text | list[Utf8Text] | None = None
+    top_k: int | None = Field(
+        None, ge=0, description="Beyond OpenAI (as vLLM): sample from the k likeliest; 0 = all."
+    )
+    stop: Utf8Text | list[Utf8Text] | None = Field(
+        None, description="Up to 8 strings; the answer ends before the first (not included)."
+    )
     seed: int | None = Field(None, ge=-(2**63), lt=2**63)
     n: int = Field(1, ge=1)
-    logprobs: bool = False
-    top_logprobs: int | None = Field(None, ge=0, le=0)  # accepted, not computed (only 0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = Field(
+        None, description="Token id (as a string) -> bias in -100..100 added to its logit."
+    )
     stream: bool = False
-    user: str | None = None
+    stream_options: StreamOptions | None = None
+    user: str | None = Field(None, max_length=256, description="Accepted; not used.")
+    metadata: dict[str, str] | None = Field(None, description="Accepted; not used.")
+    store: bool | None = Field(
+        None, description="Accepted; claas always stores the rollout, for feedback."
+    )
+    service_tier: str | None = Field(None, description="Accepted; there is one tier.")
 
     @field_validator("stop")
     @classmethod
@@ -64,17 +96,89 @@ class SamplingFields(BaseModel):
             raise ValueError("stop takes up to 8 non-empty strings of at most 200 characters")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value is None:
+            return None
+        if len(value) > 300:
+            raise ValueError("logit_bias takes at most 300 tokens")
+        for token, bias in value.items():
+            if not (token.isascii() and token.isdigit() and len(token) <= 9):
+                raise ValueError(
+                    f"logit_bias keys are token ids as strings, like '1234'; got {token!r}"
+                )
+            if not -100 <= bias <= 100:
+                raise ValueError(f"logit_bias values must be in -100..100; got {bias} for {token}")
+        return value
+
+    def refuse_unsupported(self) -> None:
+        """Raise a 400 naming the first field set to something this server cannot do."""
+        for name, allowed, why in self._unsupported():
+            value = getattr(self, name, None)
+            if value is not None and value not in allowed:
+                raise UnsupportedParameter(f"{name} is not supported here: {why}", param=name)
+
+    def _unsupported(self) -> list[tuple[str, list[Any], str]]:
+        return []
+
 
 class ChatCompletionRequest(SamplingFields):
-    model_config = ConfigDict(extra="ignore")
-
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = Field(False, description="Return each answer token's log-prob.")
+    top_logprobs: int | None = Field(
+        None, ge=0, le=20, description="With logprobs: also the k likeliest tokens per step."
+    )
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = Field(None, description="Accepted; no tools are called.")
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+    response_format: dict[str, Any] | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None
+
+    def _unsupported(self) -> list[tuple[str, list[Any], str]]:
+        no_tools = "the models served here are not trained for tool calls; send no tools"
+        return [
+            ("tools", [[]], no_tools),
+            ("tool_choice", ["none", "auto"], no_tools),  # with no tools, both mean none
+            ("functions", [[]], no_tools),
+            ("function_call", ["none", "auto"], no_tools),
+            (
+                "response_format",
+                [{"type": "text"}],
+                "only {'type': 'text'}; JSON mode and JSON schemas cannot be guaranteed by "
+                "this sampler, so ask for JSON in the prompt instead",
+            ),
+            ("modalities", [["text"]], "text is the only modality"),
+            ("audio", [], "text is the only modality"),
+            ("prediction", [], "predicted outputs are not implemented"),
+            ("reasoning_effort", [], "the served models have no reasoning-effort setting"),
+            ("web_search_options", [], "there is no web search"),
+            ("verbosity", [], "there is no verbosity setting; ask in the prompt"),
+        ]
 
 
 class CompletionRequest(SamplingFields):
-    model_config = ConfigDict(extra="ignore")
-
     prompt: Utf8Text = Field(min_length=1, max_length=200_000)
+    logprobs: int | None = Field(
+        None, ge=0, le=5, description="Return each token's log-prob and the k likeliest (0..5)."
+    )
+    echo: bool | None = None
+    suffix: str | None = None
+    best_of: int | None = None
+
+    def _unsupported(self) -> list[tuple[str, list[Any], str]]:
+        return [
+            ("echo", [False], "the prompt is not echoed; prepend it yourself"),
+            ("suffix", [], "insertion (suffix) is not implemented"),
+            ("best_of", [1], "best_of is not implemented; ask for n answers and pick"),
+        ]
 
 
 class ScoreRequest(BaseModel):
@@ -112,7 +216,8 @@ class RollbackBody(BaseModel):
 class ModelCard(BaseModel):
     id: str = Field(description="The base model's name, or an adapter's owner/name.")
     object: Literal["model"] = "model"
-    owned_by: Literal["claas"] = "claas"
+    created: int = Field(description="Unix time: the adapter's creation, or server start.")
+    owned_by: str = Field(description="The adapter's owner, or `claas` for the base model.")
 
 
 class ModelList(BaseModel):
@@ -128,22 +233,36 @@ class Usage(BaseModel):
     total_tokens: int
 
 
-class TokenLogprob(BaseModel):
-    token: str
-    logprob: float
-    bytes: list[int] | None = None
-    top_logprobs: list[dict[str, Any]] = Field(
-        default_factory=list, description="Always empty: top log-probs are not computed."
+class TopLogprob(BaseModel):
+    token: str = Field(description="The token as text (`bytes:\\x..` when not valid UTF-8).")
+    logprob: float = Field(description="The model's own log-prob (temperature 1, no penalties).")
+    bytes: list[int] | None = Field(description="The token's UTF-8 bytes.")
+
+
+class TokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob] = Field(
+        default_factory=list, description="The `top_logprobs` likeliest tokens at this step."
     )
 
 
 class ChoiceLogprobs(BaseModel):
     content: list[TokenLogprob]
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """The legacy completions shape of log-probs (`logprobs: k`)."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] = Field(description="The k likeliest per token.")
+    text_offset: list[int] = Field(description="Where each token starts in the answer text.")
 
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str
+    refusal: None = None
 
 
 class ChatChoice(BaseModel):
@@ -168,6 +287,7 @@ class TextChoice(BaseModel):
     index: int
     text: str
     finish_reason: str = Field(description="`stop` or `length`.")
+    logprobs: CompletionLogprobs | None = Field(None, description="With `logprobs` only.")
 
 
 class TextCompletion(BaseModel):

@@ -14,6 +14,8 @@ being probed at each call site:
   arrives whole.
 - `local_checkpoints` (export): `checkpoint_dir(path)` gives a version's files. Local only.
 - `closable` (runtime): the service holds a model and threads to release. Local only.
+- `logit_rules` (chat): OpenAI's `presence_penalty`, `frequency_penalty` and `logit_bias`,
+  sent as `ChatSamplingParams`. Local and vLLM: yes; Tinker: no, so chat refuses them.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Protocol, cast
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from tinker import types
 from transformers import PreTrainedTokenizerBase
 
@@ -33,6 +35,22 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 UNEMBED_MODULES = ("lm_head",)
 TINKER_LORA_ALPHA = 32.0
+
+
+class ChatSamplingParams(types.SamplingParams):
+    """Tinker's sampling params plus OpenAI's logit rules (services with `logit_rules` only).
+
+    The rules shape which token is *chosen*; the log-probs a sampler reports stay the model's
+    own (temperature 1, before penalties and bias), the numbers training computes.
+    """
+
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    logit_bias: dict[int, float] = Field(default_factory=dict)
+
+    @property
+    def has_logit_rules(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
 
 class StopGeneration(Exception):
@@ -171,6 +189,7 @@ class ServiceCapabilities(BaseModel):
     token_streaming: bool = False
     local_checkpoints: bool = False
     closable: bool = False
+    logit_rules: bool = False
 
 
 HOSTED_TINKER = ServiceCapabilities()  # Tinker's API and nothing more

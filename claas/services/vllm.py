@@ -13,7 +13,8 @@ layer asks it for a sampling client by sampler path, exactly as it asks the trai
 - **Sampling.** `/v1/completions` with the prompt as token ids (the same chat template as the
   local backend renders), `logprobs` always on, and `return_tokens_as_token_ids`, so a rollout
   stores vLLM's own token ids rather than a re-encoding of its text. A response whose ids and
-  log-probs do not pair up is refused (`BackendError`), never stored.
+  log-probs do not pair up is refused (`BackendError`), never stored. OpenAI's penalties and
+  `logit_bias` pass through to vLLM, and `topk_sample_logprobs` is its `logprobs: k`.
 - **Down.** A vLLM that cannot be reached gives `BackendUnavailable` (503, with what to check);
   `health()` reports it instead of raising.
 
@@ -32,11 +33,12 @@ from typing import Any, Literal
 import httpx
 import numpy as np
 from tinker import types
+from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 from transformers import PreTrainedTokenizerBase
 
 from claas.errors import ClaasError
 from claas.records import AdapterVersion
-from claas.services.protocol import LocalCheckpoints, ServiceCapabilities
+from claas.services.protocol import ChatSamplingParams, LocalCheckpoints, ServiceCapabilities
 
 TOKEN_ID_PREFIX = "token_id:"
 
@@ -61,7 +63,8 @@ def lora_name(sampler_path: str) -> str:
 class VLLMBackend:
     """Sampling clients served by a vLLM server's OpenAI API, with runtime-loaded LoRAs."""
 
-    capabilities = ServiceCapabilities()  # vLLM's answers arrive whole here (no on_token)
+    # vLLM's answers arrive whole here (no on_token); it applies penalties and logit_bias itself.
+    capabilities = ServiceCapabilities(logit_rules=True)
 
     def __init__(
         self,
@@ -204,7 +207,8 @@ class VLLMSamplingClient:
             "max_tokens": params.max_tokens,
             "temperature": params.temperature,
             "top_p": params.top_p,
-            "logprobs": 0,  # the sampled token's log-prob only
+            # The sampled token's log-prob, plus the k likeliest with topk_sample_logprobs.
+            "logprobs": topk_sample_logprobs,
             "return_tokens_as_token_ids": True,
             "skip_special_tokens": False,
         }
@@ -212,6 +216,10 @@ class VLLMSamplingClient:
             body["top_k"] = params.top_k
         if params.seed is not None:
             body["seed"] = params.seed
+        if isinstance(params, ChatSamplingParams) and params.has_logit_rules:
+            body["presence_penalty"] = params.presence_penalty
+            body["frequency_penalty"] = params.frequency_penalty
+            body["logit_bias"] = {str(i): v for i, v in params.logit_bias.items()}
         stop = params.stop
         if stop:
             if all(isinstance(s, int) for s in stop):
@@ -220,7 +228,9 @@ class VLLMSamplingClient:
                 body["stop"] = [str(s) for s in stop]
         result = await self.backend.complete(body, self.sampler_path)
         return types.SampleResponse(
-            sequences=[sequence(choice) for choice in result.get("choices", [])]
+            sequences=[
+                sequence(choice, topk_sample_logprobs) for choice in result.get("choices", [])
+            ]
         )
 
     async def compute_logprobs(
@@ -248,8 +258,9 @@ class VLLMSamplingClient:
         return self.backend.tokenizer
 
 
-def sequence(choice: dict[str, Any]) -> types.SampledSequence:
-    """One vLLM completion choice as Tinker's sampled sequence: vLLM's own ids and log-probs."""
+def sequence(choice: dict[str, Any], topk: int = 0) -> types.SampledSequence:
+    """One vLLM completion choice as Tinker's sampled sequence: vLLM's own ids and log-probs
+    (and, with `topk`, the k likeliest tokens per step)."""
     logprobs = choice.get("logprobs") or {}
     names = logprobs.get("tokens") or []
     values = logprobs.get("token_logprobs") or []
@@ -258,14 +269,7 @@ def sequence(choice: dict[str, Any]) -> types.SampledSequence:
             f"vLLM returned {len(names)} tokens but {len(values)} log-probs; the rollout "
             "would not line up, so it is not stored"
         )
-    tokens = []
-    for name in names:
-        if not str(name).startswith(TOKEN_ID_PREFIX):
-            raise BackendError(
-                f"vLLM returned the token {name!r} as text, not as an id; it must run a "
-                "version that supports return_tokens_as_token_ids"
-            )
-        tokens.append(int(str(name)[len(TOKEN_ID_PREFIX) :]))
+    tokens = [_token_id(name) for name in names]
     stop_reason: Literal["length", "stop"] = (
         "length" if choice.get("finish_reason") == "length" else "stop"
     )
@@ -274,4 +278,30 @@ def sequence(choice: dict[str, Any]) -> types.SampledSequence:
         sequence_id=f"seq-{uuid.uuid4().hex}",
         tokens_np=np.asarray(tokens, dtype=np.int32),
         logprobs_np=np.asarray([float(v) for v in values], dtype=np.float32),
+        topk_logprobs_np=_topk(logprobs.get("top_logprobs") or [], len(tokens), topk)
+        if topk
+        else None,
     )
+
+
+def _token_id(name: object) -> int:
+    if not str(name).startswith(TOKEN_ID_PREFIX):
+        raise BackendError(
+            f"vLLM returned the token {name!r} as text, not as an id; it must run a "
+            "version that supports return_tokens_as_token_ids"
+        )
+    return int(str(name)[len(TOKEN_ID_PREFIX) :])
+
+
+def _topk(rows: list[dict[str, float] | None], length: int, k: int) -> TopkLogprobs:
+    """vLLM's per-step {token: log-prob} dicts (the sampled token plus the top k) as Tinker's
+    dense (tokens, k) matrices, the k likeliest per step."""
+    if len(rows) != length:
+        raise BackendError(f"vLLM returned top log-probs for {len(rows)} of {length} tokens")
+    ids = np.zeros((length, k), dtype=np.int32)
+    values = np.full((length, k), MASK_LOGPROB, dtype=np.float32)
+    for step, row in enumerate(rows):
+        best = sorted((row or {}).items(), key=lambda item: -item[1])[:k]
+        for rank, (name, logprob) in enumerate(best):
+            ids[step, rank], values[step, rank] = _token_id(name), logprob
+    return TopkLogprobs(token_ids=ids, logprobs=values)

@@ -2,20 +2,29 @@
 
 Each answer is stored as a rollout under its completion id, which feedback then names. With
 `stream: true` the answer is sent as server-sent events, token by token, ending with [DONE].
+
+OpenAI's behaviour, field by field: what the sampler can do is done exactly (penalties,
+`logit_bias`, `top_logprobs`, stop strings left out of the text, usage chunks only with
+`stream_options.include_usage`); what it cannot is refused with a 400 naming the field
+(`SamplingFields.refuse_unsupported`), never accepted and ignored. Log-probs are the model's own
+(temperature 1, before penalties and bias): the numbers training computes. Streamed log-probs
+arrive whole, on each choice's last chunk.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 from tinker import types
+from transformers import PreTrainedTokenizerBase
 
 from claas.api.auth import Principal
 from claas.api.deps import Caller, RuntimeDep, TokenizingDep
@@ -26,6 +35,7 @@ from claas.api.schemas import (
     ChatCompletion,
     ChatCompletionRequest,
     ChoiceLogprobs,
+    CompletionLogprobs,
     CompletionRequest,
     ModelCard,
     ModelList,
@@ -35,12 +45,15 @@ from claas.api.schemas import (
     TextChoice,
     TextCompletion,
     TokenLogprob,
+    TopLogprob,
     Usage,
 )
-from claas.chat import Completion, ModelTarget, new_completion_id
-from claas.errors import ClaasError, InvalidRequest
+from claas.api.tokens import TokenText
+from claas.chat import Choice, Completion, ModelTarget, new_completion_id
+from claas.errors import AdapterNotFound, ClaasError, InvalidRequest, UnsupportedParameter
 from claas.ids import validate_lora_id
 from claas.runtime import Runtime
+from claas.services.protocol import ChatSamplingParams, capabilities_of
 
 router = APIRouter(prefix="/v1")
 
@@ -53,12 +66,36 @@ _SERVING_RESPONSES: dict[int | str, dict[str, Any]] = {
 }
 
 
+_STARTED = int(time.time())  # the base model's `created`: when this server started
+
+
 @router.get("/models", responses=error_responses(401))
 async def models(runtime: RuntimeDep, caller: Caller) -> ModelList:
-    names = [runtime.base_model] + [
-        a.lora_id for a in runtime.store.list_adapters(f"{caller.owner}/" if caller.owner else "")
-    ]
-    return ModelList(data=[ModelCard(id=n) for n in names])
+    prefix = f"{caller.owner}/" if caller.owner else ""
+    return ModelList(
+        data=[_base_card(runtime)]
+        + [_adapter_card(a.lora_id, a.created_at) for a in runtime.store.list_adapters(prefix)]
+    )
+
+
+@router.get("/models/{model_id:path}", responses=error_responses(401, 403, 404, 422))
+async def model(model_id: str, runtime: RuntimeDep, caller: Caller) -> ModelCard:
+    """One model this key may chat with: the base model, or one of the owner's adapters."""
+    if model_id == runtime.base_model:
+        return _base_card(runtime)
+    target = _target(runtime, caller, model_id)
+    if target.lora_id is None or "@" in model_id:
+        raise AdapterNotFound(f"model {model_id!r} does not exist; GET /v1/models lists them")
+    adapter = runtime.store.get_adapter(target.lora_id)
+    return _adapter_card(adapter.lora_id, adapter.created_at)
+
+
+def _base_card(runtime: Runtime) -> ModelCard:
+    return ModelCard(id=runtime.base_model, created=_STARTED, owned_by="claas")
+
+
+def _adapter_card(lora_id: str, created_at: float) -> ModelCard:
+    return ModelCard(id=lora_id, created=int(created_at), owned_by=lora_id.partition("/")[0])
 
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_SERVING_RESPONSES)
@@ -68,15 +105,24 @@ async def chat_completions(
     if len(body.messages) > runtime.settings.max_messages:
         raise InvalidRequest(
             f"{len(body.messages)} messages is over the cap of "
-            f"{runtime.settings.max_messages}; send fewer turns"
+            f"{runtime.settings.max_messages}; send fewer turns",
+            param="messages",
         )
+    if body.top_logprobs and not body.logprobs:
+        raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
     target = _target(runtime, caller, body.model)
     messages = [m.as_template_message() for m in body.messages]
     prompt = await tokenizing.chat(messages)
     params = _sampling_params(runtime, body, len(prompt))
+    top_k = (body.top_logprobs or 0) if body.logprobs else 0
     if body.stream:
-        return _stream(runtime, target, prompt, messages, params, body, "chat.completion.chunk")
-    completion = await runtime.chat.complete(target, prompt, messages, params, body.n)
+        request = _Streamed(
+            "chat.completion.chunk", target, prompt, messages, params, body, body.logprobs, top_k
+        )
+        return _stream(runtime, request)
+    completion = await runtime.chat.complete(
+        target, prompt, messages, params, body.n, top_logprobs=top_k
+    )
     return ChatCompletion(
         id=completion.id,
         created=completion.created,
@@ -86,7 +132,7 @@ async def chat_completions(
                 index=c.index,
                 message=AssistantMessage(content=c.text),
                 finish_reason=c.finish_reason,
-                logprobs=_logprobs_view(runtime, c.tokens, c.logprobs) if body.logprobs else None,
+                logprobs=_chat_logprobs(runtime.tokenizer, c) if body.logprobs else None,
             )
             for c in completion.choices
         ],
@@ -102,17 +148,35 @@ async def completions(
     prompt = await tokenizing.text(body.prompt)
     messages = [{"role": "user", "content": body.prompt}]
     params = _sampling_params(runtime, body, len(prompt))
+    wants_logprobs = body.logprobs is not None
+    top_k = body.logprobs or 0
     if body.stream:
-        return _stream(runtime, target, prompt, messages, params, body, "text_completion")
+        request = _Streamed(
+            "text_completion", target, prompt, messages, params, body, wants_logprobs, top_k
+        )
+        return _stream(runtime, request)
     completion = await runtime.chat.complete(
-        target, prompt, messages, params, body.n, prompt_text=body.prompt, prompt_format="text"
+        target,
+        prompt,
+        messages,
+        params,
+        body.n,
+        prompt_text=body.prompt,
+        completion_id=new_completion_id("cmpl"),
+        prompt_format="text",
+        top_logprobs=top_k,
     )
     return TextCompletion(
         id=completion.id,
         created=completion.created,
         model=completion.model,
         choices=[
-            TextChoice(index=c.index, text=c.text, finish_reason=c.finish_reason)
+            TextChoice(
+                index=c.index,
+                text=c.text,
+                finish_reason=c.finish_reason,
+                logprobs=_text_logprobs(runtime.tokenizer, c) if wants_logprobs else None,
+            )
             for c in completion.choices
         ],
         usage=_usage(completion),
@@ -140,24 +204,48 @@ async def score(
 def _sampling_params(
     runtime: Runtime, body: SamplingFields, prompt_len: int
 ) -> types.SamplingParams:
+    body.refuse_unsupported()
     settings = runtime.settings
     asked = body.max_completion_tokens or body.max_tokens
     if asked is not None and asked > settings.max_tokens_cap:
         raise InvalidRequest(
             f"max_tokens {asked} is over this server's cap of {settings.max_tokens_cap}; ask "
-            "for fewer (CLAAS_MAX_TOKENS_CAP)"
+            "for fewer (CLAAS_MAX_TOKENS_CAP)",
+            param="max_completion_tokens" if body.max_completion_tokens else "max_tokens",
         )
     if body.n > settings.max_samples:
-        raise InvalidRequest(f"n={body.n} is over this server's cap of {settings.max_samples}")
+        raise InvalidRequest(
+            f"n={body.n} is over this server's cap of {settings.max_samples}", param="n"
+        )
     room = runtime.max_context - prompt_len
-    max_tokens = asked if asked is not None else max(1, min(settings.max_tokens_cap, room))
-    return types.SamplingParams(
-        max_tokens=max_tokens,
-        temperature=body.temperature,
-        top_p=body.top_p,
-        seed=body.seed,
-        stop=body.stop,
+    fields: dict[str, Any] = {
+        "max_tokens": asked if asked is not None else max(1, min(settings.max_tokens_cap, room)),
+        "temperature": body.temperature,
+        "top_p": body.top_p,
+        "top_k": body.top_k or -1,
+        "seed": body.seed,
+        "stop": body.stop,
+    }
+    rules = ChatSamplingParams(
+        **fields,
+        presence_penalty=body.presence_penalty,
+        frequency_penalty=body.frequency_penalty,
+        logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
     )
+    if not rules.has_logit_rules:
+        return types.SamplingParams(**fields)
+    if not capabilities_of(runtime.chat.service).logit_rules:
+        field = next(
+            name
+            for name in ("presence_penalty", "frequency_penalty", "logit_bias")
+            if getattr(body, name)
+        )
+        raise UnsupportedParameter(
+            f"{field} is not supported by this server's sampling service (hosted Tinker); "
+            "leave it out",
+            param=field,
+        )
+    return rules
 
 
 def _target(runtime: Runtime, caller: Principal, model: str) -> ModelTarget:
@@ -166,7 +254,11 @@ def _target(runtime: Runtime, caller: Principal, model: str) -> ModelTarget:
     lora_id = model.partition("@")[0]
     with contextlib.suppress(InvalidRequest):  # not owner/name: resolve() explains
         caller.check(validate_lora_id(lora_id))
-    return runtime.chat.resolve(model, owner=caller.owner)
+    try:
+        return runtime.chat.resolve(model, owner=caller.owner)
+    except ClaasError as error:
+        error.param = error.param or "model"
+        raise
 
 
 def _usage(completion: Completion) -> Usage:
@@ -177,75 +269,145 @@ def _usage(completion: Completion) -> Usage:
     )
 
 
-def _logprobs_view(runtime: Runtime, tokens: list[int], logprobs: list[float]) -> ChoiceLogprobs:
-    pieces = runtime.tokenizer.convert_ids_to_tokens(tokens)
-    return ChoiceLogprobs(
-        content=[
-            TokenLogprob(token=piece, logprob=lp, bytes=None, top_logprobs=[])
-            for piece, lp in zip(pieces, logprobs, strict=True)
-        ]
+@functools.cache
+def _token_text(tokenizer: PreTrainedTokenizerBase) -> TokenText:
+    return TokenText(tokenizer)
+
+
+def _answer_tokens(
+    tokenizer: PreTrainedTokenizerBase, choice: Choice
+) -> list[tuple[int, float, list[tuple[int, float]]]]:
+    """(token, log-prob, top alternatives) of the tokens that make up the answer: a closing
+    end-of-turn token is left out, as it is from the text."""
+    tops = choice.top_logprobs or [[] for _ in choice.tokens]
+    rows = list(zip(choice.tokens, choice.logprobs, tops, strict=True))
+    if rows and choice.finish_reason == "stop" and rows[-1][0] in tokenizer.all_special_ids:
+        rows.pop()
+    return rows
+
+
+def _chat_logprobs(tokenizer: PreTrainedTokenizerBase, choice: Choice) -> ChoiceLogprobs:
+    show = _token_text(tokenizer).show
+    content = []
+    for token, logprob, top in _answer_tokens(tokenizer, choice):
+        text, raw = show(token)
+        alternatives = [TopLogprob(token=show(t)[0], logprob=lp, bytes=show(t)[1]) for t, lp in top]
+        content.append(
+            TokenLogprob(token=text, logprob=logprob, bytes=raw, top_logprobs=alternatives)
+        )
+    return ChoiceLogprobs(content=content)
+
+
+def _text_logprobs(tokenizer: PreTrainedTokenizerBase, choice: Choice) -> CompletionLogprobs:
+    show = _token_text(tokenizer).show
+    rows = _answer_tokens(tokenizer, choice)
+    texts = [show(token)[0] for token, _, _ in rows]
+    offsets, at = [], 0
+    for text in texts:
+        offsets.append(at)
+        at += len(text)
+    return CompletionLogprobs(
+        tokens=texts,
+        token_logprobs=[logprob for _, logprob, _ in rows],
+        top_logprobs=[{show(t)[0]: lp for t, lp in top} for _, _, top in rows],
+        text_offset=offsets,
     )
 
 
-def _stream(
-    runtime: Runtime,
-    target: ModelTarget,
-    prompt: list[int],
-    messages: list[dict[str, Any]],
-    params: types.SamplingParams,
-    body: SamplingFields,
-    kind: str,
-) -> StreamingResponse:
-    """Server-sent events, token by token, ending with [DONE]."""
+class _Streamed:
+    """What one streamed request asked for."""
+
+    def __init__(
+        self,
+        kind: Literal["chat.completion.chunk", "text_completion"],
+        target: ModelTarget,
+        prompt: list[int],
+        messages: list[dict[str, Any]],
+        params: types.SamplingParams,
+        body: SamplingFields,
+        logprobs: bool,
+        top_logprobs: int,
+    ) -> None:
+        self.kind = kind
+        self.target = target
+        self.prompt = prompt
+        self.messages = messages
+        self.params = params
+        self.n = body.n
+        self.include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        self.logprobs = logprobs
+        self.top_logprobs = top_logprobs
+
+    @property
+    def chat(self) -> bool:
+        return self.kind == "chat.completion.chunk"
+
+
+def _stream(runtime: Runtime, request: _Streamed) -> StreamingResponse:
+    """Server-sent events as OpenAI sends them: per choice a first chunk with the role (chat),
+    text deltas, a last chunk with `finish_reason` (and the log-probs, if asked); then a usage
+    chunk only with `stream_options.include_usage`; then [DONE]."""
     queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
-    chunk_id = new_completion_id()
+    chunk_id = new_completion_id("chatcmpl" if request.chat else "cmpl")
     created = int(time.time())
 
-    def chunk(index: int, text: str | None, finish: str | None) -> str:
-        if kind == "text_completion":
-            choice: dict[str, Any] = {"index": index, "text": text or "", "finish_reason": finish}
-        else:
-            delta = {"role": "assistant", "content": text} if text is not None else {}
-            choice = {"index": index, "delta": delta, "finish_reason": finish}
-        payload = {
+    def event(choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
+        payload: dict[str, Any] = {
             "id": chunk_id,
-            "object": kind,
+            "object": request.kind,
             "created": created,
-            "model": target.name,
-            "choices": [choice],
+            "model": request.target.name,
+            "choices": choices,
         }
+        if request.include_usage:
+            payload["usage"] = usage.model_dump() if usage is not None else None
         return f"data: {json.dumps(payload)}\n\n"
+
+    def choice(
+        index: int, text: str | None, finish: str | None, logprobs: Any = None
+    ) -> dict[str, Any]:
+        if request.chat:
+            delta: dict[str, Any] = {} if text is None else {"content": text}
+            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+
+    def logprobs_of(done: Choice) -> Any:
+        if not request.logprobs:
+            return None
+        if request.chat:
+            return _chat_logprobs(runtime.tokenizer, done).model_dump()
+        return _text_logprobs(runtime.tokenizer, done).model_dump()
 
     async def events() -> AsyncIterator[str]:
         task = asyncio.create_task(
             runtime.chat.complete(
-                target,
-                prompt,
-                messages,
-                params,
-                body.n,
+                request.target,
+                request.prompt,
+                request.messages,
+                request.params,
+                request.n,
                 on_text=lambda index, delta: queue.put_nowait((index, delta)),
-                prompt_text=messages[-1]["content"] if kind == "text_completion" else None,
+                prompt_text=None if request.chat else request.messages[-1]["content"],
                 completion_id=chunk_id,
-                prompt_format="text" if kind == "text_completion" else "chat",
+                prompt_format="chat" if request.chat else "text",
+                top_logprobs=request.top_logprobs,
             )
         )
         task.add_done_callback(lambda _: queue.put_nowait(None))
         try:
+            if request.chat:
+                for index in range(request.n):
+                    first = choice(index, "", None)
+                    first["delta"] = {"role": "assistant", "content": ""}
+                    yield event([first])
             while (item := await queue.get()) is not None:
-                yield chunk(item[0], item[1], None)
+                if item[1]:
+                    yield event([choice(item[0], item[1], None)])
             completion = task.result()
-            for choice in completion.choices:
-                yield chunk(choice.index, None, choice.finish_reason)
-            usage = {
-                "id": chunk_id,
-                "object": kind,
-                "created": created,
-                "model": target.name,
-                "choices": [],
-                "usage": _usage(completion).model_dump(),
-            }
-            yield f"data: {json.dumps(usage)}\n\n"
+            for done in completion.choices:
+                yield event([choice(done.index, None, done.finish_reason, logprobs_of(done))])
+            if request.include_usage:
+                yield event([], _usage(completion))
         except ClaasError as error:
             yield f"data: {json.dumps(domain_error_body(error))}\n\n"
         except Exception as error:

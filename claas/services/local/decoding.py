@@ -12,7 +12,7 @@ scored positions; position 0 has no preceding context.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -87,12 +87,40 @@ class SamplingRule:
     temperature: float
     top_k: int
     top_p: float
+    # OpenAI's logit rules: subtracted per earlier occurrence of a token in this answer
+    # (frequency), once if it occurred at all (presence); `logit_bias` adds to given ids.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+
+    @property
+    def penalises(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty)
+
+
+def apply_logit_rules(
+    logits: torch.Tensor, rule: SamplingRule, counts: torch.Tensor | None
+) -> torch.Tensor:
+    """`logits` (n, V) as the rules shape them for choosing; `counts` (n, V) holds how often
+    each token already occurs in each row's answer (None without penalties)."""
+    if rule.logit_bias:
+        ids = torch.tensor([i for i, _ in rule.logit_bias], device=logits.device)
+        values = torch.tensor([v for _, v in rule.logit_bias], device=logits.device)
+        logits = logits.float().index_add(-1, ids, values.expand(logits.shape[0], -1))
+    if counts is not None:
+        logits = (
+            logits.float()
+            - rule.frequency_penalty * counts
+            - rule.presence_penalty * (counts > 0).float()
+        )
+    return logits
 
 
 def choose_next(
     logits: torch.Tensor, rule: SamplingRule, generator: torch.Generator
 ) -> torch.Tensor:
-    """Pick one token per row of `logits` (n, V). Temperature 0 is greedy."""
+    """Pick one token per row of `logits` (n, V), after `apply_logit_rules`. Temperature 0 is
+    greedy."""
     if rule.temperature <= 0:
         return logits.argmax(dim=-1)
     scaled = logits.float() / rule.temperature
@@ -115,6 +143,9 @@ class Generation:
     tokens: list[int]
     logprobs: list[float]
     stopped: bool  # True: a stop token or string ended it; False: max_tokens did
+    # With `topk`: the k likeliest tokens at each step and their log-probs (the model's own).
+    topk_ids: list[list[int]] = field(default_factory=list)
+    topk_logprobs: list[list[float]] = field(default_factory=list)
 
 
 def prefill(model: Any, prompt: torch.Tensor, keep: int = 0) -> tuple[torch.Tensor, Any]:
@@ -135,9 +166,12 @@ def generate(
     stop_check: StopCheck | None,
     generator: torch.Generator,
     on_token: Callable[[int, int, float], None] | None = None,
+    topk: int = 0,
 ) -> list[Generation]:
     """Sample `num_samples` continuations in one batch, after a prefill of batch size 1.
 
+    The reported log-probs (and the `topk` likeliest tokens per step) are the model's own,
+    before `rule`'s temperature, penalties and bias, which only decide the choice.
     `on_token(sample_index, token, logprob)` is called as each token is chosen, for streaming;
     it may raise `StopGeneration` to stop early (the tokens so far are returned).
     """
@@ -147,15 +181,28 @@ def generate(
     generations = [Generation([], [], False) for _ in range(num_samples)]
     active = list(range(num_samples))
     stop_set = set(stop_ids)
+    counts = (
+        torch.zeros(num_samples, logits.shape[-1], device=logits.device) if rule.penalises else None
+    )
     for _ in range(max_tokens):
-        next_tokens = choose_next(logits, rule, generator)
-        next_logprobs = logprobs_at(logits.float(), next_tokens[:, None]).squeeze(-1)
+        next_tokens = choose_next(apply_logit_rules(logits, rule, counts), rule, generator)
+        normaliser = log_normaliser(logits.float())
+        next_logprobs = logprobs_at(logits.float(), next_tokens[:, None], normaliser).squeeze(-1)
+        top_ids = top_logprobs = None
+        if topk > 0:
+            top_ids = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices
+            top_logprobs = logprobs_at(logits.float(), top_ids, normaliser)
+        if counts is not None:
+            counts[torch.arange(len(active)), next_tokens] += 1
         still_active = []
         for row, index in enumerate(active):
             token, logprob = int(next_tokens[row]), float(next_logprobs[row])
             generation = generations[index]
             generation.tokens.append(token)
             generation.logprobs.append(logprob)
+            if top_ids is not None and top_logprobs is not None:
+                generation.topk_ids.append(top_ids[row].tolist())
+                generation.topk_logprobs.append(top_logprobs[row].tolist())
             if on_token is not None:
                 try:
                     on_token(index, token, logprob)
@@ -171,6 +218,8 @@ def generate(
             keep = torch.tensor(still_active, device=next_tokens.device)
             cache.batch_select_indices(keep)
             next_tokens = next_tokens[keep]
+            if counts is not None:
+                counts = counts[keep]
             active = [active[row] for row in still_active]
         if len(generations[active[0]].tokens) >= max_tokens:
             break

@@ -15,7 +15,7 @@ import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -28,8 +28,10 @@ from transformers import PreTrainedTokenizerBase
 from claas.errors import ContextTooLong, InvalidRequest
 from claas.services.local.checkpoints import LoadedCheckpoint
 from claas.services.local.decoding import (
+    Generation,
     PromptScores,
     SamplingRule,
+    apply_logit_rules,
     choose_next,
     generate,
     logprobs_at,
@@ -38,7 +40,7 @@ from claas.services.local.decoding import (
 )
 from claas.services.local.host import _release_adapter
 from claas.services.local.losses import _check_ids
-from claas.services.protocol import TokenCallback
+from claas.services.protocol import ChatSamplingParams, TokenCallback
 
 if TYPE_CHECKING:
     from claas.services.local.service_client import LocalServiceClient
@@ -82,16 +84,18 @@ class LocalSamplingClient:
         *,
         on_token: TokenCallback | None = None,
     ) -> APIFuture[types.SampleResponse]:
-        """Tinker's `sample`. Beyond it: `on_token(sample, token, logprob)` for streaming.
+        """Tinker's `sample`. Beyond it: `on_token(sample, token, logprob)` for streaming, and
+        OpenAI's logit rules when `sampling_params` is a `ChatSamplingParams`.
 
         `prompt_logprobs_last_n` scores only the last N prompt positions (prompt and top-K
         log-probs of earlier ones are None), and rows of `target_prompt_logprobs` before the
         first requested id are not computed, as on Tinker; both skip work here.
         """
-        if topk_sample_logprobs or prompt_alt_tokens_k:
+        if prompt_alt_tokens_k:
+            raise InvalidRequest("prompt_alt_tokens_k is not supported by the local service")
+        if not 0 <= topk_sample_logprobs <= 1000:
             raise InvalidRequest(
-                "topk_sample_logprobs and prompt_alt_tokens_k are not supported by the local "
-                "service"
+                f"topk_sample_logprobs must be in 0..1000, got {topk_sample_logprobs}"
             )
         if prompt_logprobs_last_n is not None and not include_prompt_logprobs:
             raise InvalidRequest("prompt_logprobs_last_n requires include_prompt_logprobs=True")
@@ -108,7 +112,7 @@ class LocalSamplingClient:
         )
         scoring = include_prompt_logprobs or topk_prompt_logprobs > 0 or request.targets is not None
         single = num_samples == 1 and request.max_tokens == 1 and not request.stop_strings
-        if scoring and single and on_token is None:
+        if scoring and single and on_token is None and not topk_sample_logprobs:
             # A scoring pass (the engine sends several at once): batch it with its neighbours.
             job = _ScoreJob(
                 request, include_prompt_logprobs, topk_prompt_logprobs, first_row, prompt_row
@@ -123,6 +127,7 @@ class LocalSamplingClient:
                 on_token,
                 first_row,
                 prompt_row,
+                topk_sample_logprobs,
             )
         )
 
@@ -184,11 +189,26 @@ class LocalSamplingClient:
                 raise InvalidRequest("target_prompt_logprobs ids must be -1 or valid token ids")
         if not (params.temperature >= 0 and 0 < params.top_p <= 1):
             raise InvalidRequest("temperature must be >= 0 and top_p in (0, 1]")
+        rule = SamplingRule(params.temperature, params.top_k, params.top_p)
+        if isinstance(params, ChatSamplingParams) and params.has_logit_rules:
+            vocab = len(loaded.tokenizer)
+            unknown = [i for i in params.logit_bias if not 0 <= i < vocab]
+            if unknown:
+                raise InvalidRequest(
+                    f"logit_bias names token ids {unknown[:5]} outside the vocabulary "
+                    f"(0..{vocab - 1})"
+                )
+            rule = replace(
+                rule,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                logit_bias=tuple(sorted(params.logit_bias.items())),
+            )
         return _SampleRequest(
             prompt=torch.tensor(tokens, dtype=torch.long, device=loaded.device),
             num_samples=num_samples,
             max_tokens=max_tokens,
-            rule=SamplingRule(params.temperature, params.top_k, params.top_p),
+            rule=rule,
             stop_ids=self._stop_ids(params.stop),
             stop_strings=[params.stop]
             if isinstance(params.stop, str)
@@ -238,7 +258,8 @@ class LocalSamplingClient:
                     else int.from_bytes(os.urandom(8), "little")
                 )
                 generator.manual_seed(seed % 2**64)
-                token = choose_next(logits[-1:], request.rule, generator)
+                rule = request.rule  # no earlier answer tokens: only the bias applies
+                token = choose_next(apply_logit_rules(logits[-1:], rule, None), rule, generator)
                 logprob = logprobs_at(logits[-1:], token[:, None])
                 sequence = types.SampledSequence(
                     stop_reason="stop" if int(token) in request.stop_ids else "length",
@@ -265,6 +286,7 @@ class LocalSamplingClient:
         on_token: TokenCallback | None,
         first_row: int,
         prompt_row: int,
+        topk_sample: int = 0,
     ) -> types.SampleResponse:
         tokenizer = self.host.loaded.tokenizer
         generator = torch.Generator(device=request.prompt.device)
@@ -296,6 +318,7 @@ class LocalSamplingClient:
                 stop_check,
                 generator,
                 on_token,
+                topk_sample,
             )
         sequences = [
             types.SampledSequence(
@@ -303,12 +326,21 @@ class LocalSamplingClient:
                 sequence_id=f"seq-{uuid.uuid4().hex}",
                 tokens_np=np.asarray(g.tokens, dtype=np.int32),
                 logprobs_np=np.asarray(g.logprobs, dtype=np.float32),
+                topk_logprobs_np=_topk_matrices(g, topk_sample) if topk_sample else None,
             )
             for g in generations
         ]
         return _sample_response(
             sequences, scores, include_prompt_logprobs, len(request.prompt), prompt_row
         )
+
+
+def _topk_matrices(generation: Generation, k: int) -> TopkLogprobs:
+    """A generation's per-step top-k as Tinker's dense (tokens, k) matrices."""
+    k = min(k, max((len(row) for row in generation.topk_ids), default=k))
+    ids = np.asarray(generation.topk_ids, dtype=np.int32).reshape(-1, k)
+    logprobs = np.asarray(generation.topk_logprobs, dtype=np.float32).reshape(-1, k)
+    return TopkLogprobs(token_ids=ids, logprobs=logprobs)
 
 
 def _last_n_row(length: int, last_n: int | None) -> int:

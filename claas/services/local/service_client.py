@@ -44,9 +44,14 @@ class LocalServiceClient:
     """In-process stand-in for `tinker.ServiceClient` (the methods the engine uses)."""
 
     # Beyond Tinker's API (see claas.services.protocol): exact LoRA alpha and modules, token
-    # streaming, checkpoint files on this machine, and a model and threads to close.
+    # streaming, checkpoint files on this machine, a model and threads to close, and OpenAI's
+    # penalties and logit_bias.
     capabilities = ServiceCapabilities(
-        exact_lora_config=True, token_streaming=True, local_checkpoints=True, closable=True
+        exact_lora_config=True,
+        token_streaming=True,
+        local_checkpoints=True,
+        closable=True,
+        logit_rules=True,
     )
 
     def __init__(
