@@ -21,15 +21,22 @@ import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from tinker import types
 from transformers import PreTrainedTokenizerBase
 
-from claas.errors import AdapterNotFound, ContextTooLong, InvalidRequest, VersionNotFound
+from claas.errors import (
+    AdapterNotFound,
+    ContextTooLong,
+    InvalidRequest,
+    UnsupportedParameter,
+    VersionNotFound,
+)
 from claas.ids import text_hash, validate_lora_id
 from claas.sdpo.prompts import Message, chat_prompt_tokens, message_text
 from claas.services.protocol import (
+    ChatSamplingParams,
     SamplingClient,
     SamplingService,
     StopGeneration,
@@ -210,6 +217,31 @@ class ChatService:
         return client
 
     # -- answering ------------------------------------------------------------------------------
+    def sampling_params(
+        self,
+        fields: dict[str, Any],
+        presence_penalty: float = 0.0,
+        frequency_penalty: float = 0.0,
+        logit_bias: dict[int, float] | None = None,
+    ) -> types.SamplingParams:
+        """Tinker's sampling params from `fields`, as `ChatSamplingParams` when OpenAI's logit
+        rules are set; refused (naming the field) where the service cannot apply them."""
+        rules = {
+            "presence_penalty": presence_penalty,
+            "frequency_penalty": frequency_penalty,
+            "logit_bias": logit_bias or {},
+        }
+        asked = [name for name, value in rules.items() if value]
+        if not asked:
+            return types.SamplingParams(**fields)
+        if not capabilities_of(self.service).logit_rules:
+            raise UnsupportedParameter(
+                f"{asked[0]} is not supported by this server's sampling service (hosted "
+                "Tinker); leave it out",
+                param=asked[0],
+            )
+        return ChatSamplingParams(**fields, **rules)
+
     def chat_prompt(self, messages: Sequence[Message]) -> list[int]:
         try:
             return chat_prompt_tokens(self.tokenizer, messages)

@@ -50,10 +50,9 @@ from claas.api.schemas import (
 )
 from claas.api.tokens import TokenText
 from claas.chat import Choice, Completion, ModelTarget, new_completion_id
-from claas.errors import AdapterNotFound, ClaasError, InvalidRequest, UnsupportedParameter
+from claas.errors import AdapterNotFound, ClaasError, InvalidRequest
 from claas.ids import validate_lora_id
 from claas.runtime import Runtime
-from claas.services.protocol import ChatSamplingParams, capabilities_of
 
 router = APIRouter(prefix="/v1")
 
@@ -226,26 +225,12 @@ def _sampling_params(
         "seed": body.seed,
         "stop": body.stop,
     }
-    rules = ChatSamplingParams(
-        **fields,
+    return runtime.chat.sampling_params(
+        fields,
         presence_penalty=body.presence_penalty,
         frequency_penalty=body.frequency_penalty,
         logit_bias={int(k): v for k, v in (body.logit_bias or {}).items()},
     )
-    if not rules.has_logit_rules:
-        return types.SamplingParams(**fields)
-    if not capabilities_of(runtime.chat.service).logit_rules:
-        field = next(
-            name
-            for name in ("presence_penalty", "frequency_penalty", "logit_bias")
-            if getattr(body, name)
-        )
-        raise UnsupportedParameter(
-            f"{field} is not supported by this server's sampling service (hosted Tinker); "
-            "leave it out",
-            param=field,
-        )
-    return rules
 
 
 def _target(runtime: Runtime, caller: Principal, model: str) -> ModelTarget:
