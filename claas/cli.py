@@ -4,13 +4,20 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
+import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from claas.errors import ClaasError
+from claas.client import ClaasAPIError, Client, FeedbackItem, FeedbackTimeout, FeedbackView
+from claas.errors import ClaasError, InvalidLoraId
+from claas.ids import parse_lora_id
 from claas.settings import Settings
+
+if TYPE_CHECKING:
+    import openai
+    from openai import OpenAI
+    from openai.types.chat import ChatCompletionMessageParam
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -115,59 +122,240 @@ def _announcing_server(config: Any, model: str, service: str) -> Any:
     return AnnouncingServer(config)
 
 
-def _client(args: argparse.Namespace) -> Any:
-    import httpx
-
-    key = args.api_key or os.environ.get("CLAAS_API_KEY")
-    headers = {"authorization": f"Bearer {key}"} if key else {}
-    return httpx.Client(base_url=args.url, headers=headers, timeout=args.timeout)
+def _remote(args: argparse.Namespace) -> Client:
+    """A client for the server named by --url/--api-key, else $CLAAS_URL/$CLAAS_API_KEY."""
+    return Client(args.url, args.api_key, args.timeout)
 
 
-def _show(response: Any) -> int:
-    """Print a server response; errors go to stderr with the server's message."""
-    if response.status_code >= 400:
-        try:
-            message = response.json()["error"]["message"]
-        except (ValueError, KeyError, TypeError):
-            message = response.text
-        print(f"claas: error {response.status_code}: {message}", file=sys.stderr)
-        return 1
-    print(json.dumps(response.json(), indent=2))
+def _print_json(value: Any) -> int:
+    print(json.dumps(value, indent=2))
     return 0
+
+
+def _lora_id(text: str) -> str:
+    """An argparse type: `owner/name`, refused before anything is sent."""
+    try:
+        parse_lora_id(text)
+    except InvalidLoraId as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    """An argparse type: a JSON object, such as a training config override."""
+    try:
+        value = json.loads(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(f"not JSON ({error}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(
+            f"give a JSON object, e.g. '{{\"steps_per_batch\": 1}}'; got {text!r}"
+        )
+    return value
 
 
 def cmd_adapters(args: argparse.Namespace) -> int:
     """Adapter lifecycle against a running server."""
-    with _client(args) as client:
+    with _remote(args) as claas:
         if args.action == "create":
-            body: dict[str, Any] = {"lora_id": args.lora_id, "rank": args.rank}
-            if args.lora_alpha is not None:
-                body["lora_alpha"] = args.lora_alpha
-            if args.target_modules:
-                body["target_modules"] = args.target_modules.split(",")
-            return _show(client.post("/v1/adapters", json=body))
+            targets = args.target_modules.split(",") if args.target_modules else None
+            created = claas.adapters.create(
+                args.lora_id, rank=args.rank, lora_alpha=args.lora_alpha, target_modules=targets
+            )
+            return _print_json(created.model_dump(mode="json"))
         if args.action == "list":
-            return _show(client.get("/v1/adapters", params={"prefix": args.prefix}))
-        path = f"/v1/adapters/{args.lora_id}"
+            adapters = claas.adapters.list(args.prefix)
+            return _print_json({"data": [a.model_dump(mode="json") for a in adapters]})
         if args.action == "versions":
-            return _show(client.get(path))
+            return _print_json(claas.adapters.get(args.lora_id).model_dump(mode="json"))
         if args.action == "rollback":
-            return _show(client.post(f"{path}/rollback", json={"version": args.version}))
+            rolled = claas.adapters.rollback(args.lora_id, args.version)
+            return _print_json(rolled.model_dump(mode="json"))
         if args.action == "delete":
-            return _show(client.delete(path))
-        params = {"version": args.version} if args.version else {}
-        response = client.get(f"{path}/export", params=params)
-        if response.status_code >= 400:
-            return _show(response)
+            return _print_json(claas.adapters.delete(args.lora_id).model_dump(mode="json"))
+        if args.dir is not None:
+            directory = claas.adapters.export(args.lora_id, args.dir, args.version)
+            files = ", ".join(sorted(p.name for p in directory.iterdir()))
+            print(f"unpacked {args.lora_id} into {directory} ({files}; PEFT format)")
+            return 0
+        archive = claas.adapters.archive(args.lora_id, args.version)
         out = Path(args.output or f"{args.lora_id.replace('/', '-')}.zip")
-        out.write_bytes(response.content)
-        print(f"wrote {out} ({len(response.content)} bytes, PEFT format)")
+        out.write_bytes(archive)
+        print(f"wrote {out} ({len(archive)} bytes, PEFT format)")
         return 0
 
 
 def cmd_feedback(args: argparse.Namespace) -> int:
-    with _client(args) as client:
-        return _show(client.get(f"/v1/feedback/{args.feedback_id}"))
+    """Send feedback, read a request's status, or list an adapter's feedback log."""
+    with _remote(args) as claas:
+        if args.action == "status":
+            return _print_json(claas.feedback.status(args.feedback_id).model_dump(mode="json"))
+        if args.action == "log":
+            log = claas.feedback.log(args.lora_id, args.limit, args.offset)
+            return _print_log(args.lora_id, log)
+        texts = [t for t in (args.adapter, args.prompt, args.response) if t is not None]
+        if (args.completion_id is None) == (not texts) or 0 < len(texts) < 3:
+            print(
+                "claas feedback send: error: name the answer either with --completion-id, or "
+                "with all of --adapter, --prompt and --response",
+                file=sys.stderr,
+            )
+            return 2
+        item = FeedbackItem(
+            completion_id=args.completion_id,
+            lora_id=args.adapter,
+            prompt=args.prompt,
+            response=args.response,
+            feedback=args.feedback,
+            training=args.training,
+        )
+        if not args.wait:
+            return _print_json(claas.feedback.send(item).model_dump(mode="json"))
+        return _print_trained(claas.feedback.send_and_wait(item, timeout=args.timeout))
+
+
+def _print_trained(done: FeedbackView) -> int:
+    """The outcome of a waited-for request: the new version and its metrics, or why it failed."""
+    if done.status == "failed":
+        print(f"claas: error: feedback {done.feedback_id} failed: {done.error}", file=sys.stderr)
+        return 1
+    print(f"feedback {done.feedback_id} done: {done.lora_id} is now at version {done.version}")
+    # The per-step records and teacher texts are long; `claas feedback status` shows them.
+    summary = {k: v for k, v in done.metrics.items() if k not in ("steps", "teacher_texts")}
+    return _print_json(summary)
+
+
+def _print_log(lora_id: str, log: list[FeedbackView]) -> int:
+    """One line per request, newest first: id, status, version produced, time, feedback."""
+    if not log:
+        print(f"no feedback on {lora_id} yet")
+    for request in log:
+        when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(request.created_at))
+        version = f"v{request.version}" if request.version is not None else "-"
+        text = " | ".join(str(item.get("feedback", "")) for item in request.items)
+        print(f"{request.feedback_id}  {request.status:<7}  {version:<4}  {when}  {text}")
+    return 0
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    """A terminal chat with a model; `/feedback TEXT` trains the adapter on the last answer."""
+    with _remote(args) as claas, claas.openai() as chat:
+        start: list[ChatCompletionMessageParam] = (
+            [{"role": "system", "content": args.system}] if args.system else []
+        )
+        messages = list(start)
+        last_id: str | None = None
+        print(
+            f"chatting with {args.model} at {claas.base_url}. /feedback TEXT trains it on the "
+            "last answer, /reset starts over, /quit (or Ctrl-D) exits."
+        )
+        while True:
+            try:
+                line = input("you> ").strip()
+            except (EOFError, KeyboardInterrupt):  # Ctrl-D or Ctrl-C at the prompt: done
+                print()
+                return 0
+            command, _, rest = line.partition(" ")
+            if not line:
+                continue
+            if command in ("/quit", "/exit"):
+                return 0
+            if command == "/reset":
+                messages, last_id = list(start), None
+                print("(conversation cleared)")
+            elif command == "/feedback":
+                _chat_feedback(claas, last_id, rest.strip(), args.timeout)
+            elif command.startswith("/"):
+                print(f"unknown command {command}; use /feedback TEXT, /reset or /quit")
+            else:
+                messages.append({"role": "user", "content": line})
+                answer = _stream_answer(chat, args, messages)
+                if answer is None:  # the error is printed; the message is not kept
+                    messages.pop()
+                    continue
+                last_id, text = answer
+                messages.append({"role": "assistant", "content": text})
+
+
+def _stream_answer(
+    chat: OpenAI, args: argparse.Namespace, messages: list[ChatCompletionMessageParam]
+) -> tuple[str, str] | None:
+    """Stream one answer to stdout as it is sampled; its completion id and text (None: failed).
+
+    Every chunk carries the completion id. The usage arrives in a last chunk without choices, so
+    choices are iterated, never indexed. It is shown because the conversation grows with every
+    turn, and feedback needs the whole of it, plus the feedback, to fit the model's context:
+    the count says when to /reset.
+    """
+    import openai
+
+    print(f"{args.model}> ", end="", flush=True)
+    completion_id, pieces, usage = None, [], None
+    try:
+        stream = chat.chat.completions.create(
+            model=args.model,
+            messages=messages,
+            temperature=args.temperature,
+            max_tokens=args.max_tokens,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        for chunk in stream:
+            completion_id = completion_id or chunk.id
+            usage = chunk.usage or usage
+            for choice in chunk.choices:
+                if choice.index == 0 and choice.delta.content:
+                    pieces.append(choice.delta.content)
+                    print(choice.delta.content, end="", flush=True)
+    except openai.APIError as error:
+        print()
+        print(f"claas: error{_openai_error(error)}", file=sys.stderr)
+        return None
+    print()
+    if usage is not None:
+        print(f"  [{usage.prompt_tokens} prompt + {usage.completion_tokens} answer tokens]")
+    if completion_id is None:
+        print("claas: error: the server sent an empty answer; try again", file=sys.stderr)
+        return None
+    return completion_id, "".join(pieces)
+
+
+def _openai_error(error: openai.APIError) -> str:
+    """The server's own words for an error the OpenAI client raised, as the other commands
+    print them (`error 404: ...`)."""
+    import openai
+
+    if isinstance(error, openai.APIStatusError):
+        body = error.body  # the `error` object of the server's answer
+        message = body.get("message") if isinstance(body, dict) else None
+        return f" {error.status_code}: {message or error.message}"
+    if isinstance(error, openai.APIConnectionError):
+        return f": cannot reach the server ({error.message}); check --url or $CLAAS_URL"
+    return f": {error.message}"  # sent inside the stream, after it began
+
+
+def _chat_feedback(claas: Client, completion_id: str | None, text: str, timeout: float) -> None:
+    """Train on the last answer and wait, so the next answer comes from the new version."""
+    if not text:
+        print("say what to change: /feedback TEXT, e.g. /feedback shorter please")
+        return
+    if completion_id is None:
+        print("nothing to give feedback on yet: send a message first")
+        return
+    print("training on your feedback...", flush=True)
+    item = FeedbackItem(completion_id=completion_id, feedback=text)
+    try:
+        done = claas.feedback.send_and_wait(item, timeout=timeout)
+    except ClaasAPIError as error:
+        print(f"claas: error {error.status}: {error.message}", file=sys.stderr)
+        return
+    except FeedbackTimeout as error:
+        print(f"claas: {error}", file=sys.stderr)
+        return
+    if done.status == "failed":
+        print(f"claas: error: the feedback failed: {done.error}", file=sys.stderr)
+        return
+    print(f"{done.lora_id} is now at version {done.version}; the next answer comes from it")
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -211,13 +399,20 @@ def build_parser() -> argparse.ArgumentParser:
     serve.set_defaults(handler=cmd_serve)
 
     remote = argparse.ArgumentParser(add_help=False)
-    remote.add_argument("--url", default="http://127.0.0.1:8000", help="the claas server")
+    remote.add_argument(
+        "--url", help="the claas server (default: $CLAAS_URL, else http://127.0.0.1:8000)"
+    )
     remote.add_argument("--api-key", help="API key (default: $CLAAS_API_KEY)")
-    remote.add_argument("--timeout", type=float, default=600.0)
+    remote.add_argument(
+        "--timeout",
+        type=float,
+        default=600.0,
+        help="seconds to wait for an answer, and for training (at most 3600) [default: 600]",
+    )
     adapters = sub.add_parser("adapters", help="manage adapters on a running server")
     actions = adapters.add_subparsers(dest="action", required=True)
     create = actions.add_parser("create", parents=[remote], help="create owner/name")
-    create.add_argument("lora_id")
+    create.add_argument("lora_id", type=_lora_id)
     create.add_argument("--rank", type=int, default=32)
     create.add_argument("--lora-alpha", type=float)
     create.add_argument("--target-modules", help="comma-separated, e.g. q_proj,v_proj")
@@ -225,21 +420,63 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--prefix", default="")
     for name, text in [("versions", "an adapter and its versions"), ("delete", "delete all")]:
         action = actions.add_parser(name, parents=[remote], help=text)
-        action.add_argument("lora_id")
+        action.add_argument("lora_id", type=_lora_id)
     rollback = actions.add_parser("rollback", parents=[remote], help="serve version N again")
-    rollback.add_argument("lora_id")
+    rollback.add_argument("lora_id", type=_lora_id)
     rollback.add_argument("version", type=int)
-    export = actions.add_parser("export", parents=[remote], help="download a PEFT zip")
-    export.add_argument("lora_id")
-    export.add_argument("--version", type=int)
-    export.add_argument("--output", "-o")
+    export = actions.add_parser(
+        "export", parents=[remote], help="download a version as a PEFT zip, or unpack it"
+    )
+    export.add_argument("lora_id", type=_lora_id)
+    export.add_argument("--version", type=int, help="default: the current version")
+    where = export.add_mutually_exclusive_group()
+    where.add_argument("--output", "-o", help="the zip to write (default: owner-name.zip)")
+    where.add_argument("--dir", help="unpack into this directory instead of writing a zip")
     adapters.set_defaults(handler=cmd_adapters)
 
     feedback = sub.add_parser("feedback", help="feedback requests on a running server")
     feedback_actions = feedback.add_subparsers(dest="action", required=True)
+    send = feedback_actions.add_parser(
+        "send",
+        parents=[remote],
+        help="feedback on an answer: trains its adapter",
+        description="Name the answer by --completion-id (the chat completion's id), or by "
+        "--adapter, --prompt and --response (its texts).",
+    )
+    send.add_argument("--completion-id", help="the id of the chat completion")
+    send.add_argument("--adapter", type=_lora_id, help="owner/name that gave the answer")
+    send.add_argument("--prompt", help="the user message the answer replied to")
+    send.add_argument("--response", help="the answer's text")
+    send.add_argument("--feedback", required=True, help="what to change, e.g. 'shorter please'")
+    send.add_argument(
+        "--training",
+        type=_json_object,
+        help="training config fields to override, as JSON, e.g. '{\"steps_per_batch\": 1}'",
+    )
+    send.add_argument(
+        "--wait", action="store_true", help="wait until trained; print the new version"
+    )
     status = feedback_actions.add_parser("status", parents=[remote], help="status and metrics")
     status.add_argument("feedback_id")
+    log = feedback_actions.add_parser("log", parents=[remote], help="an adapter's feedback")
+    log.add_argument("lora_id", type=_lora_id)
+    log.add_argument("--limit", type=int, default=50)
+    log.add_argument("--offset", type=int, default=0)
     feedback.set_defaults(handler=cmd_feedback)
+
+    chat = sub.add_parser(
+        "chat",
+        parents=[remote],
+        help="chat in the terminal; /feedback TEXT trains the adapter on the last answer",
+        description="Type a message to chat. /feedback TEXT trains the adapter on the last "
+        "answer and waits for the new version, which answers from then on; /reset starts a new "
+        "conversation; /quit or Ctrl-D exits.",
+    )
+    chat.add_argument("model", help="owner/name (or owner/name@N, or the base model's name)")
+    chat.add_argument("--system", help="a system message that opens the conversation")
+    chat.add_argument("--temperature", type=float, default=0.7, help="[default: 0.7]")
+    chat.add_argument("--max-tokens", type=int, default=256, help="per answer [default: 256]")
+    chat.set_defaults(handler=cmd_chat)
 
     from claas.eval.command import add_arguments as add_eval_arguments
 
@@ -269,6 +506,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
+    except ClaasAPIError as error:
+        print(f"claas: error {error.status}: {error.message}", file=sys.stderr)
+        return 1
+    except FeedbackTimeout as error:
+        print(
+            f"claas: error: {error} (`claas feedback status {error.feedback.feedback_id}`)",
+            file=sys.stderr,
+        )
+        return 1
     except ClaasError as error:
         print(f"claas: error: {error}", file=sys.stderr)
         return 2
