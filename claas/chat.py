@@ -185,6 +185,9 @@ class ChatService:
                 raise AdapterNotFound(lora_id)
             adapter = self.store.get_adapter(lora_id)
         except (InvalidRequest, AdapterNotFound):
+            alias = None if at else self._claas_alias(lora_id, owner)
+            if alias is not None:
+                return self.resolve(alias, owner)
             names = self.model_names(owner)
             shown = ", ".join(names[:20]) + (" …" if len(names) > 20 else "")
             raise AdapterNotFound(
@@ -201,6 +204,16 @@ class ChatService:
                 raise VersionNotFound(f"adapter {lora_id} has no version yet; re-create it")
             version = current
         return ModelTarget(model, lora_id, version.version, version.sampler_path)
+
+    def _claas_alias(self, model: str, owner: str | None) -> str | None:
+        """The adapter a CLaaS client means: CLaaS chats under `owner/name-latest`, or under
+        the flat name it gives vLLM (`eval-concise`, `openclaw-assistant-latest`)."""
+        wanted = model.removesuffix("-latest")
+        for adapter in self.store.list_adapters(f"{owner}/" if owner is not None else ""):
+            flat = re.sub(r"[^a-zA-Z0-9._-]+", "-", adapter.lora_id).strip("-")
+            if wanted in (adapter.lora_id, flat):
+                return adapter.lora_id
+        return None
 
     async def sampler(self, target: ModelTarget) -> SamplingClient:
         key = target.sampler_path or f"base:{self.base_model}"

@@ -18,7 +18,7 @@ from claas.api.dashboard import dashboard_router
 from claas.api.deps import Tokenizing
 from claas.api.errors import add_exception_handlers
 from claas.api.middleware import Metrics, add_middleware
-from claas.api.routes import adapters, feedback, openai, system
+from claas.api.routes import adapters, claas_compat, feedback, openai, system
 from claas.runtime import Runtime
 
 __all__ = ["create_app"]
@@ -55,6 +55,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.include_router(openai.router)
     app.include_router(feedback.router)
     app.include_router(adapters.router)
+    app.include_router(claas_compat.router)
     app.include_router(dashboard_router(runtime))
     app.include_router(system.router)
     return app

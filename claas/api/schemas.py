@@ -309,6 +309,10 @@ class ScoreResponse(BaseModel):
     token_ids: list[int]
     logprobs: list[float]
     total_logprob: float
+    # CLaaS's names for the same numbers, so its eval scripts read this answer unchanged.
+    logprob_sum: float
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class FeedbackAccepted(BaseModel):

@@ -128,8 +128,14 @@ class FeedbackSample(BaseModel):
 
 
 class StepMetrics(BaseModel):
+    """One optimizer step. The token means over the batch come from
+    `strategies.rollout_statistics`; `distill_loss` and the scalar mode's `adv_*` and `kl_mean`
+    are per-sample token means averaged over samples, under the names CLaaS reports them by
+    (`strategies.SampleStatistics` defines each)."""
+
     step: int
     loss: float
+    distill_loss: float
     divergence_mean: float
     mean_is_ratio: float
     clip_fraction: float
@@ -137,6 +143,8 @@ class StepMetrics(BaseModel):
     grad_norm: float | None = None
     adv_mean: float | None = None
     adv_abs_mean: float | None = None
+    adv_abs_mean_raw: float | None = None
+    kl_mean: float | None = None
     adv_gain: float | None = None
     seconds: float
 

@@ -66,6 +66,7 @@ from claas.sdpo.strategies import (
     TeacherT,
     TopKGJS,
     rollout_statistics,
+    sample_statistics,
 )
 from claas.services.protocol import (
     SamplingClient,
@@ -369,8 +370,6 @@ class SDPOEngine:
         optim = await optim_step
         metrics = optim.metrics or {}
         summary = rollout_statistics([s.prepared for s in scored], [t for t, _ in terms])
-        gains = [g for _, g in terms if g is not None]
-        advantages = np.concatenate([t.weight_sampled for t, _ in terms]) if gains else np.zeros(0)
         return StepMetrics(
             step=step + 1,
             loss=summary["loss"],
@@ -379,10 +378,8 @@ class SDPOEngine:
             clip_fraction=summary["clip_fraction"],
             kl_reg_mean=summary["kl_reg_mean"],
             grad_norm=metrics.get("grad_norm"),
-            adv_mean=float(advantages.mean()) if gains else None,
-            adv_abs_mean=float(np.abs(advantages).mean()) if gains else None,
-            adv_gain=float(np.mean(gains)) if gains else None,
             seconds=time.perf_counter() - clock,
+            **sample_statistics(terms, config.kl_coef),
         )
 
     def _request_metrics(

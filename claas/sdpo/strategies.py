@@ -12,12 +12,17 @@ new class here.
 
 The records are immutable: a `Prepared` sample (validated, with its teacher prompt) is scored
 once into a `Scored` one (plus the teacher's view and, with k3, the base model's log-probs).
+
+A step's statistics are `rollout_statistics` (token means over the batch) and
+`sample_statistics` (per-sample token means, then the mean over samples: how CLaaS, the system
+claas grew from, reports its distill loss and the scalar mode's advantages, under the same names).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
+from typing import Generic, NotRequired, Protocol, TypedDict, TypeVar
 
 import numpy as np
 from tinker import types
@@ -235,3 +240,42 @@ def rollout_statistics(prepared: list[Prepared], terms: list[datums.LossTerms]) 
         kl = np.concatenate([t.divergence for t in demonstrations])
         summary["demonstration_kl"] = float(kl.mean())
     return summary
+
+
+class SampleStatistics(TypedDict):
+    """One step's per-sample token means, averaged over the batch's samples (CLaaS's names).
+
+    `distill_loss` is the loss without its k3 term. The scalar mode adds, with
+    Δ_t = teacher − student log-prob of the sampled token and A_t = kl_coef·gain·Δ_t the
+    advantage per token (before the importance ratio, the k3 pull and the 1 / (B·T) scale that
+    the datum carries): `adv_mean` and `adv_abs_mean` (A_t), `adv_abs_mean_raw` (|Δ_t|),
+    `kl_mean` (Δ_t) and `adv_gain` (the gain; CLaaS's `kl_gain`).
+    """
+
+    distill_loss: float
+    adv_mean: NotRequired[float]
+    adv_abs_mean: NotRequired[float]
+    adv_abs_mean_raw: NotRequired[float]
+    kl_mean: NotRequired[float]
+    adv_gain: NotRequired[float]
+
+
+def sample_statistics(
+    terms: Sequence[tuple[datums.LossTerms, float | None]], kl_coef: float
+) -> SampleStatistics:
+    """A step's `SampleStatistics` from its per-sample loss terms and scalar-mode gains."""
+    stats = SampleStatistics(
+        distill_loss=float(np.mean([np.mean(t.ratio * t.divergence) for t, _ in terms]))
+    )
+    scalar = [(t, gain) for t, gain in terms if gain is not None]
+    if not scalar:
+        return stats
+    # In scalar mode a sample's divergence is the sampled-token estimate student − teacher.
+    deltas = [-t.divergence for t, _ in scalar]
+    advantages = [kl_coef * gain * delta for delta, (_, gain) in zip(deltas, scalar, strict=True)]
+    stats["adv_mean"] = float(np.mean([a.mean() for a in advantages]))
+    stats["adv_abs_mean"] = float(np.mean([np.abs(a).mean() for a in advantages]))
+    stats["adv_abs_mean_raw"] = float(np.mean([np.abs(d).mean() for d in deltas]))
+    stats["kl_mean"] = float(np.mean([d.mean() for d in deltas]))
+    stats["adv_gain"] = float(np.mean([gain for _, gain in scalar]))
+    return stats

@@ -1,7 +1,8 @@
 """Durable feedback: submit it (optionally waiting until trained), read one request, list a log.
 
 A request is queued in SQLite and trained by the runtime's queue, in arrival order per adapter.
-A request the caller may not see is answered exactly as if it did not exist.
+A request the caller may not see is answered exactly as if it did not exist. A body in CLaaS's
+shape (`requests`, not `items`) is CLaaS's feedback call, answered by `claas_compat`.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 from fastapi import APIRouter, Query, Response
 
 from claas.api.deps import Caller, RuntimeDep
-from claas.api.errors import error_responses
+from claas.api.errors import ErrorEnvelope, error_responses
+from claas.api.routes import claas_compat
+from claas.api.routes.claas_compat import ClaasFeedbackBatch, ClaasFeedbackResponse, FeedbackBody
 from claas.api.schemas import (
     MAX_OFFSET,
     FeedbackAccepted,
     FeedbackLog,
-    FeedbackRequestBody,
     FeedbackView,
 )
 from claas.ids import LORA_ID_PATTERN, feedback_missing
@@ -26,24 +28,33 @@ router = APIRouter(prefix="/v1")
     "/feedback",
     status_code=202,
     response_description="Queued; with wait=true, not trained before the timeout.",
-    response_model=FeedbackAccepted | FeedbackView,
+    response_model=FeedbackAccepted | FeedbackView | ClaasFeedbackResponse,
     responses={
         200: {
-            "model": FeedbackView,
-            "description": "Trained (with wait=true): the finished request.",
+            "model": FeedbackView | ClaasFeedbackResponse,
+            "description": "Trained (with wait=true, or a CLaaS body): the finished request.",
         },
         **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
+        500: {"model": ErrorEnvelope, "description": "A CLaaS body's request failed to train."},
     },
 )
 async def submit_feedback(
-    body: FeedbackRequestBody,
+    body: FeedbackBody,
     runtime: RuntimeDep,
     caller: Caller,
     response: Response,
-    wait: bool = Query(False, description="Block until trained; return the result."),
+    wait: bool | None = Query(
+        None, description="Block until trained; return the result (default: CLaaS bodies only)."
+    ),
     timeout: float = Query(600.0, gt=0, le=3600, description="Longest wait, seconds."),
-) -> FeedbackAccepted | FeedbackView:
-    """202 with the queued request; with `wait`, 200 once trained (202 if the wait timed out)."""
+) -> FeedbackAccepted | FeedbackView | ClaasFeedbackResponse:
+    """202 with the queued request; with `wait`, 200 once trained (202 if the wait timed out).
+
+    A CLaaS body (`requests`) waits unless `wait=false`, and is answered in CLaaS's shape.
+    """
+    if isinstance(body, ClaasFeedbackBatch):
+        waits = wait is not False
+        return await claas_compat.submit_feedback(body, runtime, caller, response, waits, timeout)
     request = await runtime.queue.admit(body.items, owner=caller.owner)
     if not wait:
         return FeedbackAccepted(
