@@ -22,7 +22,17 @@ if TYPE_CHECKING:
 
 def _settings(args: argparse.Namespace) -> Settings:
     """Settings from the environment, overridden by whichever flags were given."""
-    names = ("model", "data_dir", "device", "host", "port", "service", "inference", "vllm_url")
+    names = (
+        "model",
+        "data_dir",
+        "device",
+        "host",
+        "port",
+        "service",
+        "inference",
+        "vllm_url",
+        "log_level",
+    )
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in names if getattr(args, name, None) is not None
     }
@@ -68,9 +78,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from claas.api.app import create_app
+    from claas.logs import configure_logging, uvicorn_logging
     from claas.runtime import Runtime
 
     settings = _settings(args)
+    configure_logging(settings.log_level)  # before the runtime, so its warnings are JSON too
     keyless = not settings.api_keys and not settings.admin_key
     try:
         loopback = settings.host == "localhost" or ipaddress.ip_address(settings.host).is_loopback
@@ -91,7 +103,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         )
     runtime = Runtime.build(settings)
     app = create_app(runtime)
-    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level="warning")
+    config = uvicorn.Config(
+        app, host=settings.host, port=settings.port, **uvicorn_logging(settings.log_level)
+    )
     server = _announcing_server(config, runtime.base_model, settings.service)
     try:
         server.run()
@@ -393,6 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--inference", choices=["local", "vllm"], help="who samples chat (default local)"
     )
     serve.add_argument("--vllm-url", help="the vLLM server, with --inference vllm")
+    serve.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="level of the JSON log lines on stderr (default info)",
+    )
     serve.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback bind without API keys"
     )

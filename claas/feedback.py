@@ -11,8 +11,8 @@ and training config that queued up while a step was running are coalesced into o
 already registered its version in the store, so the next chat is served by it: the engine
 returns the trained checkpoint, and `train_and_register` makes it the adapter's next version.
 
-    queue = FeedbackQueue(store, engine, max_coalesce=8)
-    queue.start()
+    queue = FeedbackQueue(store, engine, max_coalesce=8, purge_interval=600)
+    queue.start()  # and, every purge_interval seconds, expired rollouts are purged
     request = await queue.admit(items, owner=None)  # None: no owner scoping (the admin)
     done = await queue.wait(request.id)
 """
@@ -107,6 +107,7 @@ class FeedbackQueue:
         on_trained: Callable[[FeedbackRequest, float], None] | None = None,
         max_pending_per_owner: int | None = None,
         on_version: Callable[[AdapterVersion], Awaitable[None]] | None = None,
+        purge_interval: float | None = None,
     ) -> None:
         self.store = store
         self.engine = engine
@@ -114,10 +115,12 @@ class FeedbackQueue:
         self.max_pending_per_owner = max_pending_per_owner
         self.on_trained = on_trained
         self.on_version = on_version  # after a version is registered: e.g. load it for serving
+        self.purge_interval = purge_interval  # seconds; None: purge only at start
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
         self._running: dict[str, asyncio.Task[None]] = {}
         self._scheduler: asyncio.Task[None] | None = None
+        self._purger: asyncio.Task[None] | None = None
 
     # -- validation, before anything is queued ---------------------------------------------
     def resolve(self, items: Sequence[FeedbackItem], owner: str | None) -> ResolvedFeedback:
@@ -215,20 +218,55 @@ class FeedbackQueue:
     def start(self) -> None:
         """Resume what a previous process left, then serve the queue (call inside the loop).
 
-        Expired rollouts are purged here too: they can no longer receive feedback.
+        Expired rollouts are purged here too, since they can no longer receive feedback, and
+        then every `purge_interval` seconds until `stop`.
         """
-        self.store.requeue_running()
-        self.store.purge_expired_rollouts()
+        requeued = self.store.requeue_running()
+        purged = self.store.purge_expired_rollouts()
+        logger.info(
+            "feedback queue started: %d requests requeued, %d expired rollouts purged",
+            requeued,
+            purged,
+            extra={"requeued": requeued, "purged_rollouts": purged, "queued": self.depth()},
+        )
         self._scheduler = asyncio.create_task(self._schedule())
+        if self.purge_interval is not None:
+            self._purger = asyncio.create_task(self._purge_every(self.purge_interval))
         self._wake.set()
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._scheduler, *self._running.values()] if t is not None]
+        tasks = [
+            t for t in [self._scheduler, self._purger, *self._running.values()] if t is not None
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+    async def _purge_every(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self.purge_expired()
+
+    def purge_expired(self) -> int | None:
+        """Delete the expired rollouts; how many, or None if the store failed (logged: the next
+        purge tries again)."""
+        try:
+            purged = self.store.purge_expired_rollouts()
+        except Exception:
+            logger.exception(
+                "purging expired rollouts failed; the next purge retries",
+                extra={"retry_in_seconds": self.purge_interval},
+            )
+            return None
+        logger.log(
+            logging.INFO if purged else logging.DEBUG,
+            "purged %d expired rollouts",
+            purged,
+            extra={"purged_rollouts": purged},
+        )
+        return purged
 
     async def _schedule(self) -> None:
         while True:
@@ -278,7 +316,9 @@ class FeedbackQueue:
                 samples = [self._sample(request.lora_id, item) for item in request.items]
                 await self.engine.check(samples, config)
             except ClaasError as error:
-                self._mark(self.store.mark_failed, [request.id], f"{type(error).__name__}: {error}")
+                message = f"{type(error).__name__}: {error}"
+                marked = self._mark(self.store.mark_failed, [request.id], message)
+                self._log_finished([request], "failed" if marked else "deleted", error=message)
                 await self.notify()  # its waiters learn now, not after the batch's step
                 continue
             ready.append((request, samples))
@@ -286,7 +326,9 @@ class FeedbackQueue:
             await self.notify()
             return
         head, ids = ready[0][0], [request.id for request, _ in ready]
+        requests = [request for request, _ in ready]
         if not self._mark(self.store.mark_running, ids):
+            self._log_finished(requests, "deleted")
             await self.notify()
             return
         for follower, _ in ready[1:]:
@@ -305,23 +347,89 @@ class FeedbackQueue:
                 "coalesced": len(ready),
                 "coalesced_ids": ids,
             }
-            self._mark(self.store.mark_done, ids, version.version, metrics)
+            marked = self._mark(self.store.mark_done, ids, version.version, metrics)
+            self._log_finished(
+                requests,
+                "done" if marked else "deleted",
+                version=version,
+                trained=trained,
+                seconds=time.perf_counter() - started,
+            )
             await self._announce(version)
         except asyncio.CancelledError:
             raise  # shutting down: the requests stay `running` and are requeued at start-up
         except ClaasError as error:
-            self._mark(self.store.mark_failed, ids, f"{type(error).__name__}: {error}")
-        except Exception as error:
-            self._mark(
-                self.store.mark_failed,
-                ids,
+            message = f"{type(error).__name__}: {error}"
+            marked = self._mark(self.store.mark_failed, ids, message)
+            self._log_finished(
+                requests,
+                "failed" if marked else "deleted",
+                error=message,
+                seconds=time.perf_counter() - started,
+            )
+        except Exception as error:  # a bug or a broken service: log where it came from
+            message = (
                 f"training failed ({type(error).__name__}: {error}); the adapter stays on "
-                "its last good version",
+                "its last good version"
+            )
+            marked = self._mark(self.store.mark_failed, ids, message)
+            self._log_finished(
+                requests,
+                "failed" if marked else "deleted",
+                error=message,
+                seconds=time.perf_counter() - started,
+                unexpected=True,
             )
         finally:
             if self.on_trained is not None:
                 self.on_trained(head, time.perf_counter() - started)
             await self.notify()
+
+    @staticmethod
+    def _log_finished(
+        requests: Sequence[FeedbackRequest],
+        status: str,
+        *,
+        version: AdapterVersion | None = None,
+        trained: TrainedCheckpoint | None = None,
+        error: str | None = None,
+        seconds: float | None = None,
+        unexpected: bool = False,
+    ) -> None:
+        """One `claas.feedback` line per finished request: its outcome, and the training metrics
+        and phase timings of its batch, or the error (with the traceback if `unexpected`: call
+        it inside the `except`). "deleted": the adapter was deleted meanwhile, with them."""
+        head = requests[0]
+        for request in requests:
+            fields: dict[str, Any] = {
+                "feedback_id": request.id,
+                "lora_id": request.lora_id,
+                "status": status,
+                "version": version.version if version is not None else None,
+                "coalesced": len(requests),
+                "coalesced_into": None if request is head else head.id,
+                "total_seconds": round(time.time() - request.created_at, 3),
+            }
+            if seconds is not None:
+                fields["train_seconds"] = round(seconds, 3)
+            if trained is not None:
+                fields["metrics"] = trained.metrics
+                fields["timings"] = {phase: round(t, 4) for phase, t in trained.timings.items()}
+                fields["steps"] = len(trained.steps)
+            if error is not None:
+                fields["error"] = error
+            level = logging.ERROR if unexpected else logging.WARNING if error else logging.INFO
+            outcome = f"v{version.version}" if version is not None else error or status
+            logger.log(
+                level,
+                "feedback %s %s: %s %s",
+                request.id,
+                status,
+                request.lora_id,
+                outcome,
+                extra=fields,
+                exc_info=unexpected and request is head,
+            )
 
     async def _announce(self, version: AdapterVersion) -> None:
         """Tell `on_version` of a new version; its failure never fails the trained request."""

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from pathlib import Path
-from typing import TYPE_CHECKING, cast
+from typing import TYPE_CHECKING, Any, cast
 
 from transformers import PreTrainedTokenizerBase
 
+from claas import __version__
 from claas.adapters import Adapters
 from claas.chat import ChatService
 from claas.feedback import FeedbackQueue
@@ -107,10 +107,30 @@ class Runtime:
                 settings.max_coalesce,
                 max_pending_per_owner=settings.max_pending_feedback_per_owner,
                 on_version=inference.load_version if inference is not None else None,
+                purge_interval=settings.purge_interval_seconds,
             ),
             host=host,
             inference=inference,
         )
+
+    def facts(self) -> dict[str, Any]:
+        """What this process serves, for the start-up log line; no secrets (counts of keys)."""
+        settings = self.settings
+        return {
+            "claas_version": __version__,
+            "model": self.base_model,
+            "service": settings.service,
+            "inference": settings.inference,
+            "device": str(self.host.loaded.device) if self.host is not None else None,
+            "data_dir": str(settings.data_dir),
+            "max_context": self.max_context,
+            "owner_keys": len(settings.api_keys),
+            "admin_key": settings.admin_key is not None,
+            "rollout_ttl_seconds": settings.rollout_ttl_seconds,
+            "purge_interval_seconds": settings.purge_interval_seconds,
+            "max_coalesce": settings.max_coalesce,
+            "log_level": settings.log_level,
+        }
 
     def close(self) -> None:
         if capabilities_of(self.service).closable:
@@ -122,8 +142,7 @@ class Runtime:
 
 def _tinker_parts(settings: Settings) -> tuple[ServiceClient, str, PreTrainedTokenizerBase, int]:
     from claas.errors import InvalidRequest
-    from claas.models import load_tokenizer
-    from claas.services.tinker import build_service_client
+    from claas.services.tinker import base_model_tokenizer, build_service_client
 
     if not settings.tinker_base_model:
         raise InvalidRequest(
@@ -131,8 +150,8 @@ def _tinker_parts(settings: Settings) -> tuple[ServiceClient, str, PreTrainedTok
             "(for example Qwen/Qwen3-8B)"
         )
     service = build_service_client()
-    # The tokenizer must be local too (claas never downloads): the HF cache or a directory.
-    tokenizer = load_tokenizer(settings.tinker_base_model, Path(settings.model_cache_dir))
+    # Local (a directory or the HF cache) if it is here, else the Tinker SDK's get_tokenizer().
+    tokenizer = base_model_tokenizer(service, settings.tinker_base_model, settings.model_cache_dir)
     max_context = int(getattr(tokenizer, "model_max_length", 32768) or 32768)
     return service, settings.tinker_base_model, tokenizer, min(max_context, 131072)
 

@@ -92,6 +92,12 @@ class Settings(BaseSettings):
     max_coalesce: int = Field(
         8, ge=1, le=64, description="Most queued feedback requests trained as one batch."
     )
+    purge_interval_seconds: float = Field(
+        600.0, gt=0, description="How often expired rollouts are purged while serving."
+    )
+    log_level: Literal["debug", "info", "warning", "error"] = Field(
+        "info", description="Level of the JSON log lines (stderr): claas's and uvicorn's."
+    )
 
     # Per-owner quotas: one API key must not be able to fill the disk or the training queue.
     max_adapters_per_owner: int = Field(

@@ -8,6 +8,7 @@ to status codes to `errors`. The /dashboard pages are `dashboard`.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -23,12 +24,15 @@ from claas.runtime import Runtime
 
 __all__ = ["create_app"]
 
+serve_logger = logging.getLogger("claas.serve")
+
 
 def create_app(runtime: Runtime) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        runtime.queue.start()
+        runtime.queue.start()  # and its purge of expired rollouts, every purge interval
         app.state.ready = True
+        serve_logger.info("claas ready: serving %s", runtime.base_model, extra=runtime.facts())
         try:
             yield
         finally:
@@ -36,6 +40,7 @@ def create_app(runtime: Runtime) -> FastAPI:
             await runtime.queue.stop()
             if runtime.inference is not None:
                 await runtime.inference.aclose()
+            serve_logger.info("claas stopped")
 
     app = FastAPI(
         title="claas",

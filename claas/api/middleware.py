@@ -1,22 +1,42 @@
-"""What wraps every request: the body-size limit and the Prometheus request metrics.
+"""What wraps every request: the body-size limit, the request log, the Prometheus metrics.
 
-`add_middleware` installs both; the metrics middleware is the outer one, so a body refused by
-the limit is still counted (under the route `unmatched`).
+`add_middleware` installs all three, outermost first: the metrics, then the request log, then
+the body limit. A body refused by the limit is still logged and counted (under the route
+`unmatched`); an unexpected exception is logged with its traceback and answered with the app's
+500 by the request log, so the metrics count it too.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
+import logging
+import re
 import time
+import uuid
+from collections.abc import Callable
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.datastructures import Headers
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from claas.api.auth import keys_configured, principal_for_key
+from claas.api.dashboard import COOKIE
 from claas.api.errors import domain_error_body
 from claas.errors import ClaasError
+from claas.logs import current_request_id
 from claas.runtime import Runtime
+from claas.settings import Settings
+
+http_logger = logging.getLogger("claas.http")
+
+# A client's X-Request-ID is kept if it looks like an id; otherwise one is made up.
+REQUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+=-]{0,127}")
+# Polled by load balancers and Prometheus: their successful requests are logged at debug.
+QUIET_ROUTES = frozenset({"/v1/health", "/metrics"})
 
 
 class PayloadTooLarge(ClaasError):
@@ -61,6 +81,134 @@ class RequestMetrics(BaseHTTPMiddleware):
         self.metrics.requests.labels(request.method, route, str(response.status_code)).inc()
         self.metrics.latency.labels(route).observe(time.perf_counter() - start)
         return response
+
+
+class RequestLog:
+    """One `claas.http` log line per request, when its response is sent.
+
+    The line has the method, the path (no query string) and its route template, the status,
+    `duration_ms` until the last byte, the response `bytes`, the caller (`owner`, and `auth`:
+    owner, admin, unknown_key, no_key or open when no keys are configured; never the key
+    itself), the client address and the request id: the client's `X-Request-ID` if it looks
+    like one, else a new one. The id is sent back as `X-Request-ID`, and every record logged
+    while the request is handled carries it. Levels: info; warning for a 5xx answer; error for
+    an unhandled exception; debug for a successful health check or metrics scrape.
+
+    An exception the routes did not handle is logged here, at error level with its traceback,
+    and answered with the app's own 500 handler; so neither Starlette nor uvicorn log it again.
+    If the response had already started, the exception goes on to uvicorn, which cuts the
+    connection (and logs it too).
+    """
+
+    def __init__(self, app: ASGIApp, settings: Settings) -> None:
+        self.app, self.settings = app, settings
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        given = Headers(scope=scope).get("x-request-id", "")
+        request_id = given if REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+        status: int | None = None
+        sent = 0
+
+        async def send_logged(message: Message) -> None:
+            nonlocal status, sent
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+                headers = [*message.get("headers", []), (b"x-request-id", request_id.encode())]
+                message = {**message, "headers": headers}
+            elif message["type"] == "http.response.body":
+                sent += len(message.get("body", b""))
+            await send(message)
+
+        token = current_request_id.set(request_id)
+        try:
+            await self.app(scope, receive, send_logged)
+        except Exception as error:
+            started = status is not None
+            if not started:
+                handler = _server_error_handler(scope["app"])
+                if handler is None:
+                    raise
+                response = handler(Request(scope, receive), error)
+                if inspect.isawaitable(response):
+                    response = await response
+                await response(scope, receive, send_logged)
+            self._log(scope, request_id, status, start, sent, error)
+            if started:
+                raise
+        else:
+            self._log(scope, request_id, status, start, sent)
+        finally:
+            current_request_id.reset(token)
+
+    def _log(
+        self,
+        scope: Scope,
+        request_id: str,
+        status: int | None,
+        start: float,
+        sent: int,
+        error: Exception | None = None,
+    ) -> None:
+        route = getattr(scope.get("route"), "path", None)
+        client = scope.get("client")
+        fields: dict[str, Any] = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": route,
+            "status": status,
+            "duration_ms": round((time.perf_counter() - start) * 1000, 2),
+            "bytes": sent,
+            **self._caller(scope),
+            "client": client[0] if client else None,
+            "request_id": request_id,
+        }
+        if error is not None:  # unhandled: the line carries its traceback
+            level = logging.ERROR
+        elif status is None or status >= 500:
+            level = logging.WARNING
+        else:
+            level = logging.DEBUG if route in QUIET_ROUTES and status < 400 else logging.INFO
+        http_logger.log(
+            level,
+            "%s %s %s",
+            scope["method"],
+            scope["path"],
+            status,
+            extra=fields,
+            exc_info=error,
+        )
+
+    def _caller(self, scope: Scope) -> dict[str, str | None]:
+        """Who called, as the routes will see it: a Bearer key, else on the dashboard's pages
+        its sign-in cookie."""
+        if not keys_configured(self.settings):
+            return {"owner": None, "auth": "open"}
+        request = Request(scope)
+        header = request.headers.get("authorization", "")
+        key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        if not key and scope["path"].startswith("/dashboard"):
+            key = request.cookies.get(COOKIE, "")
+        if not key:
+            return {"owner": None, "auth": "no_key"}
+        principal = principal_for_key(self.settings, key)
+        if principal is None:
+            return {"owner": None, "auth": "unknown_key"}
+        if principal.owner is None:
+            return {"owner": None, "auth": "admin"}
+        return {"owner": principal.owner, "auth": "owner"}
+
+
+def _server_error_handler(app: Any) -> Callable[[Request, Exception], Any] | None:
+    """The app's handler of unexpected exceptions, chosen as Starlette chooses it."""
+    found = None
+    for key, handler in app.exception_handlers.items():
+        if key in (500, Exception):
+            found = handler
+    return found
 
 
 class BodyLimit:
@@ -113,6 +261,7 @@ async def _send_error(send: Send, error: ClaasError) -> None:
 
 
 def add_middleware(app: FastAPI, runtime: Runtime, metrics: Metrics) -> None:
-    """The body limit, inside the request metrics (added last, so outermost)."""
+    """The body limit, inside the request log, inside the metrics (added last, so outermost)."""
     app.add_middleware(BodyLimit, limit=runtime.settings.max_body_bytes)
+    app.add_middleware(RequestLog, settings=runtime.settings)
     app.add_middleware(RequestMetrics, metrics=metrics)

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -55,6 +56,7 @@ from claas.ids import validate_lora_id
 from claas.runtime import Runtime
 
 router = APIRouter(prefix="/v1")
+log = logging.getLogger("claas.http")
 
 _SERVING_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
@@ -197,6 +199,9 @@ async def score(
         token_ids=tokens,
         logprobs=logprobs,
         total_logprob=float(sum(logprobs)),
+        logprob_sum=float(sum(logprobs)),
+        prompt_tokens=len(prompt),
+        completion_tokens=len(tokens),
     )
 
 
@@ -396,6 +401,8 @@ def _stream(runtime: Runtime, request: _Streamed) -> StreamingResponse:
         except ClaasError as error:
             yield f"data: {json.dumps(domain_error_body(error))}\n\n"
         except Exception as error:
+            # The 200 and its headers are sent: log it here, the error handler never sees it.
+            log.exception("a streamed answer failed", extra={"completion_id": chunk_id})
             failed = error_body(500, f"internal error ({type(error).__name__})", "Internal")
             yield f"data: {json.dumps(failed)}\n\n"
         finally:
