@@ -18,7 +18,13 @@ import pytest
 import torch
 
 from claas.models import LoadedModel
-from claas.services.local.decoding import SamplingRule, apply_logit_rules, generate, prefill
+from claas.services.local.decoding import (
+    SampleStream,
+    SamplingRule,
+    apply_logit_rules,
+    generate,
+    prefill,
+)
 from claas.services.protocol import HOSTED_TINKER
 from tests.serving import ALICE, BOB, OWNER_KEYS, LiveServer, create, make_server
 
@@ -209,7 +215,8 @@ def test_penalties_match_a_reference_decode_loop(tiny: LoadedModel) -> None:
     )
     with torch.inference_mode():
         logits, cache = prefill(model, prompt, keep=1)
-        ours = generate(model, logits[-1], cache, 1, 24, rule, [], None, torch.Generator())[0]
+        stream = SampleStream(1, 24, rule, [], None, torch.Generator())
+        ours = generate(model, logits[-1], cache, stream)[0]
         sequence, expected = prompt.tolist(), []
         for _ in range(24):
             raw = model(input_ids=torch.tensor([sequence])).logits[0, -1]
@@ -232,7 +239,8 @@ def test_penalties_match_a_reference_decode_loop(tiny: LoadedModel) -> None:
     plain = SamplingRule(temperature=0.0, top_k=-1, top_p=1.0)
     with torch.inference_mode():
         logits, cache = prefill(model, prompt, keep=1)
-        unpenalised = generate(model, logits[-1], cache, 1, 24, plain, [], None, torch.Generator())
+        stream = SampleStream(1, 24, plain, [], None, torch.Generator())
+        unpenalised = generate(model, logits[-1], cache, stream)
     assert unpenalised[0].tokens != expected  # the rules changed the answer
 
 

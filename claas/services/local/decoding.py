@@ -155,75 +155,103 @@ def prefill(model: Any, prompt: torch.Tensor, keep: int = 0) -> tuple[torch.Tens
     return out.logits[0], out.cache
 
 
-def generate(
-    model: Any,
-    prompt_logits_last: torch.Tensor,
-    cache: Any,
-    num_samples: int,
-    max_tokens: int,
-    rule: SamplingRule,
-    stop_ids: Sequence[int],
-    stop_check: StopCheck | None,
-    generator: torch.Generator,
-    on_token: Callable[[int, int, float], None] | None = None,
-    topk: int = 0,
-) -> list[Generation]:
-    """Sample `num_samples` continuations in one batch, after a prefill of batch size 1.
+class SampleStream:
+    """One request's samples while they are decoded, in whatever batch they run.
 
-    The reported log-probs (and the `topk` likeliest tokens per step) are the model's own,
-    before `rule`'s temperature, penalties and bias, which only decide the choice.
-    `on_token(sample_index, token, logprob)` is called as each token is chosen, for streaming;
-    it may raise `StopGeneration` to stop early (the tokens so far are returned).
+    `advance(logits)` takes one row of logits per running sample, chooses each next token by the
+    request's rule, records it (token, the model's own log-prob, and the `topk` likeliest),
+    streams it through `on_token`, and ends samples on a stop token, a stop string or
+    `max_tokens`. The same request therefore gives the same tokens alone (`generate`) or among
+    other requests (`claas.services.local.batching`), up to the float rounding of its logits.
     """
-    if num_samples > 1:
-        cache.batch_repeat_interleave(num_samples)
-    logits = prompt_logits_last[None].expand(num_samples, -1)
-    generations = [Generation([], [], False) for _ in range(num_samples)]
-    active = list(range(num_samples))
-    stop_set = set(stop_ids)
-    counts = (
-        torch.zeros(num_samples, logits.shape[-1], device=logits.device) if rule.penalises else None
-    )
-    for _ in range(max_tokens):
-        next_tokens = choose_next(apply_logit_rules(logits, rule, counts), rule, generator)
+
+    def __init__(
+        self,
+        num_samples: int,
+        max_tokens: int,
+        rule: SamplingRule,
+        stop_ids: Sequence[int],
+        stop_check: StopCheck | None,
+        generator: torch.Generator,
+        on_token: Callable[[int, int, float], None] | None = None,
+        topk: int = 0,
+    ) -> None:
+        self.generations = [Generation([], [], False) for _ in range(num_samples)]
+        self.active = list(range(num_samples))  # the samples still running, in row order
+        self.max_tokens = max_tokens
+        self.rule = rule
+        self.stop_set = set(stop_ids)
+        self.stop_check = stop_check
+        self.generator = generator
+        self.on_token = on_token
+        self.topk = topk
+        self.finished = False
+        self.next_tokens = torch.zeros(0, dtype=torch.long)  # the running samples' last tokens
+        self._counts: torch.Tensor | None = None
+
+    def advance(self, logits: torch.Tensor) -> list[int]:
+        """Choose the next token of every running sample from `logits` (one row each, in
+        `active` order). Returns the rows whose samples go on; `finished` is then set when none
+        does (or the client went away: `on_token` raised `StopGeneration`)."""
+        rule = self.rule
+        if rule.penalises and self._counts is None:
+            self._counts = torch.zeros(len(self.active), logits.shape[-1], device=logits.device)
+        next_tokens = choose_next(
+            apply_logit_rules(logits, rule, self._counts), rule, self.generator
+        )
         normaliser = log_normaliser(logits.float())
         next_logprobs = logprobs_at(logits.float(), next_tokens[:, None], normaliser).squeeze(-1)
         top_ids = top_logprobs = None
-        if topk > 0:
-            top_ids = logits.topk(min(topk, logits.shape[-1]), dim=-1).indices
+        if self.topk > 0:
+            top_ids = logits.topk(min(self.topk, logits.shape[-1]), dim=-1).indices
             top_logprobs = logprobs_at(logits.float(), top_ids, normaliser)
-        if counts is not None:
-            counts[torch.arange(len(active)), next_tokens] += 1
-        still_active = []
-        for row, index in enumerate(active):
+        if self._counts is not None:
+            self._counts[torch.arange(len(self.active)), next_tokens] += 1
+        going_on = []
+        for row, index in enumerate(self.active):
             token, logprob = int(next_tokens[row]), float(next_logprobs[row])
-            generation = generations[index]
+            generation = self.generations[index]
             generation.tokens.append(token)
             generation.logprobs.append(logprob)
             if top_ids is not None and top_logprobs is not None:
                 generation.topk_ids.append(top_ids[row].tolist())
                 generation.topk_logprobs.append(top_logprobs[row].tolist())
-            if on_token is not None:
+            if self.on_token is not None:
                 try:
-                    on_token(index, token, logprob)
+                    self.on_token(index, token, logprob)
                 except StopGeneration:
-                    return generations
-            if token in stop_set or (stop_check is not None and stop_check(generation.tokens)):
+                    self.finished = True
+                    return []
+            stop_check = self.stop_check
+            if token in self.stop_set or (stop_check is not None and stop_check(generation.tokens)):
                 generation.stopped = True
-            else:
-                still_active.append(row)
-        if len(still_active) < len(active):
-            if not still_active:
-                break
-            keep = torch.tensor(still_active, device=next_tokens.device)
-            cache.batch_select_indices(keep)
-            next_tokens = next_tokens[keep]
-            if counts is not None:
-                counts = counts[keep]
-            active = [active[row] for row in still_active]
-        if len(generations[active[0]].tokens) >= max_tokens:
-            break
-        out = model(input_ids=next_tokens[:, None], cache=cache, use_cache=True)
+            elif len(generation.tokens) < self.max_tokens:
+                going_on.append(row)
+        self.active = [self.active[row] for row in going_on]
+        self.next_tokens = next_tokens[going_on]
+        if self._counts is not None:
+            self._counts = self._counts[going_on]
+        self.finished = not self.active
+        return going_on
+
+
+def generate(
+    model: Any, prompt_logits_last: torch.Tensor, cache: Any, stream: SampleStream
+) -> list[Generation]:
+    """Decode one request's samples (`stream`) in one batch, after a prefill of batch size 1
+    whose last logits and cache are given. Returns the generations; a client that went away
+    (`on_token` raised `StopGeneration`) gets the tokens so far."""
+    samples = len(stream.active)
+    if samples > 1:
+        cache.batch_repeat_interleave(samples)
+    logits = prompt_logits_last[None].expand(samples, -1)
+    while True:
+        rows = len(stream.active)
+        going_on = stream.advance(logits)
+        if stream.finished:
+            return stream.generations
+        if len(going_on) < rows:
+            cache.batch_select_indices(torch.tensor(going_on, device=logits.device))
+        out = model(input_ids=stream.next_tokens[:, None], cache=cache, use_cache=True)
         logits = out.logits[:, -1]
         cache = out.cache
-    return generations

@@ -25,6 +25,7 @@ from tinker.lib.public_interfaces.api_future import APIFuture
 
 from claas.errors import InvalidRequest
 from claas.models import LoadedModel, load_model
+from claas.services.local.batching import ContinuousDecoder
 from claas.services.local.checkpoints import LoadedCheckpoint
 from claas.services.local.worker import ModelWorker
 
@@ -41,6 +42,7 @@ class AdapterHost:
         self.loaded = loaded
         self.max_loaded_samplers = max_loaded_samplers
         self.worker = ModelWorker()
+        self.decoder = ContinuousDecoder(self)  # chats, batched between the worker's tasks
         self._peft: Any = None
         self._samplers: OrderedDict[str, None] = OrderedDict()  # LRU of loaded sampler adapters
 

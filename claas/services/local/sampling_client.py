@@ -14,6 +14,7 @@ import os
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -21,15 +22,17 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from tinker import types
-from tinker.lib.public_interfaces.api_future import APIFuture
+from tinker.lib.public_interfaces.api_future import APIFuture, AwaitableConcurrentFuture
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 from transformers import PreTrainedTokenizerBase
 
 from claas.errors import ContextTooLong, InvalidRequest
+from claas.services.local.batching import DecodeJob
 from claas.services.local.checkpoints import LoadedCheckpoint
 from claas.services.local.decoding import (
     Generation,
     PromptScores,
+    SampleStream,
     SamplingRule,
     apply_logit_rules,
     choose_next,
@@ -119,6 +122,9 @@ class LocalSamplingClient:
             )
             key = f"score:{self.adapter}:{id(self._loader)}"
             return self.host.submit_batched(key, job, self._score_batch)
+        inflight = self.adapter is not None and self._loader is None
+        if not scoring and not inflight:  # a chat: it joins the running batch
+            return self._sample_batched(request, on_token, topk_sample_logprobs)
         return self.host.submit(
             lambda: self._sample(
                 request,
@@ -278,16 +284,10 @@ class LocalSamplingClient:
                 )
         return responses
 
-    def _sample(
-        self,
-        request: _SampleRequest,
-        include_prompt_logprobs: bool,
-        topk: int,
-        on_token: TokenCallback | None,
-        first_row: int,
-        prompt_row: int,
-        topk_sample: int = 0,
-    ) -> types.SampleResponse:
+    def _stream(
+        self, request: _SampleRequest, on_token: TokenCallback | None, topk: int
+    ) -> SampleStream:
+        """How the request's samples are chosen, recorded, streamed and stopped."""
         tokenizer = self.host.loaded.tokenizer
         generator = torch.Generator(device=request.prompt.device)
         seed = request.seed if request.seed is not None else int.from_bytes(os.urandom(8), "little")
@@ -300,6 +300,54 @@ class LocalSamplingClient:
                 tail = tokenizer.decode(tokens[-window:], skip_special_tokens=False)
                 return any(s in tail for s in request.stop_strings)
 
+        return SampleStream(
+            request.num_samples,
+            request.max_tokens,
+            request.rule,
+            request.stop_ids,
+            stop_check,
+            generator,
+            on_token,
+            topk,
+        )
+
+    def _sample_batched(
+        self, request: _SampleRequest, on_token: TokenCallback | None, topk: int
+    ) -> APIFuture[types.SampleResponse]:
+        """A chat through the continuous batch (`batching`), with any other running chats."""
+        result: Future[types.SampleResponse] = Future()
+
+        def activate() -> None:
+            if self.adapter is not None and self._loader is not None:
+                self.host.ensure_sampler(self.adapter, self._loader)
+
+        def done(generations: list[Generation]) -> None:
+            sequences = _sequences(generations, topk)
+            result.set_result(_sample_response(sequences, None, False, len(request.prompt), 0))
+
+        job = DecodeJob(
+            request.prompt,
+            self._stream(request, on_token, topk),
+            self.adapter,
+            activate,
+            done,
+            result.set_exception,
+        )
+        self.host.decoder.submit(job)
+        return AwaitableConcurrentFuture(result)
+
+    def _sample(
+        self,
+        request: _SampleRequest,
+        include_prompt_logprobs: bool,
+        topk: int,
+        on_token: TokenCallback | None,
+        first_row: int,
+        prompt_row: int,
+        topk_sample: int = 0,
+    ) -> types.SampleResponse:
+        """One request alone: a prompt-scoring sample, or one on a training client's live
+        weights."""
         with self._active() as model, torch.inference_mode():
             scoring = include_prompt_logprobs or topk > 0 or request.targets is not None
             keep = len(request.prompt) - first_row if scoring else 1
@@ -308,31 +356,28 @@ class LocalSamplingClient:
             if scoring:
                 scores = score_prompt(logits, request.prompt, topk, request.targets, first_row)
             generations = generate(
-                model,
-                logits[-1],
-                cache,
-                request.num_samples,
-                request.max_tokens,
-                request.rule,
-                request.stop_ids,
-                stop_check,
-                generator,
-                on_token,
-                topk_sample,
+                model, logits[-1], cache, self._stream(request, on_token, topk_sample)
             )
-        sequences = [
-            types.SampledSequence(
-                stop_reason="stop" if g.stopped else "length",
-                sequence_id=f"seq-{uuid.uuid4().hex}",
-                tokens_np=np.asarray(g.tokens, dtype=np.int32),
-                logprobs_np=np.asarray(g.logprobs, dtype=np.float32),
-                topk_logprobs_np=_topk_matrices(g, topk_sample) if topk_sample else None,
-            )
-            for g in generations
-        ]
         return _sample_response(
-            sequences, scores, include_prompt_logprobs, len(request.prompt), prompt_row
+            _sequences(generations, topk_sample),
+            scores,
+            include_prompt_logprobs,
+            len(request.prompt),
+            prompt_row,
         )
+
+
+def _sequences(generations: list[Generation], topk: int) -> list[types.SampledSequence]:
+    return [
+        types.SampledSequence(
+            stop_reason="stop" if g.stopped else "length",
+            sequence_id=f"seq-{uuid.uuid4().hex}",
+            tokens_np=np.asarray(g.tokens, dtype=np.int32),
+            logprobs_np=np.asarray(g.logprobs, dtype=np.float32),
+            topk_logprobs_np=_topk_matrices(g, topk) if topk else None,
+        )
+        for g in generations
+    ]
 
 
 def _topk_matrices(generation: Generation, k: int) -> TopkLogprobs:

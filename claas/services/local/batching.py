@@ -1,0 +1,339 @@
+"""Continuous batching of chat decoding across adapters, on the model worker.
+
+Every chat request of the local service (a `DecodeJob`) joins one running batch: at each step the
+worker runs a single forward for all running samples, whatever adapter each is on, then lets the
+worker's other tasks (training, adapter loads, scoring) run before the next step. A request that
+arrives while others decode is prefilled alone, then joins at the next step; each sample leaves
+when it ends (its own `max_tokens`, stop tokens and strings, or its client going away).
+
+- **KV cache.** One HF `DynamicCache` holds every row, left-padded to a common length; a 2-D
+  attention mask hides each row's padding and `position_ids` give each row its own positions,
+  so a row attends to exactly its own tokens. Rows join by padding (theirs or the batch's) and
+  leave by selection; columns that became padding for every row are dropped.
+- **Adapters, batched.** The forward runs the base model (PEFT's adapters disabled) and a hook on
+  each LoRA layer adds every row's own LoRA term in two matmuls: the A matrices of the batch's
+  adapters side by side, (in, ΣR), a per-row mask that keeps a row's own block and carries its
+  scaling, and the B matrices stacked, (ΣR, out). Zero blocks contribute exact zeros, so this is
+  one matmul pair per layer however many adapters share the batch (the block-diagonal form of
+  punica / S-LoRA's gathered matmuls); rows on the base model have an all-zero mask.
+- **Exactness.** Sampling is `decoding.SampleStream`, per request, with the request's own
+  generator: the same request gives the same tokens and log-probs alone or batched, up to the
+  float rounding of a batched matmul.
+
+Requests that score their prompt, and samplers on a training client's live weights (`inflight`),
+keep the one-request path in `sampling_client`.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from peft.tuners.lora import Linear as LoraLinear
+
+from claas.errors import InvalidRequest
+from claas.services.local.decoding import Generation, SampleStream, prefill
+
+MAX_ROWS = 64  # running samples at most; later requests wait for a free row
+
+
+@dataclass(eq=False)  # identity: a job is one request
+class DecodeJob:
+    """One chat request: its prompt, how to sample it, and whom to tell when it ends."""
+
+    prompt: torch.Tensor  # (L,)
+    stream: SampleStream
+    adapter: str | None  # None: the base model
+    activate: Callable[[], None]  # makes the adapter resident (worker thread)
+    done: Callable[[list[Generation]], None]
+    failed: Callable[[BaseException], None]
+    lora: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = field(default_factory=dict)
+
+
+@dataclass
+class _Rows:
+    """The running batch: per row its job, and the tensors that describe it to the model."""
+
+    jobs: list[DecodeJob]  # one entry per row (a job with n samples has n rows, adjacent)
+    cache: Any  # DynamicCache, batch = rows
+    mask: torch.Tensor  # (rows, T) 1 = a real token, 0 = left padding
+    positions: torch.Tensor  # (rows,) the position of each row's next token
+
+
+class ContinuousDecoder:
+    """The running batch of chat samples; `submit` from any thread, steps on the worker."""
+
+    def __init__(self, host: Any) -> None:
+        self.host = host
+        self._lock = threading.Lock()
+        self._pending: list[DecodeJob] = []
+        self._scheduled = False
+        self._rows: _Rows | None = None
+        self._hooked: set[int] = set()
+        self._lora_plan: _LoraPlan | None = None
+        self.widest_batch = 0  # the most rows one step has run (for tests and benchmarks)
+
+    def submit(self, job: DecodeJob) -> None:
+        with self._lock:
+            self._pending.append(job)
+            if not self._scheduled:
+                self._scheduled = True
+                self.host.submit(self._step)
+
+    # -- the worker's side --------------------------------------------------------------------
+    def _step(self) -> None:
+        """Admit waiting requests, run one decode step for every row, and queue the next step
+        behind whatever the worker was given meanwhile."""
+        self._admit()
+        if self._rows is not None:
+            with torch.inference_mode():
+                try:
+                    self._decode()
+                except Exception as error:  # a broken step fails its requests, not the server
+                    jobs, self._rows, self._lora_plan = dict.fromkeys(self._rows.jobs), None, None
+                    for job in jobs:
+                        job.failed(error)
+        with self._lock:
+            if self._rows is None and not self._pending:
+                self._scheduled = False
+                return
+        try:
+            self.host.submit(self._step)
+        except InvalidRequest as closed:  # the service is closing: end what is left
+            self._fail_all(closed)
+
+    def _fail_all(self, error: BaseException) -> None:
+        with self._lock:
+            jobs, self._pending = list(self._pending), []
+            self._scheduled = False
+        if self._rows is not None:
+            jobs += dict.fromkeys(self._rows.jobs)
+        self._rows = self._lora_plan = None
+        for job in jobs:
+            job.failed(error)
+
+    def _admit(self) -> None:
+        room = MAX_ROWS - (len(self._rows.jobs) if self._rows is not None else 0)
+        with self._lock:
+            admitted: list[DecodeJob] = []
+            while self._pending and len(self._pending[0].stream.active) <= room:
+                job = self._pending.pop(0)
+                room -= len(job.stream.active)
+                admitted.append(job)
+        for job in admitted:
+            try:
+                self._prefill(job)
+            except Exception as error:
+                job.failed(error)
+
+    def _prefill(self, job: DecodeJob) -> None:
+        """The prompt alone, with the adapter active as PEFT runs it; the first tokens; then
+        the samples that go on join the batch."""
+        job.activate()  # outside inference mode: a loaded adapter's weights stay trainable
+        with self.host.using(job.adapter) as model, torch.inference_mode():
+            logits, cache = prefill(model, job.prompt, keep=1)
+            if job.adapter is not None:
+                job.lora = _adapter_weights(model, job.adapter)
+        samples = len(job.stream.active)
+        going_on = job.stream.advance(logits[-1][None].expand(samples, -1))
+        if job.stream.finished:
+            job.done(job.stream.generations)
+            return
+        if len(going_on) > 1:  # the prefill's one row, for each sample that goes on
+            cache.batch_repeat_interleave(len(going_on))
+        length = job.prompt.shape[0]
+        mask = torch.ones(len(going_on), length, dtype=torch.long, device=job.prompt.device)
+        positions = torch.full((len(going_on),), length, device=job.prompt.device)
+        self._join(_Rows([job] * len(going_on), cache, mask, positions))
+
+    def _join(self, new: _Rows) -> None:
+        rows = self._rows
+        if rows is None:
+            self._rows = new
+        else:
+            width = max(rows.mask.shape[1], new.mask.shape[1])
+            self._rows = _Rows(
+                rows.jobs + new.jobs,
+                _cat_caches(_pad_cache(rows.cache, width), _pad_cache(new.cache, width)),
+                torch.cat([_pad_left(rows.mask, width), _pad_left(new.mask, width)]),
+                torch.cat([rows.positions, new.positions]),
+            )
+        self._lora_plan = None  # the batch's adapters changed
+        assert self._rows is not None
+        self.widest_batch = max(self.widest_batch, len(self._rows.jobs))
+
+    def _decode(self) -> None:
+        rows = self._rows
+        assert rows is not None
+        tokens = torch.cat([job.stream.next_tokens for job in dict.fromkeys(rows.jobs)])
+        mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
+        if self._lora_plan is None:
+            self._lora_plan = _LoraPlan.of(rows.jobs)
+        model = self.host.model
+        self._hook(model)
+        with self._base_only(model), self._lora_plan.active():
+            out = model(
+                input_ids=tokens[:, None],
+                attention_mask=mask,
+                position_ids=rows.positions[:, None],
+                cache=rows.cache,
+                use_cache=True,
+            )
+        logits = out.logits[:, -1]
+        keep: list[int] = []
+        finished: list[DecodeJob] = []
+        start = 0
+        for job in dict.fromkeys(rows.jobs):
+            count = len(job.stream.active)
+            going_on = job.stream.advance(logits[start : start + count])
+            keep += [start + row for row in going_on]
+            if job.stream.finished:
+                finished.append(job)
+            start += count
+        if len(keep) < len(rows.jobs):
+            self._select(keep, out.cache, mask, rows)
+        else:
+            self._rows = _Rows(rows.jobs, out.cache, mask, rows.positions + 1)
+        for job in finished:
+            job.done(job.stream.generations)
+
+    def _select(self, keep: list[int], cache: Any, mask: torch.Tensor, rows: _Rows) -> None:
+        if not keep:
+            self._rows = self._lora_plan = None
+            return
+        index = torch.tensor(keep, device=mask.device)
+        cache.batch_select_indices(index)
+        mask = mask[index]
+        first = int(mask.any(dim=0).nonzero()[0, 0])  # columns that are padding in every row
+        if first > 0:
+            mask = mask[:, first:]
+            for layer in cache.layers:
+                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        self._rows = _Rows([rows.jobs[i] for i in keep], cache, mask, rows.positions[index] + 1)
+        self._lora_plan = None
+
+    # -- adapters -------------------------------------------------------------------------------
+    def _base_only(self, model: Any) -> Any:
+        """PEFT's own LoRA off for the batched forward; the hooks add each row's instead."""
+        import contextlib
+
+        if hasattr(model, "disable_adapter"):
+            return model.disable_adapter()
+        return contextlib.nullcontext()
+
+    def _hook(self, model: Any) -> None:
+        for name, module in model.named_modules():
+            if isinstance(module, LoraLinear) and id(module) not in self._hooked:
+                module.register_forward_hook(_LoraHook(self, _module_key(name)))
+                self._hooked.add(id(module))
+
+
+class _LoraPlan:
+    """The batch's adapters laid out for the batched LoRA term of each layer.
+
+    Per layer: A of every adapter side by side (in, ΣR), B stacked (ΣR, out), and a (rows, ΣR)
+    mask holding each row's scaling on its own adapter's block and zeros elsewhere.
+    """
+
+    def __init__(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+        self.layers = layers
+        self.enabled = False
+
+    @classmethod
+    def of(cls, jobs: list[DecodeJob]) -> _LoraPlan:
+        adapters = {job.adapter: job.lora for job in jobs if job.adapter is not None}
+        names = sorted({key for weights in adapters.values() for key in weights})
+        layers = {}
+        for key in names:
+            blocks = [(a, weights[key]) for a, weights in adapters.items() if key in weights]
+            a_cat = torch.cat([a.t() for _, (a, _, _) in blocks], dim=1)
+            b_cat = torch.cat([b.t() for _, (_, b, _) in blocks], dim=0)
+            mask = torch.zeros(len(jobs), a_cat.shape[1], device=a_cat.device)
+            offset = 0
+            offsets = {}
+            for adapter, (a, _, scaling) in blocks:
+                offsets[adapter] = (offset, offset + a.shape[0], scaling)
+                offset += a.shape[0]
+            for row, job in enumerate(jobs):
+                if job.adapter in offsets:
+                    lo, hi, scaling = offsets[job.adapter]
+                    mask[row, lo:hi] = scaling
+            layers[key] = (a_cat.contiguous(), b_cat.contiguous(), mask[:, None, :])
+        return cls(layers)
+
+    def active(self) -> Any:
+        import contextlib
+
+        @contextlib.contextmanager
+        def enabled() -> Any:
+            self.enabled = True
+            try:
+                yield
+            finally:
+                self.enabled = False
+
+        return enabled()
+
+
+class _LoraHook:
+    """Adds the batch's per-row LoRA term to a LoRA layer's (base-only) output."""
+
+    def __init__(self, decoder: ContinuousDecoder, key: str) -> None:
+        self.decoder = decoder
+        self.key = key
+
+    def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> Any:
+        plan = self.decoder._lora_plan
+        if plan is None or not plan.enabled or self.key not in plan.layers:
+            return None
+        a_cat, b_cat, mask = plan.layers[self.key]
+        return output + ((args[0] @ a_cat) * mask) @ b_cat
+
+
+def _module_key(name: str) -> str:
+    """A LoRA layer's name without PEFT's wrapper prefix, the same for every adapter."""
+    return name.removeprefix("base_model.model.")
+
+
+def _adapter_weights(
+    model: Any, adapter: str
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
+    """Per LoRA layer the adapter targets: its A (r, in), B (out, r) and scaling."""
+    weights = {}
+    for name, module in model.named_modules():
+        if isinstance(module, LoraLinear) and adapter in module.lora_A:
+            weights[_module_key(name)] = (
+                module.lora_A[adapter].weight.detach(),
+                module.lora_B[adapter].weight.detach(),
+                float(module.scaling[adapter]),
+            )
+    return weights
+
+
+def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
+    """(rows, T) padded with zeros on the left to (rows, width)."""
+    missing = width - tensor.shape[1]
+    if missing == 0:
+        return tensor
+    return torch.cat([tensor.new_zeros(tensor.shape[0], missing), tensor], dim=1)
+
+
+def _pad_cache(cache: Any, width: int) -> Any:
+    for layer in cache.layers:
+        missing = width - layer.keys.shape[2]
+        if missing:
+            shape = (*layer.keys.shape[:2], missing, layer.keys.shape[3])
+            layer.keys = torch.cat([layer.keys.new_zeros(shape), layer.keys], dim=2)
+            layer.values = torch.cat([layer.values.new_zeros(shape), layer.values], dim=2)
+    return cache
+
+
+def _cat_caches(into: Any, other: Any) -> Any:
+    """`other`'s rows appended to `into`'s (same length), in `into`."""
+    for layer, more in zip(into.layers, other.layers, strict=True):
+        layer.keys = torch.cat([layer.keys, more.keys])
+        layer.values = torch.cat([layer.values, more.values])
+    return into
