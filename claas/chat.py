@@ -28,6 +28,7 @@ from transformers import PreTrainedTokenizerBase
 
 from claas.errors import (
     AdapterNotFound,
+    Conflict,
     ContextTooLong,
     InvalidRequest,
     UnsupportedParameter,
@@ -209,11 +210,14 @@ class ChatService:
         """The adapter a CLaaS client means: CLaaS chats under `owner/name-latest`, or under
         the flat name it gives vLLM (`eval-concise`, `openclaw-assistant-latest`)."""
         wanted = model.removesuffix("-latest")
-        for adapter in self.store.list_adapters(f"{owner}/" if owner is not None else ""):
-            flat = re.sub(r"[^a-zA-Z0-9._-]+", "-", adapter.lora_id).strip("-")
-            if wanted in (adapter.lora_id, flat):
-                return adapter.lora_id
-        return None
+        matches = [
+            adapter.lora_id
+            for adapter in self.store.list_adapters(f"{owner}/" if owner is not None else "")
+            if wanted in (adapter.lora_id, re.sub(r"[^a-zA-Z0-9._-]+", "-", adapter.lora_id))
+        ]
+        if len(matches) > 1:  # flat names of two owners can coincide (a-b/c, a/b-c)
+            raise Conflict(f"model {model!r} could be {matches}; name one as owner/name")
+        return matches[0] if matches else None
 
     async def sampler(self, target: ModelTarget) -> SamplingClient:
         key = target.sampler_path or f"base:{self.base_model}"
@@ -230,6 +234,17 @@ class ChatService:
         return client
 
     # -- answering ------------------------------------------------------------------------------
+    def check_fits(self, prompt_tokens: int, max_tokens: int) -> None:
+        """Refuse a prompt and answer that together exceed the model's context (before a
+        stream's first byte, so the refusal is a 4xx)."""
+        if prompt_tokens + max_tokens > self.max_context:
+            raise ContextTooLong(
+                f"the prompt is {prompt_tokens} tokens and max_tokens {max_tokens}; together "
+                f"they exceed the model's context of {self.max_context}. Shorten the "
+                "conversation or lower max_tokens",
+                param="max_tokens",
+            )
+
     def sampling_params(
         self,
         fields: dict[str, Any],
@@ -247,6 +262,13 @@ class ChatService:
         asked = [name for name, value in rules.items() if value]
         if not asked:
             return types.SamplingParams(**fields)
+        vocab = len(self.tokenizer)
+        unknown = sorted(i for i in logit_bias or {} if not 0 <= i < vocab)
+        if unknown:
+            raise InvalidRequest(
+                f"logit_bias names token ids {unknown[:5]} outside the vocabulary (0..{vocab - 1})",
+                param="logit_bias",
+            )
         if not capabilities_of(self.service).logit_rules:
             raise UnsupportedParameter(
                 f"{asked[0]} is not supported by this server's sampling service (hosted "
@@ -282,21 +304,16 @@ class ChatService:
         rollout) are the ones sampled, up to the token that completed the stop string.
         `top_logprobs` > 0 also returns the k likeliest tokens at each step.
         """
-        max_tokens = params.max_tokens or 0
-        if len(prompt_tokens) + max_tokens > self.max_context:
-            raise ContextTooLong(
-                f"the prompt is {len(prompt_tokens)} tokens and max_tokens {max_tokens}; "
-                f"together they exceed the model's context of {self.max_context}. Shorten the "
-                "conversation or lower max_tokens"
-            )
+        self.check_fits(len(prompt_tokens), params.max_tokens or 0)
         sampler = await self.sampler(target)
         abandoned = threading.Event()
         streams = on_text is not None and capabilities_of(self.service).token_streaming
         prompt = types.ModelInput.from_ints(prompt_tokens)
         stops = stop_strings(params)
+        decoders = [StreamDecoder(self.tokenizer, stops) for _ in range(n)]
         try:
             if streams and on_text is not None:
-                on_token = self._token_bridge(on_text, n, abandoned, stops)
+                on_token = self._token_bridge(on_text, decoders, abandoned)
                 response = await streaming(sampler).sample(
                     prompt, n, params, topk_sample_logprobs=top_logprobs, on_token=on_token
                 )
@@ -325,9 +342,12 @@ class ChatService:
                     else None,
                 )
             )
-        if on_text is not None and not streams:  # no token streaming here: send it whole
-            for choice in choices:
-                on_text(choice.index, choice.text)
+        if on_text is not None:
+            # What streaming held back (a possible stop string or tag that never came, an
+            # unfinished character), or the whole answer where the service does not stream.
+            for choice, decoder in zip(choices, decoders, strict=False):
+                if choice.text.startswith(decoder.sent) and len(choice.text) > len(decoder.sent):
+                    on_text(choice.index, choice.text[len(decoder.sent) :])
         user_text = prompt_text if prompt_text is not None else _last_user_text(messages)
         expires = created + self.rollout_ttl_seconds
         for choice in choices:
@@ -350,11 +370,10 @@ class ChatService:
         return Completion(completion_id, created, target.name, len(prompt_tokens), choices)
 
     def _token_bridge(
-        self, on_text: TextCallback, n: int, abandoned: threading.Event, stops: Sequence[str]
+        self, on_text: TextCallback, decoders: list[StreamDecoder], abandoned: threading.Event
     ) -> Callable[[int, int, float], None]:
         """Called on the model thread per token; hands visible deltas to the event loop."""
         loop = asyncio.get_running_loop()
-        decoders = [StreamDecoder(self.tokenizer, stops) for _ in range(n)]
 
         def on_token(index: int, token: int, logprob: float) -> None:
             if abandoned.is_set():

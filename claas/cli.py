@@ -4,12 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from claas.client import ClaasAPIError, Client, FeedbackItem, FeedbackTimeout, FeedbackView
+import httpx
+
+from claas.client import (
+    DEFAULT_URL,
+    ClaasAPIError,
+    Client,
+    FeedbackItem,
+    FeedbackTimeout,
+    FeedbackView,
+)
 from claas.errors import ClaasError, InvalidLoraId
 from claas.ids import parse_lora_id
 from claas.settings import Settings
@@ -366,6 +376,9 @@ def _chat_feedback(claas: Client, completion_id: str | None, text: str, timeout:
     except FeedbackTimeout as error:
         print(f"claas: {error}", file=sys.stderr)
         return
+    except httpx.HTTPError as error:  # the chat goes on; the user may retry
+        print(f"claas: error: no answer from {claas.base_url} ({error})", file=sys.stderr)
+        return
     if done.status == "failed":
         print(f"claas: error: the feedback failed: {done.error}", file=sys.stderr)
         return
@@ -520,8 +533,6 @@ def _settings_help() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import httpx
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args))
@@ -539,8 +550,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except httpx.HTTPError as error:
         print(
-            f"claas: error: cannot reach the server at {getattr(args, 'url', '?')} ({error}); "
-            "start it with `claas serve` or pass --url",
+            f"claas: error: no answer from the server at "
+            f"{getattr(args, 'url', None) or os.environ.get('CLAAS_URL', DEFAULT_URL)} "
+            f"({type(error).__name__}: {error}); start it with `claas serve`, pass --url, or "
+            "raise --timeout",
             file=sys.stderr,
         )
         return 2

@@ -104,6 +104,18 @@ class ClaasAPIError(Exception):
         self.param = param
 
 
+class BadRequestError(ClaasAPIError):
+    """400: the body could not be read, or asks for what the server does not do (`param`)."""
+
+
+class RequestTooLargeError(ClaasAPIError):
+    """413: the body is over the server's limit."""
+
+
+class BadGatewayError(ClaasAPIError):
+    """502: the server's inference backend (vLLM) answered with an error."""
+
+
 class AuthenticationError(ClaasAPIError):
     """401: no API key, or one the server does not know."""
 
@@ -144,6 +156,9 @@ class ServiceUnavailableError(ClaasAPIError):
 
 
 _ERROR_CLASSES: dict[int, type[ClaasAPIError]] = {
+    400: BadRequestError,
+    413: RequestTooLargeError,
+    502: BadGatewayError,
     401: AuthenticationError,
     403: PermissionDeniedError,
     404: NotFoundError,

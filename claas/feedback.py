@@ -221,6 +221,8 @@ class FeedbackQueue:
         Expired rollouts are purged here too, since they can no longer receive feedback, and
         then every `purge_interval` seconds until `stop`.
         """
+        if self._scheduler is not None:
+            return  # started already
         requeued = self.store.requeue_running()
         purged = self.store.purge_expired_rollouts()
         logger.info(
@@ -243,11 +245,13 @@ class FeedbackQueue:
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        self._scheduler = self._purger = None
 
     async def _purge_every(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            self.purge_expired()
+            # Off the event loop: a purge waits on SQLite's write lock, chats must not.
+            await asyncio.to_thread(self.purge_expired)
 
     def purge_expired(self) -> int | None:
         """Delete the expired rollouts; how many, or None if the store failed (logged: the next

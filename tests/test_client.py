@@ -27,6 +27,7 @@ import claas.client as client_module
 from claas.client import (
     AsyncClient,
     AuthenticationError,
+    BadGatewayError,
     ClaasAPIError,
     Client,
     ConflictError,
@@ -408,7 +409,7 @@ def free_port() -> int:
         ),
         pytest.param(
             httpx.Response(502, text="<html>Bad Gateway</html>"),
-            ClaasAPIError,
+            BadGatewayError,
             {"status": 502, "type": "HTTPError", "message": "<html>Bad Gateway</html>"},
             id="a proxy's page, not claas's error body",
         ),

@@ -332,3 +332,57 @@ def test_models_carry_created_and_owner_and_can_be_retrieved(keyed: LiveServer) 
         alice.models.retrieve("bob/m")  # another owner's name, refused as chat refuses it
     with pytest.raises(openai.NotFoundError):
         alice.models.retrieve("alice/none")
+
+
+def test_a_stream_sends_what_it_held_back_and_equals_the_plain_answer(keyed: LiveServer) -> None:
+    """A stop string whose start matches the answer's end is held back while streaming; when it
+    never completes, the held-back text is still sent before the finish chunk."""
+    create(keyed, "alice/tail", ALICE)
+    free = greedy(keyed, "alice/tail", max_tokens=10).choices[0].message.content
+    assert free
+    stop = free[-1] + "☃ZZ"  # begins with the answer's last character, never completes
+    plain = greedy(keyed, "alice/tail", max_tokens=10, stop=[stop]).choices[0].message.content
+    assert plain == free
+    pieces = [
+        chunk.choices[0].delta.content or ""
+        for chunk in greedy(keyed, "alice/tail", max_tokens=10, stop=[stop], stream=True)
+    ]
+    assert "".join(pieces) == free
+
+
+def test_log_probs_cover_exactly_the_text_when_a_stop_string_cuts_it(keyed: LiveServer) -> None:
+    create(keyed, "alice/cut", ALICE)
+    free = greedy(keyed, "alice/cut", max_tokens=40).choices[0].message.content
+    assert free is not None and len(free) > 12
+    stop = free[8:11]
+    cut = greedy(keyed, "alice/cut", max_tokens=40, stop=[stop], logprobs=True)
+    text = cut.choices[0].message.content
+    content = cut.choices[0].logprobs.content
+    joined = b"".join(bytes(c.bytes or []) for c in content)
+    assert joined.startswith(text.encode()) and len(joined) - len(text.encode()) < 8
+    assert len(content) < cut.usage.completion_tokens  # the stop string's tokens are left out
+    sampled = {"temperature": 1.0, "seed": 5, "max_tokens": 30, "logprobs": 1}  # varied text
+    legacy = client(keyed).completions.create(model="alice/cut", prompt="The sea is", **sampled)
+    whole = legacy.choices[0].text
+    stop = next(whole[i : i + 2] for i in range(3, len(whole)) if whole.find(whole[i : i + 2]) == i)
+    legacy = client(keyed).completions.create(
+        model="alice/cut", prompt="The sea is", stop=stop, **sampled
+    )
+    tokens = legacy.choices[0].logprobs.tokens
+    assert legacy.choices[0].text and "".join(tokens).startswith(legacy.choices[0].text)
+    assert legacy.choices[0].logprobs.text_offset[-1] < len(legacy.choices[0].text)
+
+
+def test_bad_input_to_a_stream_is_a_4xx_before_any_event(keyed: LiveServer) -> None:
+    create(keyed, "alice/bad", ALICE)
+    with pytest.raises(openai.UnprocessableEntityError) as bias:
+        greedy(keyed, "alice/bad", stream=True, logit_bias={"99999999": 5})
+    assert bias.value.param == "logit_bias"
+    too_long = keyed.runtime.max_context  # with the prompt, over the context
+    with pytest.raises(openai.UnprocessableEntityError) as context:
+        greedy(keyed, "alice/bad", stream=True, max_tokens=min(too_long, 2048))
+    assert context.value.param == "max_tokens"
+    with pytest.raises(openai.BadRequestError) as options:
+        greedy(keyed, "alice/bad", stream_options={"include_usage": True})
+    assert options.value.param == "stream_options"
+    assert greedy(keyed, "alice/bad", safety_identifier="u-1", prompt_cache_key="k").choices

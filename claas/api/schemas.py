@@ -87,6 +87,11 @@ class SamplingFields(BaseModel):
         None, description="Accepted; claas always stores the rollout, for feedback."
     )
     service_tier: str | None = Field(None, description="Accepted; there is one tier.")
+    safety_identifier: str | None = Field(None, max_length=256, description="Accepted; not used.")
+    prompt_cache_key: str | None = Field(None, max_length=256, description="Accepted; not used.")
+    prompt_cache_retention: str | None = Field(
+        None, max_length=64, description="Accepted; prompts are not cached across requests."
+    )
 
     @field_validator("stop")
     @classmethod
@@ -114,6 +119,10 @@ class SamplingFields(BaseModel):
 
     def refuse_unsupported(self) -> None:
         """Raise a 400 naming the first field set to something this server cannot do."""
+        if self.stream_options is not None and not self.stream:
+            raise UnsupportedParameter(
+                "stream_options is only allowed with stream: true", param="stream_options"
+            )
         for name, allowed, why in self._unsupported():
             value = getattr(self, name, None)
             if value is not None and value not in allowed:

@@ -28,7 +28,8 @@ _ROUGE = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=False)
 
 
 def entropy_estimate(logprobs: Sequence[Sequence[float]]) -> float | None:
-    """−mean log-prob over all sampled tokens (temperature-1 samples); None with no tokens."""
+    """−mean log-prob over the answers' tokens (temperature-1 samples; as the chat API reports
+    them, without a closing end-of-turn token, since runs after 2026-11-26); None with none."""
     pooled = [lp for sample in logprobs for lp in sample]
     return float(-np.mean(pooled)) if pooled else None
 

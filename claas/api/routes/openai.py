@@ -222,8 +222,10 @@ def _sampling_params(
             f"n={body.n} is over this server's cap of {settings.max_samples}", param="n"
         )
     room = runtime.max_context - prompt_len
+    max_tokens = asked if asked is not None else max(1, min(settings.max_tokens_cap, room))
+    runtime.chat.check_fits(prompt_len, max_tokens)
     fields: dict[str, Any] = {
-        "max_tokens": asked if asked is not None else max(1, min(settings.max_tokens_cap, room)),
+        "max_tokens": max_tokens,
         "temperature": body.temperature,
         "top_p": body.top_p,
         "top_k": body.top_k or -1,
@@ -267,13 +269,26 @@ def _token_text(tokenizer: PreTrainedTokenizerBase) -> TokenText:
 def _answer_tokens(
     tokenizer: PreTrainedTokenizerBase, choice: Choice
 ) -> list[tuple[int, float, list[tuple[int, float]]]]:
-    """(token, log-prob, top alternatives) of the tokens that make up the answer: a closing
-    end-of-turn token is left out, as it is from the text."""
+    """(token, log-prob, top alternatives) of the tokens that make up the answer's text: the
+    tokens after it (a stop string's, a closing end-of-turn) are left out, as from the text.
+    When the text is not a prefix of the tokens (a hidden `<think>` block), all are kept."""
     tops = choice.top_logprobs or [[] for _ in choice.tokens]
     rows = list(zip(choice.tokens, choice.logprobs, tops, strict=True))
-    if rows and choice.finish_reason == "stop" and rows[-1][0] in tokenizer.all_special_ids:
-        rows.pop()
-    return rows
+    show = _token_text(tokenizer).show
+    joined = b"".join(bytes(show(token)[1]) for token, _, _ in rows)
+    text = choice.text.encode()
+    if not joined.startswith(text):
+        special = set(tokenizer.all_special_ids)
+        while rows and choice.finish_reason == "stop" and rows[-1][0] in special:
+            rows.pop()
+        return rows
+    kept, length = [], 0
+    for row in rows:
+        if length >= len(text):
+            break
+        kept.append(row)
+        length += len(show(row[0])[1])
+    return kept
 
 
 def _chat_logprobs(tokenizer: PreTrainedTokenizerBase, choice: Choice) -> ChoiceLogprobs:
@@ -292,10 +307,10 @@ def _text_logprobs(tokenizer: PreTrainedTokenizerBase, choice: Choice) -> Comple
     show = _token_text(tokenizer).show
     rows = _answer_tokens(tokenizer, choice)
     texts = [show(token)[0] for token, _, _ in rows]
-    offsets, at = [], 0
-    for text in texts:
-        offsets.append(at)
-        at += len(text)
+    offsets, raw = [], b""
+    for token, _, _ in rows:  # character offsets, from the bytes before each token
+        offsets.append(len(raw.decode("utf-8", errors="ignore")))
+        raw += bytes(show(token)[1])
     return CompletionLogprobs(
         tokens=texts,
         token_logprobs=[logprob for _, logprob, _ in rows],
