@@ -223,9 +223,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument(
         "--backend",
-        choices=["local", "vllm"],
+        choices=["local", "vllm", "batching"],
         default="local",
-        help="local: the figures of the docstring (default); vllm: local and vLLM side by side",
+        help="local: the figures of the docstring (default); vllm: local and vLLM side by side; "
+        "batching: concurrent chats on different adapters against one (with --vllm-url: vLLM's "
+        "figures beside them)",
     )
     parser.add_argument(
         "--vllm-url", help="a running vLLM server to use (default: start one, tests/vllm_server.py)"
@@ -241,6 +243,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.backend == "vllm":
         compare(args.vllm_url, args.vllm_model, max(1, args.repeats))
+        return
+    if args.backend == "batching":
+        batching(args.vllm_url, args.vllm_model, max(1, args.repeats))
         return
     with claas_server() as (client, startup):
         run(client, startup)
@@ -639,6 +644,73 @@ def measure(local: Side, vllm: Side, vllm_url: str, repeats: int) -> None:
 
 
 HEADER = ("figure", "local", "vllm", "local/vllm", "faster")
+
+
+# ---------------------------------------------------------------------------------------------
+# --backend batching: many users on one box
+# ---------------------------------------------------------------------------------------------
+BATCH_ADAPTERS = [f"bench/u{i}" for i in range(8)]
+
+
+def together(client: httpx.Client, models: list[str]) -> float:
+    """Total completion tokens/s of one 128-token greedy chat per model, all sent at once."""
+    prompts = [PROMPTS[i % len(PROMPTS)] for i in range(len(models))]
+    start = time.perf_counter()
+    with ThreadPoolExecutor(len(models)) as pool:
+        chats = list(pool.map(lambda m, p: chat(client, m, p, 128), models, prompts))
+    return sum(c.completion_tokens for c in chats) / (time.perf_counter() - start)
+
+
+def batching(vllm_url: str | None, vllm_model: str, repeats: int) -> None:
+    """Concurrent chats on different adapters, as ratios to one chat, in one run: claas's local
+    inference, and (with --vllm-url) the same claas with vLLM sampling, beside it."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    with ExitStack() as stack:
+        sides = [Side("local", *stack.enter_context(claas_server({"CLAAS_INFERENCE": "local"})))]
+        if vllm_url is not None:
+            env = {
+                "CLAAS_INFERENCE": "vllm",
+                "CLAAS_VLLM_URL": vllm_url,
+                "CLAAS_VLLM_MODEL": vllm_model,
+            }
+            sides.append(Side("vllm", *stack.enter_context(claas_server(env))))
+        figures: dict[str, dict[str, list[float]]] = {}
+        for side in sides:
+            for lora_id in BATCH_ADAPTERS:
+                side.client.post("/v1/adapters", json={"lora_id": lora_id}).raise_for_status()
+            warm(side.client, [EMBEDDED_MODEL, *BATCH_ADAPTERS])
+            figures[side.name] = {"base": [], "adapter": [], "4": [], "8": []}
+        for i in range(repeats):
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                runs = figures[side.name]
+                runs["base"].append(together(side.client, [EMBEDDED_MODEL]))
+                runs["adapter"].append(together(side.client, BATCH_ADAPTERS[:1]))
+                runs["4"].append(together(side.client, BATCH_ADAPTERS[:4]))
+                runs["8"].append(together(side.client, BATCH_ADAPTERS[:8]))
+                progress(
+                    f"run {i + 1}/{repeats} {side.name}: "
+                    + ", ".join(f"{k} {v[-1]:.1f} tok/s" for k, v in runs.items())
+                )
+    print(
+        f"claas serve, {EMBEDDED_MODEL} on CPU ({os.cpu_count()} cores), 128-token greedy chats "
+        f"over HTTP, each on its own (untrained) adapter; median of {repeats} runs"
+    )
+    for name, runs in figures.items():
+        med = {k: statistics.median(v) for k, v in runs.items()}
+        print(
+            f"{name:6s} one chat: base {med['base']:.1f} tok/s, on an adapter "
+            f"{med['adapter']:.1f} tok/s (adapter / base {med['adapter'] / med['base']:.2f}); "
+            f"4 chats on 4 adapters {med['4']:.1f} tok/s ({med['4'] / med['adapter']:.2f}x one); "
+            f"8 on 8 {med['8']:.1f} tok/s ({med['8'] / med['adapter']:.2f}x one)"
+        )
+    if "vllm" in figures:
+        local = {k: statistics.median(v) for k, v in figures["local"].items()}
+        vllm = {k: statistics.median(v) for k, v in figures["vllm"].items()}
+        print(
+            f"local / vLLM tok/s: one chat base {local['base'] / vllm['base']:.2f}, on an "
+            f"adapter {local['adapter'] / vllm['adapter']:.2f}, 4 on 4 adapters "
+            f"{local['4'] / vllm['4']:.2f}, 8 on 8 {local['8'] / vllm['8']:.2f}"
+        )
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ keep the one-request path in `sampling_client`.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +75,7 @@ class ContinuousDecoder:
         self._rows: _Rows | None = None
         self._hooked: set[int] = set()
         self._lora_plan: _LoraPlan | None = None
+        self._lora_layers: list[Any] = []
         self.widest_batch = 0  # the most rows one step has run (for tests and benchmarks)
 
     def submit(self, job: DecodeJob) -> None:
@@ -170,11 +172,11 @@ class ContinuousDecoder:
         assert rows is not None
         tokens = torch.cat([job.stream.next_tokens for job in dict.fromkeys(rows.jobs)])
         mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
-        if self._lora_plan is None:
-            self._lora_plan = _LoraPlan.of(rows.jobs)
         model = self.host.model
-        self._hook(model)
-        with self._base_only(model), self._lora_plan.active():
+        if self._lora_plan is None:  # the batch changed: lay out its adapters, find the layers
+            self._lora_plan = _LoraPlan.of(rows.jobs)
+            self._lora_layers = self._hook(model)
+        with self._base_only(), self._lora_plan.active():
             out = model(
                 input_ids=tokens[:, None],
                 attention_mask=mask,
@@ -216,19 +218,29 @@ class ContinuousDecoder:
         self._lora_plan = None
 
     # -- adapters -------------------------------------------------------------------------------
-    def _base_only(self, model: Any) -> Any:
-        """PEFT's own LoRA off for the batched forward; the hooks add each row's instead."""
-        import contextlib
+    @contextmanager
+    def _base_only(self) -> Iterator[None]:
+        """PEFT's own LoRA off for the batched forward (the hooks add each row's instead), by
+        the flag each LoRA layer reads: PEFT's `disable_adapter()` walks the whole model on
+        entry and exit, which would cost more than the step."""
+        for layer in self._lora_layers:
+            layer._disable_adapters = True
+        try:
+            yield
+        finally:
+            for layer in self._lora_layers:
+                layer._disable_adapters = False
 
-        if hasattr(model, "disable_adapter"):
-            return model.disable_adapter()
-        return contextlib.nullcontext()
-
-    def _hook(self, model: Any) -> None:
+    def _hook(self, model: Any) -> list[Any]:
+        """The model's LoRA layers, each with the batched-LoRA hook (added once)."""
+        layers = []
         for name, module in model.named_modules():
-            if isinstance(module, LoraLinear) and id(module) not in self._hooked:
-                module.register_forward_hook(_LoraHook(self, _module_key(name)))
-                self._hooked.add(id(module))
+            if isinstance(module, LoraLinear):
+                layers.append(module)
+                if id(module) not in self._hooked:
+                    module.register_forward_hook(_LoraHook(self, _module_key(name)))
+                    self._hooked.add(id(module))
+        return layers
 
 
 class _LoraPlan:
@@ -264,18 +276,14 @@ class _LoraPlan:
             layers[key] = (a_cat.contiguous(), b_cat.contiguous(), mask[:, None, :])
         return cls(layers)
 
-    def active(self) -> Any:
-        import contextlib
-
-        @contextlib.contextmanager
-        def enabled() -> Any:
-            self.enabled = True
-            try:
-                yield
-            finally:
-                self.enabled = False
-
-        return enabled()
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """The hooks add this plan's LoRA terms only inside this block (the batched forward)."""
+        self.enabled = True
+        try:
+            yield
+        finally:
+            self.enabled = False
 
 
 class _LoraHook:
