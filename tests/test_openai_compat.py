@@ -16,6 +16,7 @@ from typing import Any
 import openai
 import pytest
 import torch
+from serving import ALICE, BOB, OWNER_KEYS, LiveServer, create, make_server
 
 from claas.models import LoadedModel
 from claas.services.local.decoding import (
@@ -26,7 +27,6 @@ from claas.services.local.decoding import (
     prefill,
 )
 from claas.services.protocol import HOSTED_TINKER
-from tests.serving import ALICE, BOB, OWNER_KEYS, LiveServer, create, make_server
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
 
