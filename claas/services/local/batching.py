@@ -273,7 +273,7 @@ class _LoraPlan:
                 if job.adapter in offsets:
                     lo, hi, scaling = offsets[job.adapter]
                     mask[row, lo:hi] = scaling
-            layers[key] = (a_cat.contiguous(), b_cat.contiguous(), mask[:, None, :])
+            layers[key] = (a_cat.contiguous(), b_cat.contiguous(), mask)
         return cls(layers)
 
     @contextmanager
@@ -298,7 +298,11 @@ class _LoraHook:
         if plan is None or not plan.enabled or self.key not in plan.layers:
             return None
         a_cat, b_cat, mask = plan.layers[self.key]
-        return output + ((args[0] @ a_cat) * mask) @ b_cat
+        # Decode feeds one token per row: (rows, 1, in). In place on the base output, as 2-D
+        # matmuls: on CPU the LoRA weights' memory traffic is most of this hook's cost.
+        low = (args[0].reshape(-1, a_cat.shape[0]) @ a_cat).mul_(mask)
+        output.view(-1, b_cat.shape[1]).addmm_(low, b_cat)
+        return output
 
 
 def _module_key(name: str) -> str:
