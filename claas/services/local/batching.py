@@ -80,7 +80,8 @@ class ContinuousDecoder:
         self._scheduled = False
         self._rows: _Rows | None = None
         self._hooked: set[int] = set()
-        self._lora_plan: _LoraPlan | None = None
+        self._lora_plan: _LoraPlan | None = None  # None: the rows changed since it was made
+        self._laid_out: _LoraPlan | None = None  # the last plan, whose weights may serve again
         self._lora_layers: list[Any] = []
         self.widest_batch = 0  # the most rows one step has run (for tests and benchmarks)
 
@@ -106,7 +107,8 @@ class ContinuousDecoder:
                 try:
                     self._decode()
                 except Exception as error:  # a broken step fails its requests, not the server
-                    jobs, self._rows, self._lora_plan = dict.fromkeys(self._rows.jobs), None, None
+                    jobs = dict.fromkeys(self._rows.jobs)
+                    self._clear()
                     for job in jobs:
                         job.failed(error)
             if time.perf_counter() > deadline:
@@ -120,13 +122,17 @@ class ContinuousDecoder:
         except InvalidRequest as closed:  # the service is closing: end what is left
             self._fail_all(closed)
 
+    def _clear(self) -> None:
+        """No rows run: nothing is kept for them, neither cache nor adapter layout."""
+        self._rows = self._lora_plan = self._laid_out = None
+
     def _fail_all(self, error: BaseException) -> None:
         with self._lock:
             jobs, self._pending = list(self._pending), []
             self._scheduled = False
         if self._rows is not None:
             jobs += dict.fromkeys(self._rows.jobs)
-        self._rows = self._lora_plan = None
+        self._clear()
         for job in jobs:
             job.failed(error)
 
@@ -187,7 +193,8 @@ class ContinuousDecoder:
         mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
         model = self.host.model
         if self._lora_plan is None:  # the batch changed: lay out its adapters, find the layers
-            self._lora_plan = _LoraPlan.of(rows.jobs)
+            self._lora_plan = _LoraPlan.of(rows.jobs, self._laid_out)
+            self._laid_out = self._lora_plan
             self._lora_layers = self._hook(model)
         with self._base_only(), self._lora_plan.active():
             out = model(
@@ -217,7 +224,7 @@ class ContinuousDecoder:
 
     def _select(self, keep: list[int], cache: Any, mask: torch.Tensor, rows: _Rows) -> None:
         if not keep:
-            self._rows = self._lora_plan = None
+            self._clear()
             return
         index = torch.tensor(keep, device=mask.device)
         cache.batch_select_indices(index)
@@ -259,35 +266,37 @@ class ContinuousDecoder:
 class _LoraPlan:
     """The batch's adapters laid out for the batched LoRA term of each layer.
 
-    Per layer: A of every adapter side by side (in, ΣR), B stacked (ΣR, out), and a (rows, ΣR)
-    mask holding each row's scaling on its own adapter's block and zeros elsewhere.
+    Per layer: A of every adapter side by side (in, ΣR) and B stacked (ΣR, out), with each
+    adapter's block (`weights`); and a (rows, ΣR) mask holding each row's scaling on its own
+    adapter's block and zeros elsewhere (`masks`). When rows join or leave but no new adapter
+    comes, the weights are kept and only the masks are made again: an adapter whose rows left
+    keeps an all-zero block until a new adapter is laid out.
     """
 
-    def __init__(self, layers: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-        self.layers = layers
+    def __init__(
+        self, weights: dict[str, _Layout], masks: dict[str, torch.Tensor], adapters: set[str]
+    ) -> None:
+        self.weights = weights
+        self.masks = masks
+        self.adapters = adapters
         self.enabled = False
 
     @classmethod
-    def of(cls, jobs: list[DecodeJob]) -> _LoraPlan:
+    def of(cls, jobs: list[DecodeJob], previous: _LoraPlan | None) -> _LoraPlan:
         adapters = {job.adapter: job.lora for job in jobs if job.adapter is not None}
-        names = sorted({key for weights in adapters.values() for key in weights})
-        layers = {}
-        for key in names:
-            blocks = [(a, weights[key]) for a, weights in adapters.items() if key in weights]
-            a_cat = torch.cat([a.t() for _, (a, _, _) in blocks], dim=1)
-            b_cat = torch.cat([b.t() for _, (_, b, _) in blocks], dim=0)
+        if previous is not None and adapters.keys() <= previous.adapters:
+            weights, laid_out = previous.weights, previous.adapters
+        else:
+            weights, laid_out = _lay_out(adapters), set(adapters)
+        masks = {}
+        for key, (a_cat, _, blocks) in weights.items():
             mask = torch.zeros(len(jobs), a_cat.shape[1], device=a_cat.device)
-            offset = 0
-            offsets = {}
-            for adapter, (a, _, scaling) in blocks:
-                offsets[adapter] = (offset, offset + a.shape[0], scaling)
-                offset += a.shape[0]
             for row, job in enumerate(jobs):
-                if job.adapter in offsets:
-                    lo, hi, scaling = offsets[job.adapter]
+                if job.adapter in blocks:
+                    lo, hi, scaling = blocks[job.adapter]
                     mask[row, lo:hi] = scaling
-            layers[key] = (a_cat.contiguous(), b_cat.contiguous(), mask)
-        return cls(layers)
+            masks[key] = mask
+        return cls(weights, masks, laid_out)
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -308,14 +317,35 @@ class _LoraHook:
 
     def __call__(self, module: Any, args: tuple[Any, ...], output: torch.Tensor) -> Any:
         plan = self.decoder._lora_plan
-        if plan is None or not plan.enabled or self.key not in plan.layers:
+        if plan is None or not plan.enabled or self.key not in plan.weights:
             return None
-        a_cat, b_cat, mask = plan.layers[self.key]
+        a_cat, b_cat, _ = plan.weights[self.key]
+        mask = plan.masks[self.key]
         # Decode feeds one token per row: (rows, 1, in). In place on the base output, as 2-D
         # matmuls: on CPU the LoRA weights' memory traffic is most of this hook's cost.
         low = (args[0].reshape(-1, a_cat.shape[0]) @ a_cat).mul_(mask)
         output.view(-1, b_cat.shape[1]).addmm_(low, b_cat)
         return output
+
+
+# Per layer: A side by side (in, ΣR), B stacked (ΣR, out), and each adapter's (lo, hi, scaling).
+_Layout = tuple[torch.Tensor, torch.Tensor, dict[str, tuple[int, int, float]]]
+
+
+def _lay_out(
+    adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]],
+) -> dict[str, _Layout]:
+    layers = {}
+    for key in sorted({key for weights in adapters.values() for key in weights}):
+        blocks = [(name, weights[key]) for name, weights in adapters.items() if key in weights]
+        offsets, offset = {}, 0
+        for name, (a, _, scaling) in blocks:
+            offsets[name] = (offset, offset + a.shape[0], scaling)
+            offset += a.shape[0]
+        a_cat = torch.cat([a.t() for _, (a, _, _) in blocks], dim=1)
+        b_cat = torch.cat([b.t() for _, (_, b, _) in blocks], dim=0)
+        layers[key] = (a_cat, b_cat, offsets)
+    return layers
 
 
 def _module_key(name: str) -> str:
