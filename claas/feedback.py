@@ -362,27 +362,20 @@ class FeedbackQueue:
             await self._announce(version)
         except asyncio.CancelledError:
             raise  # shutting down: the requests stay `running` and are requeued at start-up
-        except ClaasError as error:
+        except Exception as error:
+            # A domain error says what to do; anything else is a bug or a broken service, whose
+            # traceback is logged.
+            unexpected = not isinstance(error, ClaasError)
             message = f"{type(error).__name__}: {error}"
+            if unexpected:
+                message = f"training failed ({message}); the adapter stays on its last good version"
             marked = self._mark(self.store.mark_failed, ids, message)
             self._log_finished(
                 requests,
                 "failed" if marked else "deleted",
                 error=message,
                 seconds=time.perf_counter() - started,
-            )
-        except Exception as error:  # a bug or a broken service: log where it came from
-            message = (
-                f"training failed ({type(error).__name__}: {error}); the adapter stays on "
-                "its last good version"
-            )
-            marked = self._mark(self.store.mark_failed, ids, message)
-            self._log_finished(
-                requests,
-                "failed" if marked else "deleted",
-                error=message,
-                seconds=time.perf_counter() - started,
-                unexpected=True,
+                unexpected=unexpected,
             )
         finally:
             if self.on_trained is not None:
