@@ -69,7 +69,7 @@ class Runtime:
                     len(swept),
                     ", ".join(str(p.relative_to(checkpoints)) for p in swept),
                 )
-            host = AdapterHost(loaded)
+            host = AdapterHost(loaded, packed_weights=settings.packed_weights)
             service = LocalServiceClient(host, checkpoints)
             base_model, tokenizer, max_context = loaded.name, loaded.tokenizer, loaded.max_context
             hidden_size = int(loaded.model.config.hidden_size)

@@ -44,6 +44,12 @@ class Settings(BaseSettings):
     device: Literal["auto", "cpu", "cuda"] = Field(
         "auto", description="Torch device; auto picks CUDA when present, else CPU."
     )
+    packed_weights: bool = Field(
+        True,
+        description="CPU, float32: chat decoding runs the linear layers on a second copy of "
+        "their weights in oneDNN's layout (about 2x faster at a few rows; the copy doubles the "
+        "linear weights' memory, and is skipped when it would not fit).",
+    )
     service: Literal["local", "tinker"] = Field(
         "local", description="Training service: in-process (local) or hosted Tinker."
     )

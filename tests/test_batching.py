@@ -6,7 +6,9 @@ wrong row-to-adapter mapping). Each request runs alone first, then all run at on
 match exactly and log-probs to the dtype's tolerance. In float64, with strong adapters, the two
 agree to 1e-6: the batched algorithm is exact, and a 2% error in one row's LoRA scaling fails.
 In float32 (what serves), rounding differs between a batch of one and of five rows, and grows
-along a sequence, so the adapters are milder and the tolerance is 2e-4.
+along a sequence, so the adapters are milder and the tolerance is 2e-4. Float32 decoding runs
+the base linears on oneDNN-packed weights (`PackedLinears`); the "packed-lora" runs pack the
+batch's LoRA layouts too, which in service only happens from 96 laid-out columns on.
 """
 
 from __future__ import annotations
@@ -23,18 +25,24 @@ from serving import LiveServer, make_server
 from tinker import types
 
 from claas.models import tiny_llama
-from claas.services.local import LocalServiceClient
+from claas.services.local import AdapterHost, LocalServiceClient, batching
+from claas.services.local.batching import PackedLinears
 from claas.services.protocol import StopGeneration
 
 PRECISIONS = {torch.float64: (1.5, 1e-6), torch.float32: (0.5, 2e-4)}  # B scale, tolerance
 
 
-@pytest.fixture(params=[torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.fixture(params=["float64", "float32", "float32-packed-lora"])
 def service(
-    request: pytest.FixtureRequest, model_cache: Path, tmp_path: Path
+    request: pytest.FixtureRequest,
+    model_cache: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[LocalServiceClient]:
+    if request.param == "float32-packed-lora":
+        monkeypatch.setattr(batching, "PACK_LORA_WIDTH", 1)  # every LoRA layout packed
     loaded = tiny_llama(model_cache, seed=0)
-    loaded.model.to(request.param)
+    loaded.model.to(torch.float64 if request.param == "float64" else torch.float32)
     svc = LocalServiceClient(loaded, tmp_path / "checkpoints")
     yield svc
     svc.close()
@@ -188,3 +196,42 @@ def test_batched_log_probs_are_the_adapters_own(service: LocalServiceClient) -> 
         assert answer.sequences[0].logprobs == pytest.approx(
             reference[len(prompt) :], abs=max(tolerance, 1e-5)
         )
+
+
+def test_packed_linears_give_the_plain_outputs_and_follow_in_place_changes(
+    model_cache: Path,
+) -> None:
+    loaded = tiny_llama(model_cache, seed=0)
+    model = loaded.model
+    packed = PackedLinears(model)
+    assert len(packed.layers) == 7 * model.config.num_hidden_layers + 1  # and the LM head
+    ids = torch.tensor([[1, 17, 230, 94, 5], [1, 40, 41, 42, 43]])
+
+    def both() -> tuple[torch.Tensor, torch.Tensor]:
+        with torch.inference_mode():
+            plain = model(input_ids=ids).logits
+            with packed.active():
+                fast = model(input_ids=ids).logits
+        return plain, fast
+
+    plain, fast = both()
+    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+    assert all("forward" not in layer.__dict__ for layer in packed.layers)  # restored
+    with torch.no_grad():
+        packed.layers[3].weight.mul_(1.02)  # a weight changed in place is packed again
+    plain_after, fast_after = both()
+    assert (plain_after - plain).abs().max() > 1e-3
+    torch.testing.assert_close(fast_after, plain_after, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("packed", [True, False])
+def test_packed_weights_follow_the_setting(model_cache: Path, tmp_path: Path, packed: bool) -> None:
+    host = AdapterHost(tiny_llama(model_cache, seed=0), packed_weights=packed)
+    service = LocalServiceClient(host, tmp_path / "checkpoints")
+    try:
+        sampler = service.create_sampling_client(base_model=service.base_model).result()
+        run(sampler, [1, 17, 230], 1, 4, 0.0, None).result()
+        assert (host.decoder._packed_linears is not None) is packed
+    finally:
+        service.close()
+        host.close()

@@ -38,11 +38,14 @@ class AdapterHost:
 
     IDLE_ADAPTER = "claas-idle"
 
-    def __init__(self, loaded: LoadedModel, max_loaded_samplers: int = 16) -> None:
+    def __init__(
+        self, loaded: LoadedModel, max_loaded_samplers: int = 16, packed_weights: bool = True
+    ) -> None:
         self.loaded = loaded
         self.max_loaded_samplers = max_loaded_samplers
         self.worker = ModelWorker()
-        self.decoder = ContinuousDecoder(self)  # chats, batched between the worker's tasks
+        # chats, batched between the worker's tasks
+        self.decoder = ContinuousDecoder(self, pack=packed_weights)
         self._peft: Any = None
         self._samplers: OrderedDict[str, None] = OrderedDict()  # LRU of loaded sampler adapters
 
