@@ -193,6 +193,40 @@ def current_version(client: httpx.Client) -> int | None:
     return None if version is None else int(version)
 
 
+@dataclass(frozen=True)
+class Step:
+    seconds: float  # finished_at - started_at
+    finished_at: float
+
+
+def long_step(client: httpx.Client, lora_id: str, meanwhile: Callable[[str], None]) -> Step:
+    """An 8-step feedback step on a new adapter (so every such step does the same work: the
+    same greedy answer, the same feedback); `meanwhile(feedback_id)` runs 1 s after it started
+    (chats sent while it trains)."""
+    client.post("/v1/adapters", json={"lora_id": lora_id}).raise_for_status()
+    answer = chat(client, lora_id, LONG_PROMPT, 100)
+    pending = feedback(client, answer.completion_id, {"steps_per_batch": 8}, wait=False)
+    feedback_id = pending["feedback_id"]
+    wait_until(
+        "the feedback step to start",
+        lambda: feedback_status(client, feedback_id)["status"] != "queued",
+        TRAIN_SECONDS,
+        poll=0.01,
+    )
+    time.sleep(1.0)
+    meanwhile(feedback_id)
+    wait_until(
+        "the feedback step to finish",
+        lambda: feedback_status(client, feedback_id)["status"] in ("done", "failed"),
+        TRAIN_SECONDS,
+        poll=0.05,
+    )
+    done = feedback_status(client, feedback_id)
+    if done["status"] != "done":
+        raise RuntimeError(f"feedback did not finish: {done}")
+    return Step(done["finished_at"] - done["started_at"], done["finished_at"])
+
+
 def median_chat(client: httpx.Client, model: str, repeats: int) -> float:
     return statistics.median(chat(client, model, SHORT_PROMPT, 16).seconds for _ in range(repeats))
 
@@ -284,36 +318,33 @@ def run(client: httpx.Client, startup: float) -> None:
     after = median_chat(client, ADAPTER, 3)
     timings = done["metrics"].get("timings", {})
 
-    # A short chat while a longer feedback step trains, against the same chat when idle.
+    # Chats while a longer feedback step trains: TTFT against idle, and the step against the
+    # same step alone.
+    idle_ttft = statistics.median(stream(client, ADAPTER, SHORT_PROMPT, 16)[0] for _ in range(3))
     idle = median_chat(client, ADAPTER, 3)
-    answer = chat(client, ADAPTER, LONG_PROMPT, 100)
-    pending = feedback(client, answer.completion_id, {"steps_per_batch": 8}, wait=False)
-    feedback_id = pending["feedback_id"]
-    wait_until(
-        "the feedback step to start",
-        lambda: feedback_status(client, feedback_id)["status"] != "queued",
-        TRAIN_SECONDS,
-        poll=0.01,
-    )
-    busy: list[tuple[float, float]] = []  # (wall end, seconds) of chats sent while training
-    deadline = time.perf_counter() + TRAIN_SECONDS
-    while len(busy) < 5 and time.perf_counter() < deadline:
-        if feedback_status(client, feedback_id)["status"] != "running":
-            break
-        seconds = chat(client, ADAPTER, SHORT_PROMPT, 16).seconds
-        busy.append((time.time(), seconds))
-    wait_until(
-        "the feedback step to finish",
-        lambda: feedback_status(client, feedback_id)["status"] in ("done", "failed"),
-        TRAIN_SECONDS,
-        poll=0.1,
-    )
-    trained = feedback_status(client, feedback_id)
-    overlapped = [s for end, s in busy if end <= (trained["finished_at"] or 0.0)]
-    if not overlapped:
+    alone = long_step(client, "bench/step-alone", lambda _: None)
+    one_ttft: list[float] = []
+
+    def one_chat(_: str) -> None:
+        one_ttft.append(stream(client, ADAPTER, SHORT_PROMPT, 16)[0])
+
+    with_one = long_step(client, "bench/step-one-chat", one_chat)
+    busy: list[tuple[float, float, float]] = []  # (wall end, TTFT, seconds) while training
+
+    def back_to_back(feedback_id: str) -> None:
+        deadline = time.perf_counter() + TRAIN_SECONDS
+        while len(busy) < 5 and time.perf_counter() < deadline:
+            if feedback_status(client, feedback_id)["status"] != "running":
+                break
+            ttft_busy, chatted = stream(client, ADAPTER, SHORT_PROMPT, 16)
+            busy.append((time.time(), ttft_busy, chatted.seconds))
+
+    with_five = long_step(client, "bench/step-back-to-back", back_to_back)
+    overlapped = [(t, c) for end, t, c in busy if end <= with_five.finished_at]
+    if not one_ttft or not overlapped:
         raise RuntimeError("no chat finished while the feedback step was training")
-    during = statistics.median(overlapped)
-    long_train = trained["finished_at"] - trained["started_at"]
+    during_ttft = statistics.median(t for t, _ in overlapped)
+    during = statistics.median(c for _, c in overlapped)
 
     rows = [
         ("server start to healthy", f"{startup:.1f} s", ""),
@@ -346,11 +377,24 @@ def run(client: httpx.Client, startup: float) -> None:
             f"{idle * 1e3:.0f} ms",
             f"on version 1, before feedback: {before * 1e3:.0f} ms",
         ),
+        ("8-step feedback step, alone", f"{alone.seconds:.2f} s", ""),
+        ("TTFT, short chat, idle", f"{idle_ttft * 1e3:.0f} ms", "median of 3"),
         (
-            "short chat, while training",
+            "TTFT, one chat mid-step",
+            f"{one_ttft[0] * 1e3:.0f} ms",
+            f"{one_ttft[0] / idle_ttft:.2f}x idle; the step took {with_one.seconds:.2f} s "
+            f"({with_one.seconds / alone.seconds:.2f}x alone)",
+        ),
+        (
+            "TTFT, chats back to back",
+            f"{during_ttft * 1e3:.0f} ms",
+            f"{during_ttft / idle_ttft:.2f}x idle (median of {len(overlapped)}); the step "
+            f"took {with_five.seconds:.2f} s ({with_five.seconds / alone.seconds:.2f}x alone)",
+        ),
+        (
+            "short chat, back to back",
             f"{during * 1e3:.0f} ms",
-            f"{during / idle:.2f}x idle ({len(overlapped)} chats during a "
-            f"{long_train:.1f} s, 8-step train)",
+            f"{during / idle:.2f}x idle, whole chat",
         ),
     ]
     print(f"claas serve, {EMBEDDED_MODEL} on CPU, {os.cpu_count()} cores, over HTTP on loopback")
@@ -366,8 +410,10 @@ def run(client: httpx.Client, startup: float) -> None:
         "student scoring, steps, saving the version). Swap: feedback reply to the end of the\n"
         "first 16-token chat on the new version (includes the version check); its ratio to a\n"
         "warm chat is the cost of loading the new adapter weights.\n"
-        "Short chat: 16 tokens; 'while training' is the median of chats that finished before\n"
-        "an 8-step feedback step did, against the idle median."
+        "Short chat: 16 tokens, streamed. While training: an 8-step feedback step (each on a\n"
+        "new adapter: the same answer and feedback each time) runs alone, then with one chat sent 1 s into it, then\n"
+        "with chats sent back to back (the median of those that finished before the step).\n"
+        "The step's time is finished_at - started_at."
     )
 
 

@@ -7,6 +7,7 @@ the model, or a plain PEFT model, never the service's own code path.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from claas.errors import CheckpointNotFound, ContextTooLong, InvalidRequest
 from claas.models import LoadedModel, tiny_llama
 from claas.sdpo.prompts import chat_prompt_tokens
 from claas.services.local import AdapterHost, LocalServiceClient, LocalTrainingClient
+from claas.services.local.worker import ModelWorker
 
 TOKENS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 2]
 
@@ -655,3 +657,23 @@ def test_concurrent_scoring_is_batched_exactly_and_in_order(
     trainer.optim_step(types.AdamParams(learning_rate=1e-2))
     after = score(TOKENS)  # submitted after the step: must not join the earlier batch
     assert after.result().prompt_logprobs != before.result().prompt_logprobs
+
+
+def test_an_urgent_task_runs_before_the_queued_ones_after_the_running_one() -> None:
+    """A chat's first tokens (urgent) wait for the running training task only, not for every
+    task the feedback step has queued; same-key batches keep their order among the rest."""
+    worker = ModelWorker()
+    started, release = threading.Event(), threading.Event()
+    order: list[str] = []
+    try:
+        running = worker.submit(lambda: (started.set(), release.wait(5), order.append("running")))
+        assert started.wait(5)
+        queued = [worker.submit(lambda name=name: order.append(name)) for name in ("a", "b")]
+        batch = worker.submit_batched("k", "c", lambda items: [order.append(i) for i in items])
+        urgent = worker.submit(lambda: order.append("urgent"), urgent=True)
+        release.set()
+        for future in (running, *queued, batch, urgent):
+            future.result()
+        assert order == ["running", "urgent", "a", "b", "c"]
+    finally:
+        worker.close()

@@ -97,11 +97,15 @@ class ContinuousDecoder:
         self.widest_batch = 0  # the most rows one step has run (for tests and benchmarks)
 
     def submit(self, job: DecodeJob) -> None:
+        """Queue a request. Its prefill and first token run urgently, ahead of the training
+        tasks queued on the worker; its later tokens take turns with them (`_step`)."""
         with self._lock:
             self._pending.append(job)
             if not self._scheduled:
                 self._scheduled = True
-                self.host.submit(self._step)
+                self.host.submit(self._step, urgent=True)
+                return
+        self.host.submit(self._admit, urgent=True)  # a slice is queued or running: join now
 
     # -- the worker's side --------------------------------------------------------------------
     def _step(self) -> None:

@@ -50,8 +50,8 @@ class AdapterHost:
         self._samplers: OrderedDict[str, None] = OrderedDict()  # LRU of loaded sampler adapters
 
     # -- the worker ------------------------------------------------------------------------
-    def submit(self, fn: Callable[[], T]) -> APIFuture[T]:
-        return self.worker.submit(fn)
+    def submit(self, fn: Callable[[], T], urgent: bool = False) -> APIFuture[T]:
+        return self.worker.submit(fn, urgent)
 
     def submit_batched(self, key: str, item: I, run: Callable[[list[I]], list[T]]) -> APIFuture[T]:
         return self.worker.submit_batched(key, item, run)

@@ -8,11 +8,17 @@ Tinker's own `AwaitableConcurrentFuture`: `await` it or call `.result()`.
 
 Consecutive items submitted under the same key (scoring passes of one sampler) run as one call,
 so the worker can batch them into one padded forward without reordering anything.
+
+An `urgent` task (a chat's first tokens) runs before every task still queued, after the one
+that is running: a chat that arrives while a feedback step trains waits for one training task,
+not for all that the step has queued.
 """
 
 from __future__ import annotations
 
+import functools
 import threading
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,18 +49,37 @@ class ModelWorker:
         self._closed = False
         self._batch_lock = threading.Lock()
         self._open_batch: _Batch[Any, Any] | None = None
+        # The tasks, in order; the executor runs one `_run_next` per task, urgent ones first.
+        self._queued: deque[Callable[[], None]] = deque()
+        self._urgent: deque[Callable[[], None]] = deque()
 
     @property
     def closed(self) -> bool:
         return self._closed
 
-    def submit(self, fn: Callable[[], T]) -> APIFuture[T]:
+    def submit(self, fn: Callable[[], T], urgent: bool = False) -> APIFuture[T]:
         if self._closed:
             raise InvalidRequest("the local service is closed; create a new one")
+        future: Future[T] = Future()
         with self._batch_lock:
-            self._open_batch = None  # later batched work must not overtake this task
-            future: Future[T] = self._executor.submit(fn)
+            if not urgent:
+                self._open_batch = None  # later batched work must not overtake this task
+            self._enqueue(lambda: _run_into(fn, future), urgent)
         return AwaitableConcurrentFuture(future)
+
+    def _enqueue(self, task: Callable[[], None], urgent: bool) -> None:
+        """(Under the batch lock.) One more task, and one more turn of the worker to run it."""
+        (self._urgent if urgent else self._queued).append(task)
+        try:
+            self._executor.submit(self._run_next)
+        except RuntimeError as closed:  # shut down between the check and here
+            (self._urgent if urgent else self._queued).pop()
+            raise InvalidRequest("the local service is closed; create a new one") from closed
+
+    def _run_next(self) -> None:
+        with self._batch_lock:
+            task = self._urgent.popleft() if self._urgent else self._queued.popleft()
+        task()
 
     def submit_batched(self, key: str, item: I, run: Callable[[list[I]], list[T]]) -> APIFuture[T]:
         """Queue `item` to run together with consecutive items of the same `key`.
@@ -70,7 +95,7 @@ class ModelWorker:
             if batch is None or batch.key != key:
                 batch = _Batch(key, run)
                 self._open_batch = batch
-                self._executor.submit(self._run_batch, batch)
+                self._enqueue(functools.partial(self._run_batch, batch), urgent=False)
             batch.entries.append((item, result))
         return AwaitableConcurrentFuture(result)
 
@@ -92,3 +117,12 @@ class ModelWorker:
         """Refuse new work and wait for the queued tasks to finish."""
         self._closed = True
         self._executor.shutdown(wait=True)
+
+
+def _run_into(fn: Callable[[], T], future: Future[T]) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(fn())
+    except BaseException as error:
+        future.set_exception(error)
