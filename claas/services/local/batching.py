@@ -44,7 +44,7 @@ import torch
 from peft.tuners.lora import Linear as LoraLinear
 
 from claas.errors import InvalidRequest
-from claas.services.local.decoding import Generation, SampleStream, prefill
+from claas.services.local.decoding import Generation, SampleStream
 
 logger = logging.getLogger(__name__)
 
@@ -159,31 +159,76 @@ class ContinuousDecoder:
                 job = self._pending.pop(0)
                 room -= len(job.stream.active)
                 admitted.append(job)
-        for job in admitted:
+        if admitted:
+            self._prefill(admitted)
+
+    def _prefill(self, jobs: list[DecodeJob]) -> None:
+        """The joining prompts in one left-padded forward, each row on its own adapter by the
+        batched LoRA term as in a decode step; their first tokens; then the samples that go on
+        join the batch."""
+        ready = []
+        for job in jobs:
             try:
-                self._prefill(job)
+                job.activate()  # outside inference mode: a loaded adapter's weights stay trainable
+                if job.adapter is not None:
+                    job.lora = _adapter_weights(self.host.model, job.adapter)
             except Exception as error:
                 job.failed(error)
-
-    def _prefill(self, job: DecodeJob) -> None:
-        """The prompt alone, with the adapter active as PEFT runs it; the first tokens; then
-        the samples that go on join the batch."""
-        job.activate()  # outside inference mode: a loaded adapter's weights stay trainable
-        with self.host.using(job.adapter) as model, torch.inference_mode():
-            logits, cache = prefill(model, job.prompt, keep=1)
-            if job.adapter is not None:
-                job.lora = _adapter_weights(model, job.adapter)
-        samples = len(job.stream.active)
-        going_on = job.stream.advance(logits[-1][None].expand(samples, -1))
-        if job.stream.finished:
-            job.done(job.stream.generations)
+            else:
+                ready.append(job)
+        if not ready:
             return
-        if len(going_on) > 1:  # the prefill's one row, for each sample that goes on
-            cache.batch_repeat_interleave(len(going_on))
-        length = job.prompt.shape[0]
-        mask = torch.ones(len(going_on), length, dtype=torch.long, device=job.prompt.device)
-        positions = torch.full((len(going_on),), length, device=job.prompt.device)
-        self._join(_Rows([job] * len(going_on), cache, mask, positions))
+        device = ready[0].prompt.device
+        lengths = [job.prompt.shape[0] for job in ready]
+        width = max(lengths)
+        input_ids = torch.zeros(len(ready), width, dtype=torch.long, device=device)
+        mask = torch.zeros_like(input_ids)
+        for row, job in enumerate(ready):
+            input_ids[row, width - lengths[row] :] = job.prompt
+            mask[row, width - lengths[row] :] = 1
+        model = self.host.model
+        everyone = (self._rows.jobs if self._rows is not None else []) + ready
+        plan = _LoraPlan.of(ready, self._laid_out, self._packing(model), laid_out_for=everyone)
+        self._laid_out, self._lora_plan = plan, None  # decode steps re-mask their own rows
+        self._lora_layers = self._hook(model)
+        try:
+            with torch.inference_mode(), self._base_only(), plan.active(), self._packed(model):
+                self._lora_plan = plan
+                out = model(
+                    input_ids=input_ids,
+                    attention_mask=mask,
+                    position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
+        except Exception as error:
+            for job in ready:
+                job.failed(error)
+            return
+        finally:
+            self._lora_plan = None
+        rows: list[int] = []  # the prefill's row of each sample that goes on
+        for row, job in enumerate(ready):
+            samples = len(job.stream.active)
+            try:
+                going_on = job.stream.advance(out.logits[row, -1][None].expand(samples, -1))
+            except Exception as error:
+                job.failed(error)
+                continue
+            if job.stream.finished:
+                job.done(job.stream.generations)
+            else:
+                rows += [row] * len(going_on)
+        if rows:
+            index = torch.tensor(rows, device=device)
+            out.cache.batch_select_indices(index)
+            joined = _Rows(
+                [ready[row] for row in rows],
+                out.cache,
+                mask[index],
+                torch.tensor([lengths[row] for row in rows], device=device),
+            )
+            self._join(_drop_padding(joined))
 
     def _join(self, new: _Rows) -> None:
         rows = self._rows
@@ -243,13 +288,9 @@ class ContinuousDecoder:
             return
         index = torch.tensor(keep, device=mask.device)
         cache.batch_select_indices(index)
-        mask = mask[index]
-        first = int(mask.any(dim=0).nonzero()[0, 0])  # columns that are padding in every row
-        if first > 0:
-            mask = mask[:, first:]
-            for layer in cache.layers:
-                layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
-        self._rows = _Rows([rows.jobs[i] for i in keep], cache, mask, rows.positions[index] + 1)
+        self._rows = _drop_padding(
+            _Rows([rows.jobs[i] for i in keep], cache, mask[index], rows.positions[index] + 1)
+        )
         self._lora_plan = None
 
     # -- adapters -------------------------------------------------------------------------------
@@ -337,8 +378,17 @@ class _LoraPlan:
         self.enabled = False
 
     @classmethod
-    def of(cls, jobs: list[DecodeJob], previous: _LoraPlan | None, packed: bool) -> _LoraPlan:
-        adapters = {job.adapter: job.lora for job in jobs if job.adapter is not None}
+    def of(
+        cls,
+        jobs: list[DecodeJob],
+        previous: _LoraPlan | None,
+        packed: bool,
+        laid_out_for: list[DecodeJob] | None = None,
+    ) -> _LoraPlan:
+        """Masks for `jobs`' rows; the weights of `laid_out_for`'s adapters (default: `jobs`'),
+        kept from `previous` when it has them all."""
+        everyone = jobs if laid_out_for is None else laid_out_for
+        adapters = {job.adapter: job.lora for job in everyone if job.adapter is not None}
         if previous is not None and adapters.keys() <= previous.adapters:
             weights, laid_out = previous.weights, previous.adapters
         else:
@@ -375,8 +425,11 @@ class _LoraHook:
         if plan is None or not plan.enabled or self.key not in plan.weights:
             return None
         layer = plan.weights[self.key]
-        # Decode feeds one token per row: (rows, 1, in). In place on the base output.
-        layer.add_term(args[0].reshape(-1, layer.inputs), plan.masks[self.key], output)
+        x = args[0].reshape(-1, layer.inputs)  # (rows x positions, in), row by row
+        mask = plan.masks[self.key]
+        if mask.shape[0] != x.shape[0]:  # a prefill: each row's positions on its adapter
+            mask = mask.repeat_interleave(x.shape[0] // mask.shape[0], dim=0)
+        layer.add_term(x, mask, output)  # in place on the base output
         return output
 
 
@@ -519,6 +572,16 @@ def _packed_forward(
     weight: torch.Tensor, bias: torch.Tensor | None
 ) -> Callable[[torch.Tensor], torch.Tensor]:
     return lambda x: _linear(x, weight, bias)
+
+
+def _drop_padding(rows: _Rows) -> _Rows:
+    """The rows without the columns that are padding in every row."""
+    first = int(rows.mask.any(dim=0).nonzero()[0, 0])
+    if first > 0:
+        for layer in rows.cache.layers:
+            layer.keys, layer.values = layer.keys[:, :, first:], layer.values[:, :, first:]
+        rows.mask = rows.mask[:, first:]
+    return rows
 
 
 def _pad_left(tensor: torch.Tensor, width: int) -> torch.Tensor:
