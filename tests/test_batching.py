@@ -16,9 +16,11 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 from serving import LiveServer, make_server
@@ -26,7 +28,8 @@ from tinker import types
 
 from claas.models import tiny_llama
 from claas.services.local import AdapterHost, LocalServiceClient, batching
-from claas.services.local.batching import PackedLinears
+from claas.services.local.batching import DecodeJob, PackedLinears
+from claas.services.local.decoding import SampleStream, SamplingRule
 from claas.services.protocol import StopGeneration
 
 PRECISIONS = {torch.float64: (1.5, 1e-6), torch.float32: (0.5, 2e-4)}  # B scale, tolerance
@@ -235,3 +238,143 @@ def test_packed_weights_follow_the_setting(model_cache: Path, tmp_path: Path, pa
     finally:
         service.close()
         host.close()
+
+
+@pytest.mark.parametrize("during", ["forward", "backward"])
+def test_a_chat_sent_during_a_training_task_starts_inside_it_and_changes_nothing(
+    model_cache: Path, tmp_path: Path, during: str
+) -> None:
+    """A chat that arrives while a `forward_backward` runs gets its first token at the next
+    yield point (a decoder layer of the forward, or of the backward), not after the task; the
+    task's loss and gradients are bitwise those of the same task without the chat, and the
+    chat's tokens are those it gets alone."""
+    loaded = tiny_llama(model_cache, seed=0)
+    service = LocalServiceClient(loaded, tmp_path / "checkpoints")
+    try:
+        trainer = service.create_lora_training_client(service.base_model, rank=4, seed=1).result()
+
+        def perturb() -> None:  # non-zero B, so the adapter changes the logits and gradients
+            generator = torch.Generator().manual_seed(5)
+            with torch.no_grad():
+                for param in trainer.lora_parameters().values():
+                    param.add_(0.05 * torch.randn(param.shape, generator=generator))
+
+        service.host.submit(perturb).result()
+        chat_sampler = adapter_sampler(service, seed=2, rank=4)
+        solo = run(chat_sampler, [1, 40, 41, 42], 1, 6, 0.0, None).result()  # now resident
+        tokens = [1, 17, 230, 94, 5, 61, 62, 63, 64, 65, 66]
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={
+                "target_tokens": np.asarray(tokens[1:], dtype=np.int64),
+                "weights": np.ones(len(tokens) - 1, dtype=np.float32),
+            },
+        )
+        fb: dict[str, Any] = {}
+        first_token_inside: list[bool] = []
+
+        def send_chat() -> None:  # from inside the training task, as a concurrent client would
+            def on_token(sample: int, token: int, logprob: float) -> None:
+                if not first_token_inside:
+                    try:
+                        fb["future"].result(timeout=0)
+                    except TimeoutError:  # the training task has not returned yet
+                        first_token_inside.append(True)
+                    else:
+                        first_token_inside.append(False)
+
+            fb["chat"] = chat_future = Future()  # type: ignore[var-annotated]
+            stream = SampleStream(
+                1, 6, SamplingRule(0.0, 0, 1.0), [], None, torch.Generator(), on_token
+            )
+            service.host.decoder.submit(
+                DecodeJob(
+                    torch.tensor([1, 40, 41, 42]),
+                    stream,
+                    chat_sampler.adapter,
+                    lambda: None,
+                    chat_future.set_result,
+                    chat_future.set_exception,
+                )
+            )
+
+        hooks = []
+        norm = loaded.model.model.norm
+        if during == "forward":
+            first = loaded.model.model.layers[0]
+            hooks.append(first.register_forward_pre_hook(lambda m, a: send_chat()))
+        else:  # the final norm's input gradient is the first of the backward pass
+
+            def on_norm(module: Any, args: tuple[Any, ...]) -> None:
+                if args[0].requires_grad:
+                    args[0].register_hook(lambda grad: send_chat())
+
+            hooks.append(norm.register_forward_pre_hook(on_norm))
+        fb["future"] = trainer.forward_backward([datum], "cross_entropy")
+        with_chat = fb["future"].result()
+        for hook in hooks:
+            hook.remove()
+        grads_with_chat = {
+            k: p.grad.clone() for k, p in trainer.lora_parameters().items() if p.grad is not None
+        }
+        chatted = fb["chat"].result(timeout=30)
+        assert first_token_inside == [True]  # admitted at a yield point inside the task
+
+        def clear() -> None:
+            for param in trainer.lora_parameters().values():
+                param.grad = None
+
+        service.host.submit(clear).result()
+        alone = trainer.forward_backward([datum], "cross_entropy").result()
+        assert with_chat.loss_fn_outputs[0]["logprobs"].data == (
+            alone.loss_fn_outputs[0]["logprobs"].data
+        )
+        grads = {k: p.grad for k, p in trainer.lora_parameters().items() if p.grad is not None}
+        assert grads.keys() == grads_with_chat.keys() and grads
+        for key, grad in grads.items():
+            assert torch.equal(grad, grads_with_chat[key]), key
+        assert chatted[0].tokens == list(solo.sequences[0].tokens)
+    finally:
+        service.close()
+
+
+def test_a_chat_sent_during_a_base_model_pass_leaves_it_on_the_base_model(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """A yield point inside a base-model scoring pass (PEFT's adapters switched off) admits a
+    chat on an adapter; the pass's remaining layers still run without any adapter."""
+    loaded = tiny_llama(model_cache, seed=0)
+    service = LocalServiceClient(loaded, tmp_path / "checkpoints")
+    try:
+        chat_sampler = adapter_sampler(service, seed=2, rank=4)
+        run(chat_sampler, [1, 40, 41, 42], 1, 6, 0.0, None).result()  # resident
+        base = service.create_sampling_client(base_model=service.base_model).result()
+        prompt = types.ModelInput.from_ints([1, 17, 230, 94, 5, 61, 62])
+        on_adapter = chat_sampler.compute_logprobs(prompt).result()  # PEFT's active adapter
+        alone = base.compute_logprobs(prompt).result()
+        assert alone != on_adapter
+        sent: list[Future[Any]] = []
+
+        def send_chat(module: Any, args: tuple[Any, ...]) -> None:
+            if sent:
+                return
+            sent.append(Future())
+            stream = SampleStream(1, 6, SamplingRule(0.0, 0, 1.0), [], None, torch.Generator())
+            service.host.decoder.submit(
+                DecodeJob(
+                    torch.tensor([1, 40, 41, 42]),
+                    stream,
+                    chat_sampler.adapter,
+                    lambda: None,
+                    sent[0].set_result,
+                    sent[0].set_exception,
+                )
+            )
+
+        hook = loaded.model.model.layers[0].register_forward_pre_hook(send_chat)
+        with_chat = base.compute_logprobs(prompt).result()
+        hook.remove()
+        assert sent and sent[0].result(timeout=30)
+        assert with_chat == alone
+    finally:
+        service.close()

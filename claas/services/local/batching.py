@@ -94,6 +94,8 @@ class ContinuousDecoder:
         self._laid_out: _LoraPlan | None = None  # the last plan, whose weights may serve again
         self._lora_layers: list[Any] = []
         self._packed_linears: PackedLinears | None = None
+        self._inside = False  # the decoder's own work is running (no yield points inside it)
+        self._yield_hooks: list[Any] = []
         self.widest_batch = 0  # the most rows one step has run (for tests and benchmarks)
 
     def submit(self, job: DecodeJob) -> None:
@@ -118,7 +120,7 @@ class ContinuousDecoder:
             self._admit()
             if self._rows is None:
                 break
-            with torch.inference_mode():
+            with torch.inference_mode(), self._own_work():
                 try:
                     self._decode()
                 except Exception as error:  # a broken step fails its requests, not the server
@@ -151,16 +153,70 @@ class ContinuousDecoder:
         for job in jobs:
             job.failed(error)
 
-    def _admit(self) -> None:
+    def _admit(self, resident_only: bool = False) -> None:
+        """Waiting requests, in order, while rows are free, prefilled together. With
+        `resident_only` (inside another task) it stops at a request whose adapter is not loaded:
+        loading one changes the PEFT model and torch's RNG, which the task may be using."""
         room = MAX_ROWS - (len(self._rows.jobs) if self._rows is not None else 0)
         with self._lock:
             admitted: list[DecodeJob] = []
             while self._pending and len(self._pending[0].stream.active) <= room:
-                job = self._pending.pop(0)
+                job = self._pending[0]
+                resident = job.adapter is None or self.host.has_adapter(job.adapter)
+                if resident_only and not resident:
+                    break
+                self._pending.pop(0)
                 room -= len(job.stream.active)
                 admitted.append(job)
         if admitted:
-            self._prefill(admitted)
+            with self._own_work():
+                self._prefill(admitted)
+
+    @contextmanager
+    def _own_work(self) -> Iterator[None]:
+        outer, self._inside = self._inside, True
+        try:
+            yield
+        finally:
+            self._inside = outer
+
+    # -- yield points: chats admitted in the middle of a long task ------------------------------
+    def install_yield_points(self, model: Any) -> None:
+        """Let waiting chats get their first tokens in the middle of a long training or scoring
+        task: a forward pre-hook on each decoder layer, and in a forward that builds a graph, a
+        hook on the gradient of the layer's input, so also between the layers of a backward
+        pass. A chat that arrives during a feedback step then waits for one layer, not for the
+        task. The task's results do not change: the admission runs in inference mode, restores
+        every flag it sets, and loads no adapter."""
+        layers = getattr(getattr(model, "model", None), "layers", None)
+        if layers is None or self._yield_hooks:
+            return
+        for layer in layers:
+            self._yield_hooks.append(layer.register_forward_pre_hook(self._before_layer))
+
+    def remove_yield_points(self) -> None:
+        for handle in self._yield_hooks:
+            handle.remove()
+        self._yield_hooks = []
+
+    def _before_layer(self, module: Any, args: tuple[Any, ...]) -> None:
+        if self._inside or not self.host.worker.on_worker_thread():
+            return
+        hidden = args[0] if args else None
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            hidden.register_hook(self._during_backward)  # type: ignore[no-untyped-call]
+        if self._pending:
+            self._yield()
+
+    def _during_backward(self, grad: torch.Tensor) -> None:
+        if self._pending and not self._inside:
+            self._yield()
+
+    def _yield(self) -> None:
+        try:
+            self._admit(resident_only=True)
+        except Exception:  # never into the task that yielded; the requests are failed already
+            logger.exception("admitting chats at a yield point failed")
 
     def _prefill(self, jobs: list[DecodeJob]) -> None:
         """The joining prompts in one left-padded forward, each row on its own adapter by the
@@ -298,14 +354,17 @@ class ContinuousDecoder:
     def _base_only(self) -> Iterator[None]:
         """PEFT's own LoRA off for the batched forward (the hooks add each row's instead), by
         the flag each LoRA layer reads: PEFT's `disable_adapter()` walks the whole model on
-        entry and exit, which would cost more than the step."""
-        for layer in self._lora_layers:
+        entry and exit, which would cost more than the step. Each flag gets its value back
+        (a yield point may be inside a base-model pass, which has them all set)."""
+        layers = list(self._lora_layers)
+        before = [layer._disable_adapters for layer in layers]
+        for layer in layers:
             layer._disable_adapters = True
         try:
             yield
         finally:
-            for layer in self._lora_layers:
-                layer._disable_adapters = False
+            for layer, disabled in zip(layers, before, strict=True):
+                layer._disable_adapters = disabled
 
     def _packing(self, model: Any) -> bool:
         """Whether the batched forward runs its linears on packed weights (`PackedLinears`):

@@ -46,6 +46,7 @@ class AdapterHost:
         self.worker = ModelWorker()
         # chats, batched between the worker's tasks
         self.decoder = ContinuousDecoder(self, pack=packed_weights)
+        self.decoder.install_yield_points(loaded.model)
         self._peft: Any = None
         self._samplers: OrderedDict[str, None] = OrderedDict()  # LRU of loaded sampler adapters
 
@@ -62,6 +63,7 @@ class AdapterHost:
 
     def close(self) -> None:
         self.worker.close()
+        self.decoder.remove_yield_points()
 
     @property
     def model(self) -> Any:

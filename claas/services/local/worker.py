@@ -45,7 +45,10 @@ class ModelWorker:
     """A single worker thread; tasks run in submission order, same-key runs batched."""
 
     def __init__(self) -> None:
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="claas-model")
+        self._thread: int | None = None  # the worker thread's ident, once it runs
+        self._executor = ThreadPoolExecutor(
+            1, thread_name_prefix="claas-model", initializer=self._started
+        )
         self._closed = False
         self._batch_lock = threading.Lock()
         self._open_batch: _Batch[Any, Any] | None = None
@@ -56,6 +59,12 @@ class ModelWorker:
     @property
     def closed(self) -> bool:
         return self._closed
+
+    def _started(self) -> None:
+        self._thread = threading.get_ident()
+
+    def on_worker_thread(self) -> bool:
+        return threading.get_ident() == self._thread
 
     def submit(self, fn: Callable[[], T], urgent: bool = False) -> APIFuture[T]:
         if self._closed:
