@@ -21,6 +21,9 @@ when it ends (its own `max_tokens`, stop tokens and strings, or its client going
   (`PackedLinears`): at a few rows a linear only streams its weight, and that runs at about
   twice MKL's bandwidth on PyTorch's layout. The copies cost the linear weights' memory again
   (`Settings.packed_weights` turns them off; they are skipped when memory is short).
+- **First tokens first.** A new request's prefill and first token are an urgent worker task
+  (ahead of queued training tasks), and yield points between the decoder layers of a running
+  training or scoring pass admit it there (`install_yield_points`).
 - **Exactness.** Sampling is `decoding.SampleStream`, per request, with the request's own
   generator: the same request gives the same tokens and log-probs alone or batched, up to the
   float rounding of a batched matmul.
