@@ -1,10 +1,11 @@
 """Continuous batching of chat decoding across adapters, on the model worker.
 
 Every chat request of the local service (a `DecodeJob`) joins one running batch: at each step the
-worker runs a single forward for all running samples, whatever adapter each is on, then lets the
-worker's other tasks (training, adapter loads, scoring) run before the next step. A request that
-arrives while others decode is prefilled alone, then joins at the next step; each sample leaves
-when it ends (its own `max_tokens`, stop tokens and strings, or its client going away).
+worker runs a single forward for all running samples, whatever adapter each is on. Steps run in
+slices of up to `SLICE_SECONDS`, taking turns with the worker's other tasks (training, adapter
+loads, scoring). Requests that arrive while others decode are prefilled together, then join at
+the next step; each sample leaves when it ends (its own `max_tokens`, stop tokens and strings,
+or its client going away).
 
 - **KV cache.** One HF `DynamicCache` holds every row, left-padded to a common length; a 2-D
   attention mask hides each row's padding and `position_ids` give each row its own positions,
