@@ -26,6 +26,7 @@ import torch
 from serving import LiveServer, make_server
 from tinker import types
 
+from claas.errors import InvalidRequest
 from claas.models import tiny_llama
 from claas.services.local import AdapterHost, LocalServiceClient, batching
 from claas.services.local.batching import DecodeJob, PackedLinears
@@ -378,3 +379,57 @@ def test_a_chat_sent_during_a_base_model_pass_leaves_it_on_the_base_model(
         assert with_chat == alone
     finally:
         service.close()
+
+
+def test_a_request_whose_caller_is_gone_disturbs_no_other(
+    model_cache: Path, tmp_path: Path
+) -> None:
+    """Requests prefilled together with one whose client left before its first token (its
+    `on_token` stops it, and its callbacks raise, as a cancelled future's do) all finish, and
+    the decoder goes on serving later requests."""
+    loaded = tiny_llama(model_cache, seed=0)
+    host = AdapterHost(loaded)
+    service = LocalServiceClient(host, tmp_path / "checkpoints")
+    try:
+        release = threading.Event()
+        blocker = host.submit(lambda: release.wait(5))  # the three arrive together
+
+        def job(prompt: list[int], gone: bool) -> tuple[DecodeJob, Future[Any]]:
+            result: Future[Any] = Future()
+
+            def on_token(sample: int, token: int, logprob: float) -> None:
+                raise StopGeneration("the client went away")
+
+            def broken(value: Any) -> None:
+                raise RuntimeError("cancelled future")
+
+            stream = SampleStream(
+                1,
+                5,
+                SamplingRule(0.0, 0, 1.0),
+                [],
+                None,
+                torch.Generator(),
+                on_token if gone else None,
+            )
+            done, failed = (broken, broken) if gone else (result.set_result, result.set_exception)
+            return DecodeJob(torch.tensor(prompt), stream, None, lambda: None, done, failed), result
+
+        jobs = [job([1, 17, 230], False), job([1, 40, 41, 42], True), job([1, 300], False)]
+        for decode_job, _ in jobs:
+            host.decoder.submit(decode_job)
+        release.set()
+        blocker.result()
+        finished = [result.result(timeout=30) for _, result in (jobs[0], jobs[2])]
+        assert all(len(generations[0].tokens) == 5 for generations in finished)
+        later, result = job([1, 17, 230], False)
+        host.decoder.submit(later)
+        assert result.result(timeout=30)[0].tokens == finished[0][0].tokens
+    finally:
+        service.close()
+        host.close()
+    layers = loaded.model.model.layers
+    assert not layers[0]._forward_pre_hooks  # close took the decoder's hooks off the model
+    with pytest.raises(InvalidRequest, match="closed"):
+        host.decoder.submit(job([1, 2], False)[0])
+    assert not host.decoder._pending  # refused, not left queued

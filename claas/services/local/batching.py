@@ -93,7 +93,7 @@ class ContinuousDecoder:
         self._pending: list[DecodeJob] = []
         self._scheduled = False
         self._rows: _Rows | None = None
-        self._hooked: set[int] = set()
+        self._hooked: dict[int, Any] = {}  # LoRA layer id -> its hook's handle
         self._lora_plan: _LoraPlan | None = None  # None: the rows changed since it was made
         self._laid_out: _LoraPlan | None = None  # the last plan, whose weights may serve again
         self._lora_layers: list[Any] = []
@@ -107,11 +107,18 @@ class ContinuousDecoder:
         tasks queued on the worker; its later tokens take turns with them (`_step`)."""
         with self._lock:
             self._pending.append(job)
-            if not self._scheduled:
-                self._scheduled = True
-                self.host.submit(self._step, urgent=True)
-                return
-        self.host.submit(self._admit, urgent=True)  # a slice is queued or running: join now
+            first = not self._scheduled
+            self._scheduled = True
+        try:
+            # the first request starts the slices; later ones join now, whatever is queued
+            self.host.submit(self._step if first else self._admit, urgent=True)
+        except InvalidRequest:  # the service is closing: the request was never queued
+            with self._lock:
+                if job in self._pending:
+                    self._pending.remove(job)
+                if first:
+                    self._scheduled = False
+            raise
 
     # -- the worker's side --------------------------------------------------------------------
     def _step(self) -> None:
@@ -131,7 +138,7 @@ class ContinuousDecoder:
                     jobs = dict.fromkeys(self._rows.jobs)
                     self._clear()
                     for job in jobs:
-                        job.failed(error)
+                        _tell(job.failed, error)
             if time.perf_counter() > deadline:
                 break
         with self._lock:
@@ -155,7 +162,7 @@ class ContinuousDecoder:
             jobs += dict.fromkeys(self._rows.jobs)
         self._clear()
         for job in jobs:
-            job.failed(error)
+            _tell(job.failed, error)
 
     def _admit(self, resident_only: bool = False) -> None:
         """Waiting requests, in order, while rows are free, prefilled together. With
@@ -172,9 +179,16 @@ class ContinuousDecoder:
                 self._pending.pop(0)
                 room -= len(job.stream.active)
                 admitted.append(job)
-        if admitted:
-            with self._own_work():
+        if not admitted:
+            return
+        with self._own_work():
+            try:
                 self._prefill(admitted)
+            except Exception as error:  # no admitted request is left without an answer
+                joined = set(self._rows.jobs) if self._rows is not None else set()
+                for job in admitted:
+                    if job not in joined and not job.stream.finished:
+                        _tell(job.failed, error)
 
     @contextmanager
     def _own_work(self) -> Iterator[None]:
@@ -198,10 +212,14 @@ class ContinuousDecoder:
         for layer in layers:
             self._yield_hooks.append(layer.register_forward_pre_hook(self._before_layer))
 
-    def remove_yield_points(self) -> None:
-        for handle in self._yield_hooks:
+    def close(self) -> None:
+        """Take every hook off the model (it may outlive this decoder) and drop what was kept
+        for it: the packed weights and the adapters' layout."""
+        for handle in [*self._yield_hooks, *self._hooked.values()]:
             handle.remove()
-        self._yield_hooks = []
+        self._yield_hooks, self._hooked = [], {}
+        self._packed_linears = None
+        self._clear()
 
     def _before_layer(self, module: Any, args: tuple[Any, ...]) -> None:
         if self._inside or not self.host.worker.on_worker_thread():
@@ -213,13 +231,14 @@ class ContinuousDecoder:
             self._yield()
 
     def _during_backward(self, grad: torch.Tensor) -> None:
-        if self._pending and not self._inside:
+        # On a GPU autograd runs this on a thread of its own: no yield there.
+        if self._pending and not self._inside and self.host.worker.on_worker_thread():
             self._yield()
 
     def _yield(self) -> None:
         try:
-            self._admit(resident_only=True)
-        except Exception:  # never into the task that yielded; the requests are failed already
+            self._admit(resident_only=True)  # fails the requests it cannot admit
+        except Exception:  # never into the task that yielded
             logger.exception("admitting chats at a yield point failed")
 
     def _prefill(self, jobs: list[DecodeJob]) -> None:
@@ -233,7 +252,7 @@ class ContinuousDecoder:
                 if job.adapter is not None:
                     job.lora = _adapter_weights(self.host.model, job.adapter)
             except Exception as error:
-                job.failed(error)
+                _tell(job.failed, error)
             else:
                 ready.append(job)
         if not ready:
@@ -263,7 +282,7 @@ class ContinuousDecoder:
                 )
         except Exception as error:
             for job in ready:
-                job.failed(error)
+                _tell(job.failed, error)
             return
         finally:
             self._lora_plan = None
@@ -273,10 +292,10 @@ class ContinuousDecoder:
             try:
                 going_on = job.stream.advance(out.logits[row, -1][None].expand(samples, -1))
             except Exception as error:
-                job.failed(error)
+                _tell(job.failed, error)
                 continue
             if job.stream.finished:
-                job.done(job.stream.generations)
+                _tell(job.done, job.stream.generations)
             else:
                 rows += [row] * len(going_on)
         if rows:
@@ -340,7 +359,7 @@ class ContinuousDecoder:
         else:
             self._rows = _Rows(rows.jobs, out.cache, mask, rows.positions + 1)
         for job in finished:
-            job.done(job.stream.generations)
+            _tell(job.done, job.stream.generations)
 
     def _select(self, keep: list[int], cache: Any, mask: torch.Tensor, rows: _Rows) -> None:
         if not keep:
@@ -414,8 +433,8 @@ class ContinuousDecoder:
             if isinstance(module, LoraLinear):
                 layers.append(module)
                 if id(module) not in self._hooked:
-                    module.register_forward_hook(_LoraHook(self, _module_key(name)))
-                    self._hooked.add(id(module))
+                    hook = module.register_forward_hook(_LoraHook(self, _module_key(name)))
+                    self._hooked[id(module)] = hook
         return layers
 
 
@@ -458,7 +477,7 @@ class _LoraPlan:
             weights, laid_out = _lay_out(adapters, packed), set(adapters)
         masks = {}
         for key, layer in weights.items():
-            mask = torch.zeros(len(jobs), layer.width, device=layer.device)
+            mask = torch.zeros(len(jobs), layer.width, dtype=layer.dtype, device=layer.device)
             for row, job in enumerate(jobs):
                 if job.adapter in layer.blocks:
                     lo, hi, scaling = layer.blocks[job.adapter]
@@ -511,6 +530,7 @@ class _LayerLoRA:
     inputs: int
     width: int  # ΣR
     device: torch.device
+    dtype: torch.dtype
     packed: bool
 
     def add_term(self, x: torch.Tensor, mask: torch.Tensor, output: torch.Tensor) -> None:
@@ -542,9 +562,18 @@ def _lay_out(
         else:
             a_cat, b_cat = a_rows.t().contiguous(), b_cols.t().contiguous()
         layers[key] = _LayerLoRA(
-            a_cat, b_cat, offsets, a_rows.shape[1], offset, a_rows.device, pack
+            a_cat, b_cat, offsets, a_rows.shape[1], offset, a_rows.device, a_rows.dtype, pack
         )
     return layers
+
+
+def _tell(callback: Callable[[Any], None], value: Any) -> None:
+    """A request's `done` or `failed`; its own failure (say its caller is gone) is logged and
+    concerns no other request."""
+    try:
+        callback(value)
+    except Exception:
+        logger.exception("a chat request's callback failed")
 
 
 def _module_key(name: str) -> str:
@@ -602,12 +631,14 @@ class PackedLinears:
 
     @contextmanager
     def active(self) -> Iterator[None]:
-        for layer in self.layers:
-            layer.forward = _packed_forward(self._weight(layer), layer.bias)  # type: ignore[method-assign,assignment]
+        patched = []
         try:
+            for layer in self.layers:
+                layer.forward = _packed_forward(self._weight(layer), layer.bias)  # type: ignore[method-assign,assignment]
+                patched.append(layer)
             yield
         finally:
-            for layer in self.layers:
+            for layer in patched:
                 del layer.forward
 
 

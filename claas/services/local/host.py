@@ -63,7 +63,7 @@ class AdapterHost:
 
     def close(self) -> None:
         self.worker.close()
-        self.decoder.remove_yield_points()
+        self.decoder.close()
 
     @property
     def model(self) -> Any:

@@ -10,11 +10,12 @@ Responses follow Tinker's layout (`_sample_response`); beyond Tinker, `sample` t
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -321,9 +322,15 @@ class LocalSamplingClient:
             if self.adapter is not None and self._loader is not None:
                 self.host.ensure_sampler(self.adapter, self._loader)
 
+        # The caller may have cancelled `result` (its client went away): then nobody waits.
         def done(generations: list[Generation]) -> None:
             sequences = _sequences(generations, topk)
-            result.set_result(_sample_response(sequences, None, False, len(request.prompt), 0))
+            with contextlib.suppress(InvalidStateError):
+                result.set_result(_sample_response(sequences, None, False, len(request.prompt), 0))
+
+        def failed(error: BaseException) -> None:
+            with contextlib.suppress(InvalidStateError):
+                result.set_exception(error)
 
         job = DecodeJob(
             request.prompt,
@@ -331,7 +338,7 @@ class LocalSamplingClient:
             self.adapter,
             activate,
             done,
-            result.set_exception,
+            failed,
         )
         self.host.decoder.submit(job)
         return AwaitableConcurrentFuture(result)
