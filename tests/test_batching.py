@@ -433,3 +433,39 @@ def test_a_request_whose_caller_is_gone_disturbs_no_other(
     with pytest.raises(InvalidRequest, match="closed"):
         host.decoder.submit(job([1, 2], False)[0])
     assert not host.decoder._pending  # refused, not left queued
+
+
+def test_adapters_created_while_a_base_chat_decodes_do_not_reach_it(
+    model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The first adapter turns the model into a PEFT model with new LoRA layers, between two
+    decode slices of a running chat on the base model; its later tokens stay the base model's."""
+    monkeypatch.setattr(batching, "SLICE_SECONDS", 0.0)  # one decode step per slice
+    loaded = tiny_llama(model_cache, seed=0)
+    service = LocalServiceClient(loaded, tmp_path / "checkpoints")
+    try:
+        base = service.create_sampling_client(base_model=service.base_model).result()
+        prompt = [1, 17, 230, 94, 5]
+        alone = run(base, prompt, 1, 24, 0.0, None).result()
+        release = threading.Event()
+        service.host.submit(lambda: release.wait(5))
+        chat = run(base, prompt, 1, 24, 0.0, None)  # its first slice runs before the adapter
+        trainer = service.create_lora_training_client(service.base_model, rank=4, seed=1)
+        release.set()
+        trainer_client = trainer.result()
+
+        def strong() -> None:  # active in PEFT (`using` leaves it set), and far from zero
+            with service.host.using(trainer_client.adapter):
+                pass
+            for name, param in service.host.adapter_parameters(trainer_client.adapter).items():
+                if "lora_B" in name:
+                    param.data.normal_(0.0, 1.0)
+
+        service.host.submit(strong).result()
+        together = chat.result()
+        assert together.sequences[0].tokens == alone.sequences[0].tokens
+        assert together.sequences[0].logprobs == pytest.approx(
+            alone.sequences[0].logprobs, abs=2e-4
+        )
+    finally:
+        service.close()

@@ -97,6 +97,7 @@ class ContinuousDecoder:
         self._lora_plan: _LoraPlan | None = None  # None: the rows changed since it was made
         self._laid_out: _LoraPlan | None = None  # the last plan, whose weights may serve again
         self._lora_layers: list[Any] = []
+        self._layers_at = -1  # the host's `adapter_changes` when `_lora_layers` was found
         self._packed_linears: PackedLinears | None = None
         self._inside = False  # the decoder's own work is running (no yield points inside it)
         self._yield_hooks: list[Any] = []
@@ -270,6 +271,7 @@ class ContinuousDecoder:
         plan = _LoraPlan.of(ready, self._laid_out, self._packing(model), laid_out_for=everyone)
         self._laid_out, self._lora_plan = plan, None  # decode steps re-mask their own rows
         self._lora_layers = self._hook(model)
+        self._layers_at = self.host.adapter_changes
         try:
             with torch.inference_mode(), self._base_only(), plan.active(), self._packed(model):
                 self._lora_plan = plan
@@ -331,10 +333,12 @@ class ContinuousDecoder:
         tokens = torch.cat([job.stream.next_tokens for job in dict.fromkeys(rows.jobs)])
         mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
         model = self.host.model
-        if self._lora_plan is None:  # the batch changed: lay out its adapters, find the layers
+        if self._lora_plan is None:  # the batch changed: lay out its adapters
             self._lora_plan = _LoraPlan.of(rows.jobs, self._laid_out, self._packing(model))
             self._laid_out = self._lora_plan
+        if self._layers_at != self.host.adapter_changes:  # LoRA layers may have come or gone
             self._lora_layers = self._hook(model)
+            self._layers_at = self.host.adapter_changes
         with self._base_only(), self._lora_plan.active(), self._packed(model):
             out = model(
                 input_ids=tokens[:, None],

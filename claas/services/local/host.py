@@ -49,6 +49,7 @@ class AdapterHost:
         self.decoder.install_yield_points(loaded.model)
         self._peft: Any = None
         self._samplers: OrderedDict[str, None] = OrderedDict()  # LRU of loaded sampler adapters
+        self.adapter_changes = 0  # counts adapters added and removed (new LoRA layers may come)
 
     # -- the worker ------------------------------------------------------------------------
     def submit(self, fn: Callable[[], T], urgent: bool = False) -> APIFuture[T]:
@@ -83,6 +84,7 @@ class AdapterHost:
             idle = LoraConfig(r=1, target_modules=["q_proj"], lora_dropout=0.0)
             self._peft = get_peft_model(self.loaded.model, idle, adapter_name=self.IDLE_ADAPTER)
             self._peft.train(False)
+        self.adapter_changes += 1
         torch.manual_seed(seed)  # LoRA A init draws from the global RNG
         self._peft.add_adapter(name, config)
         if weights is not None:
@@ -99,6 +101,7 @@ class AdapterHost:
             param.requires_grad_(False)
 
     def remove_adapter(self, name: str) -> None:
+        self.adapter_changes += 1
         if self.has_adapter(name):
             self._peft.set_adapter(self.IDLE_ADAPTER)
             self._peft.delete_adapter(name)
