@@ -4,7 +4,7 @@
 default TrainingConfig (top-K GJS, K = 100, 4 steps). Printed, measured in one run:
 - the request's time per phase;
 - per step, top-K mode's training time (student scoring + forward_backward + optim_step)
-  against a bare forward_backward + optim_step on the same datums (target <= 1.6x).
+  against a bare forward_backward + optim_step on the same datums (target <= 1.3x, issue #13).
 
     .venv/bin/python benchmarks/engine.py
 """
@@ -27,6 +27,9 @@ from claas.sdpo.prompts import chat_prompt_tokens
 from claas.services.local import LocalServiceClient, shared_model
 from claas.settings import EMBEDDED_MODEL, Settings
 from claas.store import Store
+
+# Top-K engine step / bare forward_backward + optim_step (#13; the student scoring pass is the gap)
+TARGET = 1.3
 
 QUESTIONS = [
     "Explain how a rainbow forms.",
@@ -112,10 +115,10 @@ async def main() -> None:
         print(f"{phase:28s} {seconds:8.2f}")
     print(f"{'total request':28s} {total:8.2f}")
     ratio = per_step / bare_step
-    verdict = "PASS" if ratio <= 1.6 else "MISS"
+    verdict = "PASS" if ratio <= TARGET else "MISS"
     print(
         f"per step: top-K {per_step:.2f} s vs bare fwd_bwd+optim {bare_step:.2f} s "
-        f"= {ratio:.2f}x (target <= 1.6x) {verdict}"
+        f"= {ratio:.2f}x (target <= {TARGET}x) {verdict}"
     )
     print(f"GJS {result.metrics['gjs_mean']:.4f} -> {result.metrics['gjs_mean_after']:.4f}")
 
