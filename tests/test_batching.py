@@ -14,6 +14,7 @@ batch's LoRA layouts too, which in service only happens from 96 laid-out columns
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -83,6 +84,23 @@ REQUESTS = [  # (prompt, n, max_tokens, temperature, seed)
 def run(sampler: Any, prompt: list[int], n: int, max_tokens: int, temp: float, seed: Any) -> Any:
     params = types.SamplingParams(max_tokens=max_tokens, temperature=temp, seed=seed, stop=[])
     return sampler.sample(types.ModelInput.from_ints(prompt), n, params)
+
+
+def greedy_job(
+    prompt: list[int],
+    adapter: str | None,
+    max_tokens: int,
+    on_token: Any = None,
+) -> tuple[DecodeJob, Future[Any]]:
+    """A greedy chat request handed to the decoder directly, and the future of its result
+    (the adapter, if any, is already loaded)."""
+    result: Future[Any] = Future()
+    rule = SamplingRule(0.0, 0, 1.0)
+    stream = SampleStream(1, max_tokens, rule, [], None, torch.Generator(), on_token)
+    job = DecodeJob(
+        torch.tensor(prompt), stream, adapter, lambda: None, result.set_result, result.set_exception
+    )
+    return job, result
 
 
 def test_batched_decoding_matches_each_request_alone(service: LocalServiceClient) -> None:
@@ -284,20 +302,8 @@ def test_a_chat_sent_during_a_training_task_starts_inside_it_and_changes_nothing
                     else:
                         first_token_inside.append(False)
 
-            fb["chat"] = chat_future = Future()  # type: ignore[var-annotated]
-            stream = SampleStream(
-                1, 6, SamplingRule(0.0, 0, 1.0), [], None, torch.Generator(), on_token
-            )
-            service.host.decoder.submit(
-                DecodeJob(
-                    torch.tensor([1, 40, 41, 42]),
-                    stream,
-                    chat_sampler.adapter,
-                    lambda: None,
-                    chat_future.set_result,
-                    chat_future.set_exception,
-                )
-            )
+            job, fb["chat"] = greedy_job([1, 40, 41, 42], chat_sampler.adapter, 6, on_token)
+            service.host.decoder.submit(job)
 
         hooks = []
         norm = loaded.model.model.norm
@@ -359,18 +365,9 @@ def test_a_chat_sent_during_a_base_model_pass_leaves_it_on_the_base_model(
         def send_chat(module: Any, args: tuple[Any, ...]) -> None:
             if sent:
                 return
-            sent.append(Future())
-            stream = SampleStream(1, 6, SamplingRule(0.0, 0, 1.0), [], None, torch.Generator())
-            service.host.decoder.submit(
-                DecodeJob(
-                    torch.tensor([1, 40, 41, 42]),
-                    stream,
-                    chat_sampler.adapter,
-                    lambda: None,
-                    sent[0].set_result,
-                    sent[0].set_exception,
-                )
-            )
+            job, result = greedy_job([1, 40, 41, 42], chat_sampler.adapter, 6)
+            sent.append(result)
+            service.host.decoder.submit(job)
 
         hook = loaded.model.model.layers[0].register_forward_pre_hook(send_chat)
         with_chat = base.compute_logprobs(prompt).result()
@@ -394,26 +391,17 @@ def test_a_request_whose_caller_is_gone_disturbs_no_other(
         release = threading.Event()
         blocker = host.submit(lambda: release.wait(5))  # the three arrive together
 
+        def on_token(sample: int, token: int, logprob: float) -> None:
+            raise StopGeneration("the client went away")
+
+        def broken(value: Any) -> None:
+            raise RuntimeError("cancelled future")
+
         def job(prompt: list[int], gone: bool) -> tuple[DecodeJob, Future[Any]]:
-            result: Future[Any] = Future()
-
-            def on_token(sample: int, token: int, logprob: float) -> None:
-                raise StopGeneration("the client went away")
-
-            def broken(value: Any) -> None:
-                raise RuntimeError("cancelled future")
-
-            stream = SampleStream(
-                1,
-                5,
-                SamplingRule(0.0, 0, 1.0),
-                [],
-                None,
-                torch.Generator(),
-                on_token if gone else None,
-            )
-            done, failed = (broken, broken) if gone else (result.set_result, result.set_exception)
-            return DecodeJob(torch.tensor(prompt), stream, None, lambda: None, done, failed), result
+            if not gone:
+                return greedy_job(prompt, None, 5)
+            decode_job, result = greedy_job(prompt, None, 5, on_token)
+            return dataclasses.replace(decode_job, done=broken, failed=broken), result
 
         jobs = [job([1, 17, 230], False), job([1, 40, 41, 42], True), job([1, 300], False)]
         for decode_job, _ in jobs:

@@ -136,10 +136,9 @@ class ContinuousDecoder:
                 try:
                     self._decode()
                 except Exception as error:  # a broken step fails its requests, not the server
-                    jobs = dict.fromkeys(self._rows.jobs)
+                    jobs = list(dict.fromkeys(self._rows.jobs))
                     self._clear()
-                    for job in jobs:
-                        _tell(job.failed, error)
+                    _fail_each(jobs, error)
             if time.perf_counter() > deadline:
                 break
         with self._lock:
@@ -162,8 +161,7 @@ class ContinuousDecoder:
         if self._rows is not None:
             jobs += dict.fromkeys(self._rows.jobs)
         self._clear()
-        for job in jobs:
-            _tell(job.failed, error)
+        _fail_each(jobs, error)
 
     def _admit(self, resident_only: bool = False) -> None:
         """Waiting requests, in order, while rows are free, prefilled together. With
@@ -187,9 +185,9 @@ class ContinuousDecoder:
                 self._prefill(admitted)
             except Exception as error:  # no admitted request is left without an answer
                 joined = set(self._rows.jobs) if self._rows is not None else set()
-                for job in admitted:
-                    if job not in joined and not job.stream.finished:
-                        _tell(job.failed, error)
+                _fail_each(
+                    [j for j in admitted if j not in joined and not j.stream.finished], error
+                )
 
     @contextmanager
     def _own_work(self) -> Iterator[None]:
@@ -268,12 +266,12 @@ class ContinuousDecoder:
             mask[row, width - lengths[row] :] = 1
         model = self.host.model
         everyone = (self._rows.jobs if self._rows is not None else []) + ready
-        plan = _LoraPlan.of(ready, self._laid_out, self._packing(model), laid_out_for=everyone)
-        self._laid_out, self._lora_plan = plan, None  # decode steps re-mask their own rows
+        plan = _LoraPlan.of(ready, self._laid_out, self._packing(), laid_out_for=everyone)
+        self._laid_out = plan  # its weights serve the decode steps; their masks are remade
         self._lora_layers = self._hook(model)
         self._layers_at = self.host.adapter_changes
         try:
-            with torch.inference_mode(), self._base_only(), plan.active(), self._packed(model):
+            with torch.inference_mode(), self._base_only(), plan.active(), self._packed():
                 self._lora_plan = plan
                 out = model(
                     input_ids=input_ids,
@@ -283,11 +281,10 @@ class ContinuousDecoder:
                     logits_to_keep=1,
                 )
         except Exception as error:
-            for job in ready:
-                _tell(job.failed, error)
+            _fail_each(ready, error)
             return
         finally:
-            self._lora_plan = None
+            self._lora_plan = None  # decode steps mask their own rows
         rows: list[int] = []  # the prefill's row of each sample that goes on
         for row, job in enumerate(ready):
             samples = len(job.stream.active)
@@ -334,12 +331,12 @@ class ContinuousDecoder:
         mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
         model = self.host.model
         if self._lora_plan is None:  # the batch changed: lay out its adapters
-            self._lora_plan = _LoraPlan.of(rows.jobs, self._laid_out, self._packing(model))
+            self._lora_plan = _LoraPlan.of(rows.jobs, self._laid_out, self._packing())
             self._laid_out = self._lora_plan
         if self._layers_at != self.host.adapter_changes:  # LoRA layers may have come or gone
             self._lora_layers = self._hook(model)
             self._layers_at = self.host.adapter_changes
-        with self._base_only(), self._lora_plan.active(), self._packed(model):
+        with self._base_only(), self._lora_plan.active(), self._packed():
             out = model(
                 input_ids=tokens[:, None],
                 attention_mask=mask,
@@ -393,7 +390,7 @@ class ContinuousDecoder:
             for layer, disabled in zip(layers, before, strict=True):
                 layer._disable_adapters = disabled
 
-    def _packing(self, model: Any) -> bool:
+    def _packing(self) -> bool:
         """Whether the batched forward runs its linears on packed weights (`PackedLinears`):
         asked for, float32 on a CPU with oneDNN, and the copy fits in memory."""
         if self._packed_linears is not None:
@@ -421,9 +418,9 @@ class ContinuousDecoder:
         return True
 
     @contextmanager
-    def _packed(self, model: Any) -> Iterator[None]:
+    def _packed(self) -> Iterator[None]:
         """The base linears run by oneDNN on packed weights for the batched forward."""
-        if not self._packing(model):
+        if not self._packing():
             yield
             return
         assert self._packed_linears is not None
@@ -533,9 +530,15 @@ class _LayerLoRA:
     blocks: dict[str, tuple[int, int, float]]  # adapter -> its columns (lo, hi) and scaling
     inputs: int
     width: int  # ΣR
-    device: torch.device
-    dtype: torch.dtype
     packed: bool
+
+    @property
+    def device(self) -> torch.device:
+        return self.a.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.a.dtype
 
     def add_term(self, x: torch.Tensor, mask: torch.Tensor, output: torch.Tensor) -> None:
         """output += ((x A) * mask) B, for x (rows, in) and output (rows, ..., out)."""
@@ -565,10 +568,13 @@ def _lay_out(
             a_cat, b_cat = _pack(a_rows), _pack(b_cols)
         else:
             a_cat, b_cat = a_rows.t().contiguous(), b_cols.t().contiguous()
-        layers[key] = _LayerLoRA(
-            a_cat, b_cat, offsets, a_rows.shape[1], offset, a_rows.device, a_rows.dtype, pack
-        )
+        layers[key] = _LayerLoRA(a_cat, b_cat, offsets, a_rows.shape[1], offset, pack)
     return layers
+
+
+def _fail_each(jobs: list[DecodeJob], error: BaseException) -> None:
+    for job in jobs:
+        _tell(job.failed, error)
 
 
 def _tell(callback: Callable[[Any], None], value: Any) -> None:
