@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tinker
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tinker import types
@@ -160,6 +161,107 @@ def test_topk_cross_entropy_gradient_equals_autograd(
         scale = float(param.grad.abs().max())  # float32 sums in another order: relative atol
         torch.testing.assert_close(got[name], param.grad, rtol=1e-4, atol=1e-5 * max(scale, 1e-3))
     assert any(g.abs().max() > 0 for g in got.values())
+
+
+def custom_datum(tokens: list[int], k: int, seed: int) -> types.Datum:
+    """(N, k) targets and a target distribution over them: an input only the loss reads."""
+    rng = np.random.default_rng(seed)
+    n = len(tokens) - 1
+    distribution = rng.dirichlet(np.ones(k), size=n).astype(np.float32)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": rng.integers(0, 49152, size=(n, k)).astype(np.int64),
+            "target_distribution": distribution,
+        },
+    )
+
+
+def distribution_loss(
+    data: list[types.Datum], logprobs: list[torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """A non-linear custom loss: cross-entropy to a target distribution plus a square term."""
+    total = torch.zeros(())
+    for datum, lp in zip(data, logprobs, strict=True):
+        target = datum.loss_fn_inputs["target_distribution"].to_torch()
+        total = total - (target * lp).sum() + 0.01 * (lp**2).sum()
+    return total, {"custom/datums:sum": float(len(data))}
+
+
+def lora_grads(trainer: LocalTrainingClient) -> dict[str, torch.Tensor]:
+    """The accumulated gradients, taken on the worker; they are cleared after."""
+
+    def take() -> dict[str, torch.Tensor]:
+        grads = {}
+        for name, param in trainer.lora_parameters().items():
+            assert param.grad is not None, f"{name} got no gradient"
+            grads[name] = param.grad.clone()
+            param.grad = None
+        return grads
+
+    return trainer.host.submit(take).result()
+
+
+def test_custom_loss_in_one_pass_is_tinkers_forward_then_linear_backward(
+    service: LocalServiceClient,
+) -> None:
+    """Hosted Tinker runs a custom loss in two passes, with the SDK's own code: a forward, the
+    loss differentiated on the client into weights (`_compute_custom_loss`), and a
+    `cross_entropy` backward at those weights. The local service's one pass must match it."""
+    trainer = new_trainer(service)
+    perturb(trainer)
+    data = [custom_datum(TOKENS, k=4, seed=4), custom_datum(TOKENS[:8], k=4, seed=5)]
+    one_pass = trainer.forward_backward_custom(data, distribution_loss).result()
+    got = lora_grads(trainer)
+
+    sdk = tinker.TrainingClient
+    scoring = sdk._get_custom_loss_forward_data(None, data, "cross_entropy")  # type: ignore[arg-type]
+    forward = trainer.forward(scoring, "cross_entropy").result()
+    linear = sdk._compute_custom_loss(data, distribution_loss, forward)
+    backward = trainer.forward_backward(linear.data, "cross_entropy").result()
+    want = lora_grads(trainer)
+
+    assert set(got) == set(want)
+    for name in want:
+        scale = float(want[name].abs().max())
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * max(scale, 1e-3))
+    assert any(g.abs().max() > 0 for g in got.values())
+    assert one_pass.metrics["loss:sum"] == pytest.approx(linear.loss_sum, rel=1e-6)
+    assert one_pass.metrics["surrogate_loss:sum"] == pytest.approx(
+        backward.metrics["loss:sum"], rel=1e-5
+    )
+    assert one_pass.metrics["custom/datums:sum"] == 2.0
+    for ours, theirs in zip(one_pass.loss_fn_outputs, backward.loss_fn_outputs, strict=True):
+        np.testing.assert_allclose(
+            ours["logprobs"].to_numpy(), theirs["logprobs"].to_numpy(), atol=1e-6
+        )
+
+
+def test_a_refused_custom_loss_leaves_no_gradient(service: LocalServiceClient) -> None:
+    trainer = new_trainer(service)
+    perturb(trainer)
+    data = [custom_datum(TOKENS, k=3, seed=6), custom_datum(TOKENS[:6], k=3, seed=7)]
+
+    def scaled(factor: float) -> Any:
+        return lambda d, lps: (sum(lp.sum() for lp in lps) * factor, {})
+
+    refused = [
+        (scaled(float("nan")), "NaN or inf"),
+        (lambda d, lps: (lps[0], {}), "scalar tensor"),
+        (lambda d, lps: (torch.zeros(()), {}), "scalar tensor"),
+        (lambda d, lps: (lps[0].sum(), {}), "every datum"),
+    ]
+    for loss, message in refused:
+        with pytest.raises(InvalidRequest, match=message):
+            trainer.forward_backward_custom(data, loss).result()
+        assert all(p.grad is None for p in trainer.lora_parameters().values())
+    with pytest.raises(InvalidRequest, match="callable"):
+        trainer.forward_backward_custom(data, "cross_entropy")  # type: ignore[arg-type]
+    no_targets = types.Datum(model_input=types.ModelInput.from_ints(TOKENS[:-1]), loss_fn_inputs={})
+    with pytest.raises(InvalidRequest, match="target_tokens"):
+        trainer.forward_backward_custom([no_targets], scaled(1.0))
+    trainer.forward_backward_custom(data, scaled(1.0)).result()  # the client still trains
+    assert lora_grads(trainer)
 
 
 def test_importance_sampling_step_raises_the_advantaged_token(

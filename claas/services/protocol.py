@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from pydantic import BaseModel, ConfigDict, Field
 from tinker import types
@@ -99,9 +99,22 @@ class StreamingSamplingClient(SamplingClient, Protocol):
     ) -> Awaitable[types.SampleResponse]: ...
 
 
+CustomLoss = Callable[[list[types.Datum], list[Any]], tuple[Any, dict[str, float]]]
+"""Tinker's `CustomLossFnV1`: (datums, each datum's log-probs at its targets, as torch tensors)
+-> (scalar loss tensor, metrics). `forward_backward_custom` backpropagates the loss."""
+
+
 class TrainingClient(Protocol):
+    def forward(
+        self, data: list[types.Datum], loss_fn: types.LossFnType
+    ) -> Awaitable[types.ForwardBackwardOutput]: ...
+
     def forward_backward(
         self, data: list[types.Datum], loss_fn: types.LossFnType
+    ) -> Awaitable[types.ForwardBackwardOutput]: ...
+
+    def forward_backward_custom(
+        self, data: list[types.Datum], loss_fn: CustomLoss
     ) -> Awaitable[types.ForwardBackwardOutput]: ...
 
     def optim_step(

@@ -19,6 +19,7 @@ import torch
 from tinker import types
 
 from claas.errors import InvalidRequest
+from claas.services.local.decoding import logprobs_at
 
 LOSS_INPUTS = {
     "cross_entropy": ("target_tokens", "weights"),
@@ -112,7 +113,7 @@ def target_logprobs(model: Any, batch: Sequence[PreparedDatum], device: torch.de
         row_logits = logits[row, : lengths[row]].float()
         targets = datum.inputs["target_tokens"].to(device)
         flat = targets if targets.ndim == 2 else targets[:, None]
-        picked = row_logits.gather(-1, flat) - torch.logsumexp(row_logits, dim=-1, keepdim=True)
+        picked = logprobs_at(row_logits, flat)  # normalised accurately: the sampler's values
         results.append(picked if targets.ndim == 2 else picked[:, 0])
     return results
 

@@ -13,12 +13,14 @@ import time
 import uuid
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
 import torch
 from peft import set_peft_model_state_dict
 from tinker import types
 from tinker.lib.public_interfaces.api_future import APIFuture
+from tinker.lib.public_interfaces.custom_loss import LossHandle
 from transformers import PreTrainedTokenizerBase
 
 from claas.errors import InvalidRequest
@@ -39,6 +41,7 @@ from claas.services.local.losses import (
     target_logprobs,
 )
 from claas.services.local.sampling_client import LocalSamplingClient
+from claas.services.protocol import CustomLoss
 
 if TYPE_CHECKING:
     from claas.services.local.service_client import LocalServiceClient
@@ -99,6 +102,31 @@ class LocalTrainingClient:
         """Accumulate gradients of the summed loss; `optim_step` applies and clears them."""
         batch = self._prepare(data, loss_fn, loss_fn_config)
         return self.host.submit(lambda: self._run(batch, loss_fn, backward=True))
+
+    def forward_backward_custom(
+        self,
+        data: list[types.Datum],
+        loss_fn: CustomLoss,
+        *,
+        loss_type_input: Literal["logprobs"] | None = None,
+    ) -> APIFuture[types.ForwardBackwardOutput]:
+        """Accumulate the gradient of `loss_fn(data, logprobs)`, in one forward and one backward.
+
+        Tinker's semantics: `loss_fn` receives every datum as given and, per datum, its
+        log-probs at `target_tokens` as a detached float32 leaf tensor that requires grad. It
+        returns (scalar loss, metrics). Its gradient with respect to those log-probs is carried
+        into the model, as hosted Tinker does with a `cross_entropy` backward at
+        weights = −∂loss/∂logprobs; here the forward that made the log-probs is kept, so the
+        backward needs no second forward. `loss:sum` is the custom loss, `surrogate_loss:sum`
+        that linear loss, and the outputs are the log-probs and each datum's linear loss.
+        """
+        if isinstance(loss_fn, LossHandle) or not callable(loss_fn):
+            raise InvalidRequest(
+                "the local service runs a custom loss given as a callable "
+                "loss_fn(data, logprobs) -> (loss, metrics); a LossHandle is not supported"
+            )
+        batch = self._prepare([_scoring_datum(d) for d in data], "cross_entropy", None)
+        return self.host.submit(lambda: self._run_custom(data, batch, loss_fn))
 
     def optim_step(
         self,
@@ -195,6 +223,35 @@ class LocalTrainingClient:
                 total.backward()  # type: ignore[no-untyped-call]
         return _forward_output(logprobs, losses)
 
+    def _run_custom(
+        self, data: list[types.Datum], batch: list[PreparedDatum], loss_fn: CustomLoss
+    ) -> types.ForwardBackwardOutput:
+        with self.host.using(self.adapter) as model, torch.enable_grad():
+            for param in self._params.values():
+                param.requires_grad_(True)
+            live = target_logprobs(model, batch, self.host.loaded.device)
+            leaves = [lp.detach().clone().requires_grad_(True) for lp in live]
+            loss, metrics = loss_fn(data, leaves)
+            if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.requires_grad:
+                raise InvalidRequest(
+                    "the custom loss must return a scalar tensor computed from the log-probs"
+                )
+            custom = float(loss.detach())
+            loss.backward()  # type: ignore[no-untyped-call]
+            grads = [leaf.grad for leaf in leaves]
+            if any(g is None for g in grads):
+                raise InvalidRequest("the custom loss does not depend on every datum's log-probs")
+            weights = [-g for g in grads if g is not None]
+            if not math.isfinite(custom) or not all(bool(torch.isfinite(w).all()) for w in weights):
+                raise InvalidRequest("the custom loss or its gradient is NaN or inf; no gradient")
+            torch.autograd.backward(live, [-w for w in weights])
+        losses = [-(lp.detach() * w).sum() for lp, w in zip(live, weights, strict=True)]
+        output = _forward_output(live, losses)
+        output.metrics["surrogate_loss:sum"] = output.metrics.pop("loss:sum")
+        output.metrics.update(metrics)
+        output.metrics["loss:sum"] = custom
+        return output
+
     def _optim_step(self, params: types.AdamParams) -> types.OptimStepResponse:
         grads = [p.grad for p in self._params.values() if p.grad is not None]
         norm = (
@@ -263,3 +320,18 @@ class LocalTrainingClient:
             return types.LoadWeightsResponse(path=path)
 
         return self.host.submit(load)
+
+
+def _scoring_datum(datum: types.Datum) -> types.Datum:
+    """What hosted Tinker's forward sees of a custom-loss datum: its target_tokens, and its
+    weights or zeros (every other loss_fn_inputs field stays on the client)."""
+    targets = datum.loss_fn_inputs.get("target_tokens")
+    if targets is None:
+        raise InvalidRequest("a custom-loss datum needs loss_fn_inputs['target_tokens']")
+    weights = datum.loss_fn_inputs.get("weights")
+    if weights is None:
+        weights = types.TensorData.from_numpy(np.zeros(targets.to_numpy().shape, np.float32))
+    return types.Datum(
+        model_input=datum.model_input,
+        loss_fn_inputs={"target_tokens": targets, "weights": weights},
+    )
