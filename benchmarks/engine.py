@@ -3,8 +3,9 @@
 4 samples of about 150 tokens (prompt + a 120-token answer sampled from the adapter), the
 default TrainingConfig (top-K GJS, K = 100, 4 steps). Printed, measured in one run:
 - the request's time per phase;
-- per step, top-K mode's training time (student scoring + forward_backward + optim_step)
-  against a bare forward_backward + optim_step on the same datums (target <= 1.3x, issue #13).
+- per step, top-K mode's training time (`forward_backward_custom` with the SDPO loss, which
+  scores the student in the same pass, + optim_step) against a bare forward_backward +
+  optim_step on the same datums (target <= 1.3x, issue #13).
 
     .venv/bin/python benchmarks/engine.py
 """
@@ -28,7 +29,7 @@ from claas.services.local import LocalServiceClient, shared_model
 from claas.settings import EMBEDDED_MODEL, Settings
 from claas.store import Store
 
-# Top-K engine step / bare forward_backward + optim_step (#13; the student scoring pass is the gap)
+# Top-K engine step / bare forward_backward + optim_step (#13)
 TARGET = 1.3
 
 QUESTIONS = [
@@ -107,7 +108,7 @@ async def main() -> None:
 
     timings = result.timings
     steps = config.steps_per_batch
-    per_step = (timings["student_scoring"] + timings["train"]) / steps
+    per_step = timings["train"] / steps
     bare_step = sum(bare) / len(bare)
     print(f"4 samples, {sum(tokens)} tokens ({tokens}), K={config.teacher_top_k}, {steps} steps")
     print(f"{'phase':28s} {'seconds':>8s}")

@@ -366,7 +366,7 @@ def test_first_step_is_topk_and_moves_gjs(harness: Harness) -> None:
     assert harness.version == 3 and result.trained_from == 2
     assert harness.store.latest_version(LORA).version == 3  # type: ignore[union-attr]
     assert "(Instruction for your answer: " + FEEDBACK + ")" in result.teacher_texts[0]
-    assert set(result.timings) >= {"teacher_scoring", "student_scoring", "train", "save"}
+    assert set(result.timings) >= {"teacher_scoring", "train", "final_scoring", "save"}
 
 
 def test_demonstrations_are_weighted_one_at_every_step(

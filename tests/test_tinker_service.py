@@ -83,12 +83,9 @@ def test_engine_datums_encode_with_tinkers_dtypes() -> None:
     assert fields == {"target_tokens": (int64, [6, 3]), "weights": (float32, [6, 3])}
     assert topk.model_input.to_ints() == (prompt + response)[:-1]
 
-    scalar = datums.scalar_datum(prompt, response, np.full(3, -1.0), np.full(3, 0.5))
-    assert _decoded_dtypes(scalar) == {
-        "target_tokens": (int64, [6]),
-        "logprobs": (float32, [6]),
-        "advantages": (float32, [6]),
-    }
+    targets = datums.sampled_targets(prompt, response)
+    scalar = datums.cross_entropy_datum(prompt + response, targets)
+    assert _decoded_dtypes(scalar) == {"target_tokens": (int64, [6]), "weights": (float32, [6])}
 
 
 class CallRecorder:
@@ -143,7 +140,13 @@ def test_engine_calls_match_the_sdk_signatures(
         store.close()
 
     used = {(cls, name) for cls, name, _, _ in recorder.calls}
-    assert (local.LocalTrainingClient, "forward_backward") in used
+    training = [name for cls, name, _, _ in recorder.calls if cls is local.LocalTrainingClient]
+    # Each step scores the student inside its own pass: no scoring pass of its own, no sampler
+    # on the training weights; one forward scores the student after the last step.
+    assert training.count("forward_backward_custom") == config.steps_per_batch
+    assert training.count("forward") == 1
+    assert "forward_backward" not in training
+    assert "save_weights_and_get_sampling_client" not in training
     assert (local.LocalSamplingClient, "sample" if topk else "compute_logprobs") in used
     for cls, name, args, kwargs in recorder.calls:
         sdk_method = getattr(SDK_CLASS[cls], name, None)

@@ -24,6 +24,7 @@ from claas.sdpo import divergence
 
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
+F32 = npt.NDArray[np.float32]
 
 
 @dataclass(frozen=True)
@@ -82,26 +83,6 @@ def response_logprobs(
     if len(values) != response_len or any(v is None for v in values):
         raise ValueError("missing prompt log-probs for some response positions")
     return np.asarray(values, dtype=np.float64)
-
-
-def student_target_ids(prompt_len: int, teacher: TeacherTopK) -> types.TensorData:
-    """`target_prompt_logprobs` asking for the teacher's ids at every response position.
-
-    Row i scores position i + 1, so response token t (position prompt_len + t) is row
-    prompt_len + t − 1. Rows over the prompt are −1 (skip); sent as sparse CSR.
-    """
-    response_len, k = teacher.ids.shape
-    ids = np.full((prompt_len + response_len - 1, k), -1, dtype=np.int64)
-    ids[prompt_len - 1 :] = teacher.ids
-    import torch  # tinker's sparse encoder takes a torch tensor
-
-    return types.TensorData.from_torch_sparse(torch.from_numpy(ids), pad_value=-1)
-
-
-def student_at_teacher_ids(target_logprobs: types.TensorData, prompt_len: int) -> F64:
-    """The rows of `target_prompt_logprobs` that describe the response, as (T, K)."""
-    values = target_logprobs.to_numpy()
-    return np.asarray(values[prompt_len - 1 :], dtype=np.float64)
 
 
 def topk_loss_terms(
@@ -175,6 +156,59 @@ def _k3_terms(base: F64 | None, student: F64, kl_reg_weight: float) -> tuple[F64
     return divergence.k3(base, student), divergence.k3_grad(base, student)
 
 
+def topk_targets(prompt_tokens: list[int], response_tokens: list[int], teacher_ids: I64) -> I64:
+    """(N, K+1) targets for prompt + response: the teacher's K ids, then y_t.
+
+    Completion position t is row P − 1 + t; a prompt row repeats the next prompt token (a valid
+    id, at weight 0).
+    """
+    tokens = prompt_tokens + response_tokens
+    p, k = len(prompt_tokens), teacher_ids.shape[1]
+    targets = np.repeat(np.asarray(tokens[1:], dtype=np.int64)[:, None], k + 1, axis=1)
+    targets[p - 1 :, :k] = teacher_ids
+    return targets
+
+
+def topk_weights(prompt_len: int, weight_support: F64, weight_sampled: F64) -> F32:
+    """(N, K+1) `cross_entropy` weights for `topk_targets`: 0 on the prompt rows."""
+    response_len, k = weight_support.shape
+    weights = np.zeros((prompt_len - 1 + response_len, k + 1), dtype=np.float32)
+    weights[prompt_len - 1 :, :k] = weight_support
+    weights[prompt_len - 1 :, k] = weight_sampled
+    return weights
+
+
+def sampled_targets(prompt_tokens: list[int], response_tokens: list[int]) -> I64:
+    """(N,) targets for prompt + response: each next token (scalar mode scores y_t only)."""
+    return np.asarray((prompt_tokens + response_tokens)[1:], dtype=np.int64)
+
+
+def sampled_weights(prompt_len: int, weight_sampled: F64) -> F32:
+    """(N,) `cross_entropy` weights for `sampled_targets`: 0 on the prompt rows."""
+    weights = np.zeros(prompt_len - 1 + len(weight_sampled), dtype=np.float32)
+    weights[prompt_len - 1 :] = weight_sampled
+    return weights
+
+
+def cross_entropy_datum(
+    tokens: list[int], targets: I64, weights: npt.NDArray[np.floating] | None = None
+) -> types.Datum:
+    """A `cross_entropy` datum: model_input = tokens[:-1], row i predicts targets[i].
+
+    Without weights (all 0) it is a datum to score: `forward` returns the log-probs at the
+    targets, and `forward_backward_custom` hands them to a loss function.
+    """
+    if weights is None:
+        weights = np.zeros(targets.shape, dtype=np.float32)
+    return types.Datum(
+        model_input=types.ModelInput.from_ints(tokens[:-1]),
+        loss_fn_inputs={
+            "target_tokens": types.TensorData.from_numpy(targets),
+            "weights": types.TensorData.from_numpy(np.asarray(weights, dtype=np.float32)),
+        },
+    )
+
+
 def topk_datum(
     prompt_tokens: list[int],
     response_tokens: list[int],
@@ -182,45 +216,18 @@ def topk_datum(
     weight_support: F64,
     weight_sampled: F64,
 ) -> types.Datum:
-    """`cross_entropy` datum with (N, K+1) targets: the teacher's K ids, then y_t.
-
-    model_input = tokens[:-1]; completion position t is datum row P − 1 + t; prompt rows carry
-    weight 0 (their targets repeat the next prompt token, which is a valid id).
-    """
-    tokens = prompt_tokens + response_tokens
-    p, (_t, k) = len(prompt_tokens), teacher_ids.shape
-    targets = np.repeat(np.asarray(tokens[1:], dtype=np.int64)[:, None], k + 1, axis=1)
-    weights = np.zeros((len(tokens) - 1, k + 1), dtype=np.float32)
-    targets[p - 1 :, :k] = teacher_ids
-    weights[p - 1 :, :k] = weight_support
-    weights[p - 1 :, k] = weight_sampled
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": types.TensorData.from_numpy(targets),
-            "weights": types.TensorData.from_numpy(weights),
-        },
+    """The `cross_entropy` datum whose gradient is a top-K sample's loss gradient."""
+    return cross_entropy_datum(
+        prompt_tokens + response_tokens,
+        topk_targets(prompt_tokens, response_tokens, teacher_ids),
+        topk_weights(len(prompt_tokens), weight_support, weight_sampled),
     )
 
 
-def scalar_datum(
-    prompt_tokens: list[int],
-    response_tokens: list[int],
-    student_sampled: F64,
-    advantages: F64,
-) -> types.Datum:
-    """`importance_sampling` datum: (N,) targets, sampling log-probs and advantages."""
-    tokens = prompt_tokens + response_tokens
-    p = len(prompt_tokens)
-    logprobs = np.zeros(len(tokens) - 1, dtype=np.float32)
-    advantage = np.zeros(len(tokens) - 1, dtype=np.float32)
-    logprobs[p - 1 :] = student_sampled
-    advantage[p - 1 :] = advantages
-    return types.Datum(
-        model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": types.TensorData.from_numpy(np.asarray(tokens[1:], dtype=np.int64)),
-            "logprobs": types.TensorData.from_numpy(logprobs),
-            "advantages": types.TensorData.from_numpy(advantage),
-        },
-    )
+def student_scores(logprobs: npt.ArrayLike, prompt_len: int, k: int | None) -> StudentScores:
+    """The student's scores from log-probs at `topk_targets` (k = K) or `sampled_targets`
+    (k = None), as a forward returns them: the response rows, P − 1 onwards."""
+    rows = np.asarray(logprobs, dtype=np.float64)[prompt_len - 1 :]
+    if k is None:
+        return StudentScores(at_teacher_ids=None, sampled=rows)
+    return StudentScores(at_teacher_ids=rows[:, :k], sampled=rows[:, k])

@@ -21,9 +21,10 @@ The engine is written once against the Tinker client API and runs unchanged on t
    teacher prompt + unchanged response on the teacher once: in top-K mode one
    `sample(max_tokens=1, include_prompt_logprobs=True, topk_prompt_logprobs=K)`, in scalar mode
    `compute_logprobs`; with `kl_reg_weight > 0` also the student prompt on the base;
-3. runs `steps_per_batch` steps, each on the *current* student: exact log-probs at the teacher's
-   ids (`target_prompt_logprobs`) and of each sampled token (`prompt_logprobs`), datums built by
-   `claas.sdpo.datums`, then `forward_backward` and `optim_step` pipelined;
+3. runs `steps_per_batch` steps, each one `forward_backward_custom` with `SDPOLoss` and an
+   `optim_step`, pipelined: the loss reads the *current* student's log-probs at the teacher's ids
+   and at each sampled token from the step's own forward, and turns them into the loss terms of
+   `claas.sdpo.datums` (on the local service the scores cost no pass of their own);
 4. saves state (with optimizer) and sampler weights, and returns them as a `TrainedCheckpoint`;
    the feedback queue registers it as the adapter's next version (`claas.feedback`).
 
@@ -40,8 +41,10 @@ import asyncio
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Generic
 
 import numpy as np
+import torch
 from tinker import types
 from transformers import PreTrainedTokenizerBase
 
@@ -84,6 +87,54 @@ def timed(timings: dict[str, float], phase: str) -> Iterator[None]:
         yield
     finally:
         timings[phase] = timings.get(phase, 0.0) + time.perf_counter() - start
+
+
+def loss_terms(
+    strategy: Strategy[TeacherT],
+    scored: Sequence[Scored[TeacherT]],
+    student: Sequence[datums.StudentScores],
+) -> list[tuple[datums.LossTerms, float | None]]:
+    """Per sample: the loss terms at the current student (and the scalar-mode gain), scaled by
+    1 / (B·T): a token mean, then a sample mean."""
+    batch = len(scored)
+    return [
+        strategy.terms(s, st, 1.0 / (batch * len(s.prepared.response)))
+        for s, st in zip(scored, student, strict=True)
+    ]
+
+
+class SDPOLoss(Generic[TeacherT]):
+    """One step's SDPO loss as a Tinker custom loss (`forward_backward_custom`).
+
+    It is called with each datum's log-probs at its targets, from the forward of the step's own
+    pass: the local service calls it inside its one forward/backward; hosted Tinker's SDK calls it
+    between a forward and a backward. It computes the loss terms there (numpy float64,
+    `claas.sdpo.divergence`), keeps them for the step's metrics, and returns a tensor whose value
+    is the loss and whose gradient with respect to the log-probs is −weights, the strategy's
+    `cross_entropy` weights: the gradient of the loss, importance ratios and gain held constant.
+    """
+
+    def __init__(self, strategy: Strategy[TeacherT], scored: Sequence[Scored[TeacherT]]) -> None:
+        self.strategy: Strategy[TeacherT] = strategy
+        self.scored: Sequence[Scored[TeacherT]] = scored
+        self.terms: list[tuple[datums.LossTerms, float | None]] | None = None
+
+    def __call__(
+        self, data: list[types.Datum], logprobs: list[torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        student = [
+            self.strategy.student(s, lp.detach().cpu().numpy())
+            for s, lp in zip(self.scored, logprobs, strict=True)
+        ]
+        self.terms = loss_terms(self.strategy, self.scored, student)
+        surrogate = torch.stack(
+            [
+                -(lp * torch.from_numpy(self.strategy.weights(s, terms)).to(lp)).sum()
+                for s, lp, (terms, _) in zip(self.scored, logprobs, self.terms, strict=True)
+            ]
+        ).sum()
+        value = sum(terms.loss for terms, _ in self.terms)
+        return surrogate - surrogate.detach() + value, {}
 
 
 class SDPOEngine:
@@ -153,16 +204,15 @@ class SDPOEngine:
                 start.state_path
             )
         saved: list[str] = []
+        data = [strategy.targets(s) for s in scored]  # the student's log-probs each step needs
         try:
             steps = []
             for step in range(config.steps_per_batch):
-                with timed(timings, "student_scoring"):
-                    student = await self._score_student(strategy, trainer, scored)
                 with timed(timings, "train"):
-                    steps.append(await self._step(strategy, trainer, scored, student, config, step))
+                    steps.append(await self._step(strategy, trainer, scored, data, config, step))
             with timed(timings, "final_scoring"):
-                final = await self._score_student(strategy, trainer, scored)
-                after = self._terms(strategy, scored, final)
+                final = await self._score_student(strategy, trainer, scored, data)
+                after = loss_terms(strategy, scored, final)
             with timed(timings, "save"):
                 name = f"v{start.version + 1}-{int(time.time())}"
                 state = await trainer.save_state(name)
@@ -260,7 +310,7 @@ class SDPOEngine:
         On-policy distillation corrects only the tokens the student samples. A string it never
         samples gets no signal: "Kuro" is `' K'` + `'uro'`, and a student that never says `' K'`
         never shows the teacher a position where `'uro'` is due. A teacher answer puts those
-        tokens on the response positions (`_terms` trains them with forward KL at weight 1).
+        tokens on the response positions (`loss_terms` trains them with forward KL at weight 1).
         A demonstration is no longer than the batch's longest rollout and stops where the
         model's turn ends (the sampler's default stops, as for rollouts); one that is only a
         stop token is dropped, since it would teach nothing but ending at once.
@@ -326,25 +376,17 @@ class SDPOEngine:
         ]
 
     async def _score_student(
-        self, strategy: Strategy[TeacherT], trainer: TrainingClient, scored: list[Scored[TeacherT]]
-    ) -> list[datums.StudentScores]:
-        """The current student's exact log-probs on every sample."""
-        student = await trainer.save_weights_and_get_sampling_client(kind="inflight")
-        return list(await asyncio.gather(*(strategy.score_student(student, s) for s in scored)))
-
-    @staticmethod
-    def _terms(
+        self,
         strategy: Strategy[TeacherT],
+        trainer: TrainingClient,
         scored: list[Scored[TeacherT]],
-        student: list[datums.StudentScores],
-    ) -> list[tuple[datums.LossTerms, float | None]]:
-        """Per sample: the loss terms at the current student (and the scalar-mode gain)."""
-        batch = len(scored)
+        data: list[types.Datum],
+    ) -> list[datums.StudentScores]:
+        """The current student's exact log-probs at every sample's targets: one forward."""
+        out = await trainer.forward(data, "cross_entropy")
         return [
-            strategy.terms(
-                s, st, 1.0 / (batch * len(s.prepared.response))
-            )  # token, then sample mean
-            for s, st in zip(scored, student, strict=True)
+            strategy.student(s, output["logprobs"].to_numpy())
+            for s, output in zip(scored, out.loss_fn_outputs, strict=True)
         ]
 
     async def _step(
@@ -352,22 +394,22 @@ class SDPOEngine:
         strategy: Strategy[TeacherT],
         trainer: TrainingClient,
         scored: list[Scored[TeacherT]],
-        student: list[datums.StudentScores],
+        data: list[types.Datum],
         config: TrainingConfig,
         step: int,
     ) -> StepMetrics:
         clock = time.perf_counter()
-        terms = self._terms(strategy, scored, student)
-        data = [
-            strategy.datum(s, st, t) for s, st, (t, _) in zip(scored, student, terms, strict=True)
-        ]
+        loss = SDPOLoss(strategy, scored)
         adam = types.AdamParams(
             learning_rate=self.learning_rate_for(config), grad_clip_norm=config.max_grad_norm
         )
-        forward_backward = trainer.forward_backward(data, strategy.loss_fn)  # pipelined
+        forward_backward = trainer.forward_backward_custom(data, loss)  # pipelined
         optim_step = trainer.optim_step(adam)
         await forward_backward
         optim = await optim_step
+        if loss.terms is None:
+            raise RuntimeError("forward_backward_custom returned without calling the SDPO loss")
+        terms = loss.terms
         metrics = optim.metrics or {}
         summary = rollout_statistics([s.prepared for s in scored], [t for t, _ in terms])
         return StepMetrics(

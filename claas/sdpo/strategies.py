@@ -1,14 +1,14 @@
 """The two divergences SDPO trains with, as one small strategy object each.
 
-A strategy knows, for its divergence, how to score the teacher and the student on a sample, the
-per-token loss terms, the Tinker datum that carries their gradient, and the loss function that
-datum is meant for. The engine is written once against `Strategy`; a third divergence is one
-new class here.
+A strategy knows, for its divergence, how to score the teacher on a sample, which log-probs of
+the student it needs (the `targets` of a datum: a forward scores them), the per-token loss terms
+at the current student, and the `cross_entropy` weights −∂L/∂logprobs that carry their gradient.
+The engine is written once against `Strategy`; a third divergence is one new class here.
 
-- `TopKGJS`: the teacher's top-K prompt log-probs and its log-prob of y_t; the student's at
-  the teacher's ids; a datum of (N, K+1) targets and weights for `cross_entropy`.
-- `ScalarKL`: both models' log-prob of y_t only; a datum of advantages for
-  `importance_sampling`.
+- `TopKGJS`: the teacher's top-K prompt log-probs and its log-prob of y_t; the student's at the
+  teacher's ids and at y_t, (N, K+1) targets.
+- `ScalarKL`: both models' log-prob of y_t only, (N,) targets; its weights are the
+  importance-sampling advantages, which at the current student have the same gradient.
 
 The records are immutable: a `Prepared` sample (validated, with its teacher prompt) is scored
 once into a `Scored` one (plus the teacher's view and, with k3, the base model's log-probs).
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Generic, NotRequired, Protocol, TypedDict, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 from tinker import types
 
 from claas.sdpo import datums
@@ -77,21 +78,18 @@ class Scored(Generic[TeacherT]):
 
 class Strategy(Protocol[TeacherT]):
     mode: DivergenceMode
-    loss_fn: types.LossFnType
 
     async def score_teacher(self, teacher: SamplingClient, p: Prepared) -> TeacherT: ...
 
-    async def score_student(
-        self, student: SamplingClient, s: Scored[TeacherT]
-    ) -> datums.StudentScores: ...
+    def targets(self, s: Scored[TeacherT]) -> types.Datum: ...
+
+    def student(self, s: Scored[TeacherT], logprobs: npt.ArrayLike) -> datums.StudentScores: ...
 
     def terms(
         self, s: Scored[TeacherT], student: datums.StudentScores, scale: float
     ) -> tuple[datums.LossTerms, float | None]: ...
 
-    def datum(
-        self, s: Scored[TeacherT], student: datums.StudentScores, terms: datums.LossTerms
-    ) -> types.Datum: ...
+    def weights(self, s: Scored[TeacherT], terms: datums.LossTerms) -> datums.F32: ...
 
 
 def _scoring_input(prompt: list[int], response: list[int]) -> types.ModelInput:
@@ -102,7 +100,6 @@ class TopKGJS:
     """Top-K generalised Jensen-Shannon divergence, exact through `cross_entropy` weights."""
 
     mode: DivergenceMode = "topk_gjs"
-    loss_fn: types.LossFnType = "cross_entropy"
 
     def __init__(self, config: TrainingConfig) -> None:
         self.config = config
@@ -122,28 +119,14 @@ class TopKGJS:
             sampled=datums.response_logprobs(result.prompt_logprobs or [], q, t),
         )
 
-    async def score_student(
-        self, student: SamplingClient, s: Scored[TopKTeacher]
-    ) -> datums.StudentScores:
+    def targets(self, s: Scored[TopKTeacher]) -> types.Datum:
         p = s.prepared
-        result = await student.sample(
-            _scoring_input(p.prompt, p.response),
-            1,
-            SCORING,
-            include_prompt_logprobs=True,
-            target_prompt_logprobs=datums.student_target_ids(len(p.prompt), s.teacher.topk),
-            prompt_logprobs_last_n=len(p.response),
+        return datums.cross_entropy_datum(
+            p.prompt + p.response, datums.topk_targets(p.prompt, p.response, s.teacher.topk.ids)
         )
-        if result.target_prompt_logprobs is None:
-            raise ValueError("the student returned no log-probs at the teacher's ids")
-        return datums.StudentScores(
-            at_teacher_ids=datums.student_at_teacher_ids(
-                result.target_prompt_logprobs, len(p.prompt)
-            ),
-            sampled=datums.response_logprobs(
-                result.prompt_logprobs or [], len(p.prompt), len(p.response)
-            ),
-        )
+
+    def student(self, s: Scored[TopKTeacher], logprobs: npt.ArrayLike) -> datums.StudentScores:
+        return datums.student_scores(logprobs, len(s.prepared.prompt), s.teacher.topk.ids.shape[1])
 
     def terms(
         self, s: Scored[TopKTeacher], student: datums.StudentScores, scale: float
@@ -165,22 +148,18 @@ class TopKGJS:
         )
         return terms, None
 
-    def datum(
-        self, s: Scored[TopKTeacher], student: datums.StudentScores, terms: datums.LossTerms
-    ) -> types.Datum:
+    def weights(self, s: Scored[TopKTeacher], terms: datums.LossTerms) -> datums.F32:
         if terms.weight_support is None:
-            raise ValueError("a top-K datum needs weights at the teacher's ids; none were made")
-        p = s.prepared
-        return datums.topk_datum(
-            p.prompt, p.response, s.teacher.topk.ids, terms.weight_support, terms.weight_sampled
+            raise ValueError("top-K weights need the terms at the teacher's ids; none were made")
+        return datums.topk_weights(
+            len(s.prepared.prompt), terms.weight_support, terms.weight_sampled
         )
 
 
 class ScalarKL:
-    """The ablation: the sampled-token KL estimate as importance-sampling advantages."""
+    """The ablation: the sampled-token KL estimate, with importance-sampling advantages."""
 
     mode: DivergenceMode = "scalar_kl"
-    loss_fn: types.LossFnType = "importance_sampling"
 
     def __init__(self, config: TrainingConfig) -> None:
         self.config = config
@@ -193,15 +172,14 @@ class ScalarKL:
             sampled=datums.response_logprobs(values, len(p.teacher_prompt), len(p.response))
         )
 
-    async def score_student(
-        self, student: SamplingClient, s: Scored[SampledTeacher]
-    ) -> datums.StudentScores:
+    def targets(self, s: Scored[SampledTeacher]) -> types.Datum:
         p = s.prepared
-        values = await student.compute_logprobs(
-            _scoring_input(p.prompt, p.response), prompt_logprobs_last_n=len(p.response)
+        return datums.cross_entropy_datum(
+            p.prompt + p.response, datums.sampled_targets(p.prompt, p.response)
         )
-        sampled = datums.response_logprobs(values, len(p.prompt), len(p.response))
-        return datums.StudentScores(at_teacher_ids=None, sampled=sampled)
+
+    def student(self, s: Scored[SampledTeacher], logprobs: npt.ArrayLike) -> datums.StudentScores:
+        return datums.student_scores(logprobs, len(s.prepared.prompt), None)
 
     def terms(
         self, s: Scored[SampledTeacher], student: datums.StudentScores, scale: float
@@ -217,11 +195,8 @@ class ScalarKL:
             scale,
         )
 
-    def datum(
-        self, s: Scored[SampledTeacher], student: datums.StudentScores, terms: datums.LossTerms
-    ) -> types.Datum:
-        p = s.prepared
-        return datums.scalar_datum(p.prompt, p.response, student.sampled, terms.weight_sampled)
+    def weights(self, s: Scored[SampledTeacher], terms: datums.LossTerms) -> datums.F32:
+        return datums.sampled_weights(len(s.prepared.prompt), terms.weight_sampled)
 
 
 def rollout_statistics(prepared: list[Prepared], terms: list[datums.LossTerms]) -> dict[str, float]:

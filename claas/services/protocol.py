@@ -127,10 +127,6 @@ class TrainingClient(Protocol):
         self, name: str
     ) -> Awaitable[types.SaveWeightsForSamplerResponse]: ...
 
-    def save_weights_and_get_sampling_client(
-        self, name: str | None = None, *, kind: types.SamplingClientKind = "snapshot"
-    ) -> Awaitable[SamplingClient]: ...
-
 
 class RestClient(Protocol):
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> Awaitable[None]: ...
