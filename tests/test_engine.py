@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import tinker
 import torch
 from peft import PeftModel
 from pydantic import ValidationError
@@ -27,7 +28,7 @@ from claas.adapters import Adapters, AdapterSpec
 from claas.errors import Conflict, ContextTooLong, InvalidFeedback
 from claas.feedback import train_and_register
 from claas.models import LoadedModel, tiny_llama
-from claas.sdpo import datums
+from claas.sdpo import datums, divergence
 from claas.sdpo.config import TrainedCheckpoint
 from claas.sdpo.engine import FeedbackSample, SDPOEngine, TrainingConfig, default_learning_rate
 from claas.sdpo.prompts import chat_prompt_tokens, teacher_prompt_tokens
@@ -273,12 +274,30 @@ GRADIENT_RTOL = 2e-4
 small part of the gradient here) 5e-4 to 8e-3 at one of the two steps."""
 
 
+def run_custom_losses_in_two_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hosted Tinker's way with a custom loss, in place of the local one pass: a stand-in for
+    the hosted service (which cannot run here), built from the SDK's own code. A forward scores
+    the targets, the SDK's `_compute_custom_loss` differentiates the loss into weights on the
+    client, and a `cross_entropy` forward_backward applies them. (The SDK methods are private:
+    tinker is pinned in pyproject.toml.)"""
+    sdk = tinker.TrainingClient
+
+    def two_passes(client: LocalTrainingClient, data: Any, loss_fn: Any, **_: Any) -> Any:
+        scoring = sdk._get_custom_loss_forward_data(None, data, "cross_entropy")  # type: ignore[arg-type]
+        forward = client.forward(scoring, "cross_entropy").result()
+        linear = sdk._compute_custom_loss(data, loss_fn, forward)
+        return client.forward_backward(linear.data, "cross_entropy")
+
+    monkeypatch.setattr(LocalTrainingClient, "forward_backward_custom", two_passes)
+
+
 @pytest.mark.parametrize(
-    ("alpha", "teacher", "demonstrations", "hindsight"),
+    ("alpha", "teacher", "demonstrations", "hindsight", "passes"),
     [
-        (0.5, "adapter", 1, "instruction"),
-        (0.0, "adapter", 2, "instruction"),
-        (1.0, "base", 0, "context"),
+        (0.5, "adapter", 1, "instruction", 1),
+        (0.0, "adapter", 2, "instruction", 1),
+        (1.0, "base", 0, "context", 1),
+        (0.5, "adapter", 1, "instruction", 2),  # as on hosted Tinker
     ],
 )
 def test_topk_gradient_is_exact(
@@ -289,11 +308,15 @@ def test_topk_gradient_is_exact(
     teacher: Any,
     demonstrations: int,
     hindsight: Any,
+    passes: int,
 ) -> None:
     """Two steps, each gradient against autograd of the reference loss. The sharp model makes
     GJS most of the gradient (k3 stays, at a small weight); step 2 sees a moved student, while
-    the teacher and its demonstrations stay those of the version trained from."""
+    the teacher and its demonstrations stay those of the version trained from. With 2 passes
+    the SDPO loss runs as the SDK runs it against hosted Tinker."""
     harness = sharp_harness
+    if passes == 2:
+        run_custom_losses_in_two_passes(monkeypatch)
     perturb_latest(harness, scale=5e-4)  # a student near the base, so k3 is a small part
     version = harness.store.latest_version(LORA)
     assert version is not None
@@ -350,6 +373,92 @@ def test_topk_gradient_is_exact(
         error = max_relative_error(got, want)
         assert error < GRADIENT_RTOL, f"step {step + 1}: gradient off by {error:.3g}"
         assert result.steps[step].loss == pytest.approx(float(loss.detach()), rel=1e-4)
+
+
+def reference_scalar_loss(
+    student: Any,
+    teacher: Any,
+    base: Any,
+    samples: list[FeedbackSample],
+    tokenizer: Any,
+    config: TrainingConfig,
+) -> torch.Tensor:
+    """Scalar mode's surrogate, written here in torch: per sample the token mean of
+    −r_t·A_t·s_t + λ·k3_t, with A_t = kl_coef·gain·(T_t − s_t), gain = clamp(0.03 / mean|Δ|,
+    1, 4), and r_t, A_t constants; then the mean over samples."""
+    per_sample = []
+    for sample in samples:
+        prompt, response = sample.prompt_tokens, sample.response_tokens
+        teacher_prompt = reference_teacher_prompt(tokenizer, sample, config)
+        n_q, n_p, n_t = len(teacher_prompt), len(prompt), len(response)
+        y = torch.tensor(response)[:, None]
+        with torch.no_grad():
+            logits = teacher(input_ids=torch.tensor([teacher_prompt + response])).logits[0]
+            t_y = torch.log_softmax(logits.double(), -1)[n_q - 1 : n_q - 1 + n_t].gather(-1, y)
+            logits = base(input_ids=torch.tensor([prompt + response])).logits[0]
+            b_y = torch.log_softmax(logits.double(), -1)[n_p - 1 : n_p - 1 + n_t].gather(-1, y)
+        logits = student(input_ids=torch.tensor([prompt + response])).logits[0]
+        s_y = torch.log_softmax(logits.float(), -1)[n_p - 1 : n_p - 1 + n_t].double()
+        s_y = s_y.gather(-1, y)[:, 0]
+        t_y, b_y = t_y[:, 0], b_y[:, 0]
+        delta = t_y - s_y.detach()
+        gain = (0.03 / delta.abs().mean()).clamp(1.0, 4.0)
+        advantage = config.kl_coef * gain * delta
+        behavior = torch.tensor(sample.behavior_logprobs, dtype=torch.float64)
+        ratio = torch.exp((s_y.detach() - behavior).clamp(-20, 20)).clamp(max=config.is_clip)
+        k3_t = torch.exp(b_y - s_y) - 1 - (b_y - s_y)
+        per_sample.append((-ratio * advantage * s_y + config.kl_reg_weight * k3_t).mean())
+    return torch.stack(per_sample).mean()
+
+
+def test_scalar_gradient_is_exact(
+    sharp_harness: Harness, model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Scalar mode's advantages, applied as `cross_entropy` weights, against autograd of its
+    surrogate written in torch, at two steps."""
+    harness = sharp_harness
+    perturb_latest(harness, scale=5e-4)
+    version = harness.store.latest_version(LORA)
+    assert version is not None
+    samples = [
+        harness.sample_for("Tell me about the sea.", seed=1),
+        harness.sample_for("Name a colour.", max_tokens=7, seed=2),
+    ]
+    shifted = [*samples[0].behavior_logprobs]
+    shifted[0] -= 0.4  # a ratio that is not 1
+    samples[0] = samples[0].model_copy(update={"behavior_logprobs": shifted})
+    config = TrainingConfig(
+        use_topk_divergence=False,
+        steps_per_batch=2,
+        kl_reg_weight=0.05,
+        kl_coef=0.7,
+        learning_rate=1e-3,
+        teacher="adapter",
+        teacher_demonstrations=0,
+    )
+    spy = GradientSpy(monkeypatch)
+    harness.distill(samples, config)
+    assert len(spy.grads) == 2
+
+    def fresh() -> Any:
+        return tiny_llama(model_cache, seed=0, **SHARP).model
+
+    base = fresh()
+    state_dir = harness.service.checkpoint_dir(version.state_path)
+    student = PeftModel.from_pretrained(fresh(), state_dir)
+    scorer = PeftModel.from_pretrained(fresh(), state_dir)
+    params = {n.replace(".default.", "."): p for n, p in student.named_parameters() if "lora" in n}
+    assert max_relative_error(spy.weights[1], spy.weights[0]) > 1e-3  # step 2 sees a moved one
+    for step, (got, weights) in enumerate(zip(spy.grads, spy.weights, strict=True)):
+        with torch.no_grad():
+            for name, param in params.items():
+                param.copy_(weights[name])
+                param.requires_grad_(True)
+                param.grad = None
+        reference_scalar_loss(student, scorer, base, samples, harness.tokenizer, config).backward()
+        want = {n: p.grad for n, p in params.items() if p.grad is not None}
+        error = max_relative_error(got, want)
+        assert error < GRADIENT_RTOL, f"step {step + 1}: gradient off by {error:.3g}"
 
 
 def test_first_step_is_topk_and_moves_gjs(harness: Harness) -> None:
@@ -417,7 +526,35 @@ def test_multi_step_keeps_the_rollout_behavior(
     assert all(moved)  # every step changed the weights
 
 
-def test_scalar_mode_uses_importance_sampling(harness: Harness) -> None:
+def test_student_scores_take_back_a_trainers_rounding() -> None:
+    """A trainer's rounded normaliser shifts a whole row: a top-K mass over 1 (which the
+    divergence refuses) is shifted back; a row within 1 is untouched; an overshoot beyond
+    rounding is an error."""
+    teacher = np.log(np.array([[0.7, 0.2]]))
+    exact = np.log(np.array([[0.8, 0.2 - 1e-9, 1e-9]]))  # top-2, then y_t outside them
+    prompt = [1, 2, 3]
+    rows = np.vstack([np.zeros((2, 3)), exact])  # two prompt rows, then the response row
+    untouched = datums.student_scores(rows, len(prompt), k=2)
+    assert untouched.at_teacher_ids is not None
+    np.testing.assert_array_equal(untouched.at_teacher_ids, exact[:, :2])
+    np.testing.assert_array_equal(untouched.sampled, exact[:, 2])
+    with pytest.raises(ValueError, match="top-K mass"):
+        divergence.gjs(exact[:, :2] + 3e-6, teacher, 0.5)  # what the shift avoids
+    for shift in (3e-6, 5e-5):
+        student = datums.student_scores(rows + shift, len(prompt), k=2)
+        assert student.at_teacher_ids is not None
+        assert np.logaddexp.reduce(student.at_teacher_ids, axis=1).max() <= 1e-12
+        np.testing.assert_allclose(student.at_teacher_ids, exact[:, :2], rtol=0, atol=1e-8)
+        np.testing.assert_allclose(student.sampled, exact[:, 2], rtol=0, atol=1e-8)
+        divergence.gjs(student.at_teacher_ids, teacher, 0.5)  # accepted
+    with pytest.raises(ValueError, match="full-vocabulary"):
+        datums.student_scores(rows + 1e-3, len(prompt), k=2)
+    sampled = datums.student_scores(np.array([0.0, 0.0, 2e-6, -0.5]), len(prompt), k=None)
+    np.testing.assert_array_equal(sampled.sampled, [0.0, -0.5])
+    assert sampled.at_teacher_ids is None
+
+
+def test_scalar_mode_trains_with_importance_sampling_advantages(harness: Harness) -> None:
     samples = [harness.sample_for("Tell me about the sea.", seed=1)]
     config = TrainingConfig(use_topk_divergence=False, steps_per_batch=2, learning_rate=1e-2)
     result = harness.distill(samples, config)

@@ -163,6 +163,33 @@ def test_topk_cross_entropy_gradient_equals_autograd(
     assert any(g.abs().max() > 0 for g in got.values())
 
 
+def test_training_log_probs_keep_a_top_k_mass_within_one(model_cache: Path, tmp_path: Path) -> None:
+    """A peaked model (logits up to ~44), where a float32 logsumexp puts the top-100 mass
+    ~1e-6 over 1, which the divergence refuses: the training forward's values are the
+    float64-normalised ones, to float32 precision."""
+    loaded = tiny_llama(model_cache, seed=0, initializer_range=1.0)
+    tokens = torch.randint(0, 49152, (200,), generator=torch.Generator().manual_seed(0)).tolist()
+    with torch.no_grad():
+        logits = loaded.model(input_ids=torch.tensor([tokens])).logits[0].double()
+    reference = torch.log_softmax(logits, dim=-1)[:-1]
+    top, ids = reference.topk(100, dim=-1)
+    service = LocalServiceClient(loaded, tmp_path / "checkpoints")
+    try:
+        datum = types.Datum(
+            model_input=types.ModelInput.from_ints(tokens[:-1]),
+            loss_fn_inputs={
+                "target_tokens": ids.numpy(),
+                "weights": np.zeros(ids.shape, dtype=np.float32),
+            },
+        )
+        out = new_trainer(service).forward([datum], "cross_entropy").result()
+    finally:
+        service.close()
+    got = torch.from_numpy(out.loss_fn_outputs[0]["logprobs"].to_numpy()).double()
+    torch.testing.assert_close(got, top, rtol=0, atol=5e-5)  # float32 logits of ~44
+    assert float(torch.logsumexp(got, dim=-1).max()) <= 2e-7
+
+
 def custom_datum(tokens: list[int], k: int, seed: int) -> types.Datum:
     """(N, k) targets and a target distribution over them: an input only the loss reads."""
     rng = np.random.default_rng(seed)

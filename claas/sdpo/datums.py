@@ -1,15 +1,17 @@
-"""From scored tokens to Tinker datums: the SDPO loss as `cross_entropy` or `importance_sampling`.
+"""From scored tokens to Tinker datums: the SDPO loss as `cross_entropy` weights.
 
 Everything here is numpy and `tinker.types`; the conventions (α, the tail bucket, the alignment of
 completion position t to datum position P − 1 + t, the importance ratio and k3) are those written
 once in `claas.sdpo.divergence`.
 
-Top-K GJS mode is exact with one `forward_backward(..., "cross_entropy")`: Tinker's loss is
-−Σ logp(target)·weight, so with targets (N, K+1) = [teacher top-K ids, y_t] and
-weights = −∂L/∂logS at those ids, evaluated at the current student, its gradient is ∂L/∂θ.
+The loss is exact through `cross_entropy`: Tinker's loss is −Σ logp(target)·weight, so with
+weights = −∂L/∂logS at the targets, evaluated at the current student, its gradient is ∂L/∂θ.
+Top-K GJS mode has targets (N, K+1) = [teacher top-K ids, y_t]; scalar mode (N,) = y_t.
 
-    weights = topk_loss_weights(student, teacher, scale=1 / (B * T))
-    datum = topk_datum(prompt_tokens, response_tokens, teacher.ids, weights)
+    targets = topk_targets(prompt_tokens, response_tokens, teacher.ids)  # forward scores these
+    student = student_scores(forward_logprobs, len(prompt_tokens), k=K)
+    terms = topk_loss_terms(student, teacher, behavior, None, alpha, is_clip, 0.0, 1 / (B * T))
+    weights = topk_weights(len(prompt_tokens), terms.weight_support, terms.weight_sampled)
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ from claas.sdpo import divergence
 F64 = npt.NDArray[np.float64]
 I64 = npt.NDArray[np.int64]
 F32 = npt.NDArray[np.float32]
+
+TRAINER_ROUNDING_TOL = 1e-4
+"""How far a trainer's log-probs may overshoot 1 (as a log) from rounding; see `student_scores`."""
 
 
 @dataclass(frozen=True)
@@ -124,8 +129,9 @@ def scalar_loss_terms(
 ) -> tuple[LossTerms, float]:
     """Scalar-KL mode: importance-sampling advantages r_t·A_t (α = 1, sampled token only).
 
-    With `logprobs` = the current student's in the datum, Tinker's importance-sampling loss has
-    gradient −Σ A'_t·∇logS_t, so A'_t = scale·(r_t·A_t − λ·∂k3/∂s) descends the same loss.
+    As `cross_entropy` weights at y_t (or as `importance_sampling` advantages with the current
+    student's log-probs in the datum, where the ratio is 1), A'_t = scale·(r_t·A_t − λ·∂k3/∂s)
+    gives the gradient −Σ A'_t·∇logS_t, which descends the same loss.
     Returns the terms and the adaptive gain.
     """
     advantages, gain = divergence.scalar_kl_advantages(student_sampled, teacher_sampled, kl_coef)
@@ -226,8 +232,26 @@ def topk_datum(
 
 def student_scores(logprobs: npt.ArrayLike, prompt_len: int, k: int | None) -> StudentScores:
     """The student's scores from log-probs at `topk_targets` (k = K) or `sampled_targets`
-    (k = None), as a forward returns them: the response rows, P − 1 onwards."""
+    (k = None), as a forward returns them: the response rows, P − 1 onwards.
+
+    A trainer's forward rounds its normaliser (float32 or bf16 on a remote trainer), which
+    shifts a whole row: its top-K mass can exceed 1, or a log-prob 0, by a little. Such a row
+    is shifted back by its overshoot; one that overshoots by more than `TRAINER_ROUNDING_TOL` is
+    not made of full-vocabulary log-probs, and raises `ValueError`.
+    """
     rows = np.asarray(logprobs, dtype=np.float64)[prompt_len - 1 :]
     if k is None:
-        return StudentScores(at_teacher_ids=None, sampled=rows)
+        overshoot = np.maximum(rows, 0.0)
+    else:  # y_t may lie outside the top-K
+        overshoot = np.maximum(np.maximum(np.logaddexp.reduce(rows[:, :k], axis=1), rows[:, k]), 0)
+    if overshoot.size and overshoot.max() > TRAINER_ROUNDING_TOL:
+        worst = int(np.argmax(overshoot))
+        raise ValueError(
+            f"the student's log-probs at response position {worst} overshoot a probability of 1 "
+            f"by a factor of exp({overshoot[worst]:.3g}); a forward must return full-vocabulary "
+            "log-probs (log_softmax of the logits)"
+        )
+    if k is None:
+        return StudentScores(at_teacher_ids=None, sampled=rows - overshoot)
+    rows = rows - overshoot[:, None]
     return StudentScores(at_teacher_ids=rows[:, :k], sampled=rows[:, k])

@@ -415,6 +415,8 @@ def _distill_result(request: FeedbackRequest, training: TrainingConfig) -> Claas
         "tokens_processed": metrics["tokens"],
         "batch_size": metrics["samples"],
         "lr": metrics["learning_rate"],
+        # CLaaS's names for the two losses. claas applies scalar mode's importance-sampling
+        # advantages as cross_entropy weights: the same gradient at the current student.
         "loss_fn": "importance_sampling" if scalar else "cross_entropy",
         "teacher_scored_texts": metrics["teacher_texts"],
         "version": request.version,

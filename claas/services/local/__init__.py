@@ -8,7 +8,7 @@ are named after the SDK's (`tinker/lib/public_interfaces/`):
 | file | holds |
 |---|---|
 | `service_client.py` | `LocalServiceClient`, `LocalRestClient` |
-| `training_client.py` | `LocalTrainingClient`: one LoRA adapter and its AdamW state |
+| `training_client.py` | `LocalTrainingClient`: one LoRA adapter, its AdamW state, custom losses |
 | `sampling_client.py` | `LocalSamplingClient`: sampling and prompt scoring |
 | `losses.py` | Tinker's `cross_entropy` and `importance_sampling`, as plain sums |
 | `host.py` | `AdapterHost`: the base model and its named LoRA adapters; `shared_model` |

@@ -229,10 +229,14 @@ class ContinuousDecoder:
         if self._pending:
             self._yield()
 
-    def _during_backward(self, grad: torch.Tensor) -> None:
-        # On a GPU autograd runs this on a thread of its own: no yield there.
+    def yield_point(self) -> None:
+        """Admit waiting chats now, from a worker task between two stretches of its own work
+        (a custom loss between its forward and backward). Elsewhere it does nothing."""
         if self._pending and not self._inside and self.host.worker.on_worker_thread():
             self._yield()
+
+    def _during_backward(self, grad: torch.Tensor) -> None:
+        self.yield_point()  # on a GPU autograd runs this on a thread of its own: no yield there
 
     def _yield(self) -> None:
         try:

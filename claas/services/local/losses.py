@@ -19,7 +19,7 @@ import torch
 from tinker import types
 
 from claas.errors import InvalidRequest
-from claas.services.local.decoding import logprobs_at
+from claas.services.local.decoding import log_normaliser
 
 LOSS_INPUTS = {
     "cross_entropy": ("target_tokens", "weights"),
@@ -113,7 +113,13 @@ def target_logprobs(model: Any, batch: Sequence[PreparedDatum], device: torch.de
         row_logits = logits[row, : lengths[row]].float()
         targets = datum.inputs["target_tokens"].to(device)
         flat = targets if targets.ndim == 2 else targets[:, None]
-        picked = logprobs_at(row_logits, flat)  # normalised accurately: the sampler's values
+        # The value is normalised as the sampler does it (a float32 logsumexp rounds by ~1e-6,
+        # enough to push a top-K mass over 1); the gradient is logsumexp's, which keeps no
+        # (N, V) tensor of its own for the backward.
+        lse = torch.logsumexp(row_logits, dim=-1, keepdim=True)
+        with torch.no_grad():
+            rounding = log_normaliser(row_logits) - lse.double()
+        picked = (row_logits.gather(-1, flat).double() - lse.double() - rounding).float()
         results.append(picked if targets.ndim == 2 else picked[:, 0])
     return results
 

@@ -119,6 +119,12 @@ class LocalTrainingClient:
         weights = −∂loss/∂logprobs; here the forward that made the log-probs is kept, so the
         backward needs no second forward. `loss:sum` is the custom loss, `surrogate_loss:sum`
         that linear loss, and the outputs are the log-probs and each datum's linear loss.
+
+        A loss that fails (an exception, or a refused result: not a scalar, NaN, not depending
+        on every datum) fails this call and adds no gradient; the client stays usable. (The
+        SDK instead rejects that client's later requests too: a client-side constraint of its
+        request ids, not a rule of the loss.) A backward that fails partway clears the
+        gradients, so a pipelined `optim_step` never applies a part of one.
         """
         if isinstance(loss_fn, LossHandle) or not callable(loss_fn):
             raise InvalidRequest(
@@ -220,7 +226,11 @@ class LocalTrainingClient:
                 total = torch.stack(losses).sum()
                 if not torch.isfinite(total):
                     raise InvalidRequest("the loss is NaN or inf; no gradient was accumulated")
-                total.backward()  # type: ignore[no-untyped-call]
+                try:
+                    total.backward()  # type: ignore[no-untyped-call]
+                except BaseException:
+                    self._clear_gradients()  # never a part of a gradient for the next optim_step
+                    raise
         return _forward_output(logprobs, losses)
 
     def _run_custom(
@@ -230,7 +240,9 @@ class LocalTrainingClient:
             for param in self._params.values():
                 param.requires_grad_(True)
             live = target_logprobs(model, batch, self.host.loaded.device)
-            leaves = [lp.detach().clone().requires_grad_(True) for lp in live]
+            # What the SDK hands a loss: float32 CPU leaves, cut off from the model.
+            leaves = [lp.detach().float().cpu().requires_grad_(True) for lp in live]
+            self.host.decoder.yield_point()  # the loss takes a while: chats need not wait
             loss, metrics = loss_fn(data, leaves)
             if not isinstance(loss, torch.Tensor) or loss.ndim != 0 or not loss.requires_grad:
                 raise InvalidRequest(
@@ -244,13 +256,23 @@ class LocalTrainingClient:
             weights = [-g for g in grads if g is not None]
             if not math.isfinite(custom) or not all(bool(torch.isfinite(w).all()) for w in weights):
                 raise InvalidRequest("the custom loss or its gradient is NaN or inf; no gradient")
-            torch.autograd.backward(live, [-w for w in weights])
-        losses = [-(lp.detach() * w).sum() for lp, w in zip(live, weights, strict=True)]
+            self.host.decoder.yield_point()
+            grad_outputs = [-w.to(lp) for w, lp in zip(weights, live, strict=True)]
+            try:
+                torch.autograd.backward(live, grad_outputs)
+            except BaseException:
+                self._clear_gradients()  # never a part of a gradient for the next optim_step
+                raise
+        losses = [-(lp.detach().cpu() * w).sum() for lp, w in zip(live, weights, strict=True)]
         output = _forward_output(live, losses)
         output.metrics["surrogate_loss:sum"] = output.metrics.pop("loss:sum")
         output.metrics.update(metrics)
         output.metrics["loss:sum"] = custom
         return output
+
+    def _clear_gradients(self) -> None:
+        for param in self._params.values():
+            param.grad = None
 
     def _optim_step(self, params: types.AdamParams) -> types.OptimStepResponse:
         grads = [p.grad for p in self._params.values() if p.grad is not None]
