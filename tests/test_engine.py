@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import copy
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +275,59 @@ GRADIENT_RTOL = 2e-4
 small part of the gradient here) 5e-4 to 8e-3 at one of the two steps."""
 
 
+def gradient_samples(harness: Harness, clipped: bool) -> list[FeedbackSample]:
+    """Two rollouts whose importance ratios differ from 1 (with `clipped`, one is clipped), so
+    the ratios matter in the gradient."""
+    samples = [
+        harness.sample_for("Tell me about the sea.", seed=1),
+        harness.sample_for("Name a colour.", max_tokens=7, seed=2),
+    ]
+    shifted = [*samples[0].behavior_logprobs]
+    shifted[0] -= 0.4
+    if clipped:
+        shifted[1] -= 3.0  # exp(3) ≈ 20 > is_clip = 5, so this ratio is clipped
+    samples[0] = samples[0].model_copy(update={"behavior_logprobs": shifted})
+    return samples
+
+
+@dataclass
+class Reference:
+    """Independent models: plain PEFT on the version's checkpoint (the student, and the teacher
+    when it is the adapter: the version trained FROM, which does not move), an untouched base."""
+
+    student: Any
+    teacher: Any
+    base: Any
+    params: dict[str, torch.nn.Parameter]
+
+    @classmethod
+    def of(cls, harness: Harness, model_cache: Path, state_path: str, teacher: str) -> Reference:
+        def fresh() -> Any:
+            return tiny_llama(model_cache, seed=0, **SHARP).model
+
+        base = fresh()
+        state_dir = harness.service.checkpoint_dir(state_path)
+        student = PeftModel.from_pretrained(fresh(), state_dir)
+        scorer = PeftModel.from_pretrained(fresh(), state_dir) if teacher == "adapter" else base
+        params = {
+            n.replace(".default.", "."): p for n, p in student.named_parameters() if "lora" in n
+        }
+        return cls(student, scorer, base, params)
+
+    def gradient(
+        self, weights: dict[str, torch.Tensor], loss: Any
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """The gradient and value of `loss()` with the student's LoRA weights set to `weights`."""
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(weights[name])
+                param.requires_grad_(True)
+                param.grad = None
+        value = loss()
+        value.backward()
+        return {n: p.grad for n, p in self.params.items() if p.grad is not None}, float(value)
+
+
 def run_custom_losses_in_two_passes(monkeypatch: pytest.MonkeyPatch) -> None:
     """Hosted Tinker's way with a custom loss, in place of the local one pass: a stand-in for
     the hosted service (which cannot run here), built from the SDK's own code. A forward scores
@@ -320,15 +374,7 @@ def test_topk_gradient_is_exact(
     perturb_latest(harness, scale=5e-4)  # a student near the base, so k3 is a small part
     version = harness.store.latest_version(LORA)
     assert version is not None
-    samples = [
-        harness.sample_for("Tell me about the sea.", seed=1),
-        harness.sample_for("Name a colour.", max_tokens=7, seed=2),
-    ]
-    # Make the importance ratios differ from 1 (one is clipped) so they matter in the gradient.
-    shifted = [*samples[0].behavior_logprobs]
-    shifted[0] -= 0.4
-    shifted[1] -= 3.0  # exp(3) ≈ 20 > is_clip = 5, so this ratio is clipped
-    samples[0] = samples[0].model_copy(update={"behavior_logprobs": shifted})
+    samples = gradient_samples(harness, clipped=True)
     config = TrainingConfig(
         steps_per_batch=2,
         teacher_top_k=6,
@@ -345,34 +391,24 @@ def test_topk_gradient_is_exact(
     assert result.metrics["demonstrations"] == demonstrations
     assert len(spy.grads) == len(spy.weights) == 2
 
-    # Independent: plain PEFT on the version's checkpoint, and an untouched base.
-    def fresh() -> Any:
-        return tiny_llama(model_cache, seed=0, **SHARP).model
-
-    base = fresh()
-    state_dir = harness.service.checkpoint_dir(version.state_path)
-    student = PeftModel.from_pretrained(fresh(), state_dir)
-    # The teacher is the version trained FROM: it does not move with the student.
-    scorer = PeftModel.from_pretrained(fresh(), state_dir) if teacher == "adapter" else base
-    params = {n.replace(".default.", "."): p for n, p in student.named_parameters() if "lora" in n}
-    batch = samples + reference_demonstrations(scorer, samples, harness.tokenizer, config)
+    ref = Reference.of(harness, model_cache, version.state_path, teacher)
+    batch = samples + reference_demonstrations(ref.teacher, samples, harness.tokenizer, config)
     assert len(result.teacher_texts) == len(batch)
     for text, sample in zip(result.teacher_texts, batch, strict=True):
         assert text.endswith(harness.tokenizer.decode(sample.response_tokens))
-    assert max_relative_error(spy.weights[0], params) == 0  # step 1 trains the checkpoint
+    assert max_relative_error(spy.weights[0], ref.params) == 0  # step 1 trains the checkpoint
     assert max_relative_error(spy.weights[1], spy.weights[0]) > 1e-2  # step 2 sees a moved one
+
+    def loss() -> torch.Tensor:
+        return reference_loss(
+            ref.student, ref.teacher, ref.base, batch, harness.tokenizer, config, 2
+        )
+
     for step, (got, weights) in enumerate(zip(spy.grads, spy.weights, strict=True)):
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(weights[name])
-                param.requires_grad_(True)
-                param.grad = None
-        loss = reference_loss(student, scorer, base, batch, harness.tokenizer, config, 2)
-        loss.backward()
-        want = {n: p.grad for n, p in params.items() if p.grad is not None}
+        want, value = ref.gradient(weights, loss)
         error = max_relative_error(got, want)
         assert error < GRADIENT_RTOL, f"step {step + 1}: gradient off by {error:.3g}"
-        assert result.steps[step].loss == pytest.approx(float(loss.detach()), rel=1e-4)
+        assert result.steps[step].loss == pytest.approx(value, rel=1e-4)
 
 
 def reference_scalar_loss(
@@ -420,13 +456,7 @@ def test_scalar_gradient_is_exact(
     perturb_latest(harness, scale=5e-4)
     version = harness.store.latest_version(LORA)
     assert version is not None
-    samples = [
-        harness.sample_for("Tell me about the sea.", seed=1),
-        harness.sample_for("Name a colour.", max_tokens=7, seed=2),
-    ]
-    shifted = [*samples[0].behavior_logprobs]
-    shifted[0] -= 0.4  # a ratio that is not 1
-    samples[0] = samples[0].model_copy(update={"behavior_logprobs": shifted})
+    samples = gradient_samples(harness, clipped=False)
     config = TrainingConfig(
         use_topk_divergence=False,
         steps_per_batch=2,
@@ -440,24 +470,16 @@ def test_scalar_gradient_is_exact(
     harness.distill(samples, config)
     assert len(spy.grads) == 2
 
-    def fresh() -> Any:
-        return tiny_llama(model_cache, seed=0, **SHARP).model
-
-    base = fresh()
-    state_dir = harness.service.checkpoint_dir(version.state_path)
-    student = PeftModel.from_pretrained(fresh(), state_dir)
-    scorer = PeftModel.from_pretrained(fresh(), state_dir)
-    params = {n.replace(".default.", "."): p for n, p in student.named_parameters() if "lora" in n}
+    ref = Reference.of(harness, model_cache, version.state_path, "adapter")
     assert max_relative_error(spy.weights[1], spy.weights[0]) > 1e-3  # step 2 sees a moved one
+
+    def loss() -> torch.Tensor:
+        return reference_scalar_loss(
+            ref.student, ref.teacher, ref.base, samples, harness.tokenizer, config
+        )
+
     for step, (got, weights) in enumerate(zip(spy.grads, spy.weights, strict=True)):
-        with torch.no_grad():
-            for name, param in params.items():
-                param.copy_(weights[name])
-                param.requires_grad_(True)
-                param.grad = None
-        reference_scalar_loss(student, scorer, base, samples, harness.tokenizer, config).backward()
-        want = {n: p.grad for n, p in params.items() if p.grad is not None}
-        error = max_relative_error(got, want)
+        error = max_relative_error(got, ref.gradient(weights, loss)[0])
         assert error < GRADIENT_RTOL, f"step {step + 1}: gradient off by {error:.3g}"
 
 
