@@ -116,10 +116,10 @@ def target_logprobs(model: Any, batch: Sequence[PreparedDatum], device: torch.de
         # The value is normalised as the sampler does it (a float32 logsumexp rounds by ~1e-6,
         # enough to push a top-K mass over 1); the gradient is logsumexp's, which keeps no
         # (N, V) tensor of its own for the backward.
-        lse = torch.logsumexp(row_logits, dim=-1, keepdim=True)
+        lse = torch.logsumexp(row_logits, dim=-1, keepdim=True).double()
         with torch.no_grad():
-            rounding = log_normaliser(row_logits) - lse.double()
-        picked = (row_logits.gather(-1, flat).double() - lse.double() - rounding).float()
+            rounding = log_normaliser(row_logits) - lse
+        picked = (row_logits.gather(-1, flat).double() - lse - rounding).float()
         results.append(picked if targets.ndim == 2 else picked[:, 0])
     return results
 

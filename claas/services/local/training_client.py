@@ -12,7 +12,7 @@ import math
 import time
 import uuid
 import weakref
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -226,11 +226,7 @@ class LocalTrainingClient:
                 total = torch.stack(losses).sum()
                 if not torch.isfinite(total):
                     raise InvalidRequest("the loss is NaN or inf; no gradient was accumulated")
-                try:
-                    total.backward()  # type: ignore[no-untyped-call]
-                except BaseException:
-                    self._clear_gradients()  # never a part of a gradient for the next optim_step
-                    raise
+                self._backward([total])
         return _forward_output(logprobs, losses)
 
     def _run_custom(
@@ -250,29 +246,33 @@ class LocalTrainingClient:
                 )
             custom = float(loss.detach())
             loss.backward()  # type: ignore[no-untyped-call]
-            grads = [leaf.grad for leaf in leaves]
-            if any(g is None for g in grads):
+            grads = [leaf.grad for leaf in leaves if leaf.grad is not None]
+            if len(grads) < len(leaves):
                 raise InvalidRequest("the custom loss does not depend on every datum's log-probs")
-            weights = [-g for g in grads if g is not None]
-            if not math.isfinite(custom) or not all(bool(torch.isfinite(w).all()) for w in weights):
+            if not math.isfinite(custom) or not all(bool(torch.isfinite(g).all()) for g in grads):
                 raise InvalidRequest("the custom loss or its gradient is NaN or inf; no gradient")
             self.host.decoder.yield_point()
-            grad_outputs = [-w.to(lp) for w, lp in zip(weights, live, strict=True)]
-            try:
-                torch.autograd.backward(live, grad_outputs)
-            except BaseException:
-                self._clear_gradients()  # never a part of a gradient for the next optim_step
-                raise
-        losses = [-(lp.detach().cpu() * w).sum() for lp, w in zip(live, weights, strict=True)]
+            self._backward(live, [g.to(lp) for g, lp in zip(grads, live, strict=True)])
+        # The linear loss hosted Tinker backpropagates: −Σ logp·weights, weights = −grad.
+        losses = [(lp.detach().cpu() * g).sum() for lp, g in zip(live, grads, strict=True)]
         output = _forward_output(live, losses)
         output.metrics["surrogate_loss:sum"] = output.metrics.pop("loss:sum")
         output.metrics.update(metrics)
         output.metrics["loss:sum"] = custom
         return output
 
-    def _clear_gradients(self) -> None:
-        for param in self._params.values():
-            param.grad = None
+    def _backward(
+        self, outputs: Sequence[torch.Tensor], grads: Sequence[torch.Tensor] | None = None
+    ) -> None:
+        """Accumulate the gradient of `outputs` (weighted by `grads`) into the adapter. A backward
+        that fails partway clears the gradients, so a pipelined `optim_step` never applies a
+        part of one."""
+        try:
+            torch.autograd.backward(outputs, grads)
+        except BaseException:
+            for param in self._params.values():
+                param.grad = None
+            raise
 
     def _optim_step(self, params: types.AdamParams) -> types.OptimStepResponse:
         grads = [p.grad for p in self._params.values() if p.grad is not None]
