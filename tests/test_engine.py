@@ -221,10 +221,46 @@ def reference_demonstrations(
     return demonstrations
 
 
+@dataclass
+class Reference:
+    """Independent models: plain PEFT on the version's checkpoint (the student, and the teacher
+    when it is the adapter: the version trained FROM, which does not move), an untouched base."""
+
+    student: Any
+    teacher: Any
+    base: Any
+    params: dict[str, torch.nn.Parameter]
+
+    @classmethod
+    def of(cls, harness: Harness, model_cache: Path, state_path: str, teacher: str) -> Reference:
+        def fresh() -> Any:
+            return tiny_llama(model_cache, seed=0, **SHARP).model
+
+        base = fresh()
+        state_dir = harness.service.checkpoint_dir(state_path)
+        student = PeftModel.from_pretrained(fresh(), state_dir)
+        scorer = PeftModel.from_pretrained(fresh(), state_dir) if teacher == "adapter" else base
+        params = {
+            n.replace(".default.", "."): p for n, p in student.named_parameters() if "lora" in n
+        }
+        return cls(student, scorer, base, params)
+
+    def gradient(
+        self, weights: dict[str, torch.Tensor], loss: Any
+    ) -> tuple[dict[str, torch.Tensor], float]:
+        """The gradient and value of `loss()` with the student's LoRA weights set to `weights`."""
+        with torch.no_grad():
+            for name, param in self.params.items():
+                param.copy_(weights[name])
+                param.requires_grad_(True)
+                param.grad = None
+        value = loss()
+        value.backward()
+        return {n: p.grad for n, p in self.params.items() if p.grad is not None}, float(value)
+
+
 def reference_loss(
-    student: Any,
-    teacher: Any,
-    base: Any,
+    ref: Reference,
     samples: list[FeedbackSample],
     tokenizer: Any,
     config: TrainingConfig,
@@ -238,12 +274,13 @@ def reference_loss(
         teacher_prompt = reference_teacher_prompt(tokenizer, sample, config)
         n_q, n_p, n_t = len(teacher_prompt), len(prompt), len(response)
         with torch.no_grad():
-            teacher_logits = teacher(input_ids=torch.tensor([teacher_prompt + response])).logits[0]
+            teacher_input = torch.tensor([teacher_prompt + response])
+            teacher_logits = ref.teacher(input_ids=teacher_input).logits[0]
             teacher_all = torch.log_softmax(teacher_logits.double(), -1)[n_q - 1 : n_q - 1 + n_t]
-            base_logits = base(input_ids=torch.tensor([prompt + response])).logits[0]
+            base_logits = ref.base(input_ids=torch.tensor([prompt + response])).logits[0]
             base_all = torch.log_softmax(base_logits.double(), -1)[n_p - 1 : n_p - 1 + n_t]
         teacher_top, teacher_ids = teacher_all.topk(config.teacher_top_k, dim=-1)
-        logits = student(input_ids=torch.tensor([prompt + response])).logits[0]
+        logits = ref.student(input_ids=torch.tensor([prompt + response])).logits[0]
         student_all = torch.log_softmax(logits.float(), -1)[n_p - 1 : n_p - 1 + n_t].double()
         s_support = student_all.gather(-1, teacher_ids)
         y = torch.tensor(response)[:, None]
@@ -288,44 +325,6 @@ def gradient_samples(harness: Harness, clipped: bool) -> list[FeedbackSample]:
         shifted[1] -= 3.0  # exp(3) ≈ 20 > is_clip = 5, so this ratio is clipped
     samples[0] = samples[0].model_copy(update={"behavior_logprobs": shifted})
     return samples
-
-
-@dataclass
-class Reference:
-    """Independent models: plain PEFT on the version's checkpoint (the student, and the teacher
-    when it is the adapter: the version trained FROM, which does not move), an untouched base."""
-
-    student: Any
-    teacher: Any
-    base: Any
-    params: dict[str, torch.nn.Parameter]
-
-    @classmethod
-    def of(cls, harness: Harness, model_cache: Path, state_path: str, teacher: str) -> Reference:
-        def fresh() -> Any:
-            return tiny_llama(model_cache, seed=0, **SHARP).model
-
-        base = fresh()
-        state_dir = harness.service.checkpoint_dir(state_path)
-        student = PeftModel.from_pretrained(fresh(), state_dir)
-        scorer = PeftModel.from_pretrained(fresh(), state_dir) if teacher == "adapter" else base
-        params = {
-            n.replace(".default.", "."): p for n, p in student.named_parameters() if "lora" in n
-        }
-        return cls(student, scorer, base, params)
-
-    def gradient(
-        self, weights: dict[str, torch.Tensor], loss: Any
-    ) -> tuple[dict[str, torch.Tensor], float]:
-        """The gradient and value of `loss()` with the student's LoRA weights set to `weights`."""
-        with torch.no_grad():
-            for name, param in self.params.items():
-                param.copy_(weights[name])
-                param.requires_grad_(True)
-                param.grad = None
-        value = loss()
-        value.backward()
-        return {n: p.grad for n, p in self.params.items() if p.grad is not None}, float(value)
 
 
 def run_custom_losses_in_two_passes(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -400,9 +399,7 @@ def test_topk_gradient_is_exact(
     assert max_relative_error(spy.weights[1], spy.weights[0]) > 1e-2  # step 2 sees a moved one
 
     def loss() -> torch.Tensor:
-        return reference_loss(
-            ref.student, ref.teacher, ref.base, batch, harness.tokenizer, config, 2
-        )
+        return reference_loss(ref, batch, harness.tokenizer, config, 2)
 
     for step, (got, weights) in enumerate(zip(spy.grads, spy.weights, strict=True)):
         want, value = ref.gradient(weights, loss)
@@ -412,9 +409,7 @@ def test_topk_gradient_is_exact(
 
 
 def reference_scalar_loss(
-    student: Any,
-    teacher: Any,
-    base: Any,
+    ref: Reference,
     samples: list[FeedbackSample],
     tokenizer: Any,
     config: TrainingConfig,
@@ -429,11 +424,11 @@ def reference_scalar_loss(
         n_q, n_p, n_t = len(teacher_prompt), len(prompt), len(response)
         y = torch.tensor(response)[:, None]
         with torch.no_grad():
-            logits = teacher(input_ids=torch.tensor([teacher_prompt + response])).logits[0]
+            logits = ref.teacher(input_ids=torch.tensor([teacher_prompt + response])).logits[0]
             t_y = torch.log_softmax(logits.double(), -1)[n_q - 1 : n_q - 1 + n_t].gather(-1, y)
-            logits = base(input_ids=torch.tensor([prompt + response])).logits[0]
+            logits = ref.base(input_ids=torch.tensor([prompt + response])).logits[0]
             b_y = torch.log_softmax(logits.double(), -1)[n_p - 1 : n_p - 1 + n_t].gather(-1, y)
-        logits = student(input_ids=torch.tensor([prompt + response])).logits[0]
+        logits = ref.student(input_ids=torch.tensor([prompt + response])).logits[0]
         s_y = torch.log_softmax(logits.float(), -1)[n_p - 1 : n_p - 1 + n_t].double()
         s_y = s_y.gather(-1, y)[:, 0]
         t_y, b_y = t_y[:, 0], b_y[:, 0]
@@ -474,9 +469,7 @@ def test_scalar_gradient_is_exact(
     assert max_relative_error(spy.weights[1], spy.weights[0]) > 1e-3  # step 2 sees a moved one
 
     def loss() -> torch.Tensor:
-        return reference_scalar_loss(
-            ref.student, ref.teacher, ref.base, samples, harness.tokenizer, config
-        )
+        return reference_scalar_loss(ref, samples, harness.tokenizer, config)
 
     for step, (got, weights) in enumerate(zip(spy.grads, spy.weights, strict=True)):
         error = max_relative_error(got, ref.gradient(weights, loss)[0])
