@@ -7,8 +7,7 @@ match exactly and log-probs to the dtype's tolerance. In float64, with strong ad
 agree to 1e-6: the batched algorithm is exact, and a 2% error in one row's LoRA scaling fails.
 In float32 (what serves), rounding differs between a batch of one and of five rows, and grows
 along a sequence, so the adapters are milder and the tolerance is 2e-4. Float32 decoding runs
-the base linears on oneDNN-packed weights (`PackedLinears`); the "packed-lora" runs pack the
-batch's LoRA layouts too, which in service only happens from 96 laid-out columns on.
+the base linears on oneDNN-packed weights (`PackedLinears`).
 """
 
 from __future__ import annotations
@@ -37,15 +36,10 @@ from claas.services.protocol import StopGeneration
 PRECISIONS = {torch.float64: (1.5, 1e-6), torch.float32: (0.5, 2e-4)}  # B scale, tolerance
 
 
-@pytest.fixture(params=["float64", "float32", "float32-packed-lora"])
+@pytest.fixture(params=["float64", "float32"])
 def service(
-    request: pytest.FixtureRequest,
-    model_cache: Path,
-    tmp_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest, model_cache: Path, tmp_path: Path
 ) -> Iterator[LocalServiceClient]:
-    if request.param == "float32-packed-lora":
-        monkeypatch.setattr(batching, "PACK_LORA_WIDTH", 1)  # every LoRA layout packed
     loaded = tiny_llama(model_cache, seed=0)
     loaded.model.to(torch.float64 if request.param == "float64" else torch.float32)
     svc = LocalServiceClient(loaded, tmp_path / "checkpoints")
@@ -57,9 +51,13 @@ def precision(service: LocalServiceClient) -> tuple[float, float]:
     return PRECISIONS[service.host.loaded.model.dtype]
 
 
-def adapter_sampler(service: LocalServiceClient, seed: int, rank: int) -> Any:
-    """A snapshot sampler of an adapter with random A and B (rank `rank`)."""
-    trainer = service.create_lora_training_client(service.base_model, rank=rank, seed=seed).result()
+def adapter_sampler(
+    service: LocalServiceClient, seed: int, rank: int, alpha: float = 32, mlp: bool = True
+) -> Any:
+    """A snapshot sampler of an adapter with random A and B."""
+    trainer = service.create_lora_training_client(
+        service.base_model, rank=rank, seed=seed, lora_alpha=alpha, train_mlp=mlp
+    ).result()
     scale, _ = precision(service)
 
     def randomise() -> None:
@@ -78,6 +76,8 @@ REQUESTS = [  # (prompt, n, max_tokens, temperature, seed)
     ([1, 40, 41, 42, 43, 44, 45, 46, 47, 48, 49, 50], 1, 7, 0.0, None),
     ([1, 300], 2, 10, 1.0, 7),
     ([1, 17, 230, 94, 5, 61, 62], 1, 16, 1.0, 3),
+    ([1, 9, 8, 7], 1, 9, 0.0, None),
+    ([1, 250, 251], 1, 11, 1.0, 5),
 ]
 
 
@@ -104,12 +104,17 @@ def greedy_job(
 
 
 def test_batched_decoding_matches_each_request_alone(service: LocalServiceClient) -> None:
+    """Rows on the base model, on adapters of two ranks, two rank-4 adapters with different
+    scalings (one with two rows, one with one: padded), and one adapter without MLP layers."""
     base = service.create_sampling_client(base_model=service.base_model).result()
+    first = adapter_sampler(service, seed=1, rank=4)
     samplers = [
         base,
-        adapter_sampler(service, seed=1, rank=4),
+        first,
         adapter_sampler(service, seed=2, rank=8),
-        adapter_sampler(service, seed=3, rank=4),
+        adapter_sampler(service, seed=3, rank=4, alpha=12),
+        first,
+        adapter_sampler(service, seed=4, rank=4, mlp=False),
     ]
     alone = [run(s, *request).result() for s, request in zip(samplers, REQUESTS, strict=True)]
 
@@ -119,7 +124,7 @@ def test_batched_decoding_matches_each_request_alone(service: LocalServiceClient
 
     batched = asyncio.run(together())
     _, tolerance = precision(service)
-    assert service.host.decoder.widest_batch >= 5  # they did share a batch (4 requests, 5 rows)
+    assert service.host.decoder.widest_batch >= 7  # they did share a batch (6 requests, 7 rows)
     for one, many in zip(alone, batched, strict=True):
         assert len(one.sequences) == len(many.sequences)
         for a, b in zip(one.sequences, many.sequences, strict=True):
@@ -156,6 +161,35 @@ def test_a_request_that_leaves_does_not_disturb_the_others(service: LocalService
     assert stays.sequences[0].tokens == alone.sequences[0].tokens
     _, tolerance = precision(service)
     assert stays.sequences[0].logprobs == pytest.approx(alone.sequences[0].logprobs, abs=tolerance)
+
+
+def test_a_request_that_joins_a_running_batch_gets_its_own_adapter(
+    service: LocalServiceClient,
+) -> None:
+    """The joiner's prefill runs on its own slot of the adapters laid out for the whole batch
+    (the running row's adapter comes first), and both answers are what they are alone."""
+    samplers = [adapter_sampler(service, seed=s, rank=4) for s in (1, 2)]
+    first, joiner = REQUESTS[0], REQUESTS[3]
+    alone = [run(samplers[0], *first).result(), run(samplers[1], *joiner).result()]
+    joined: list[Any] = []
+
+    def join_at_the_second_token(index: int, token: int, logprob: float) -> None:
+        if not joined:
+            joined.append(None)
+        elif joined[0] is None:
+            joined[0] = run(samplers[1], *joiner)  # from the worker, mid-decode
+
+    prompt, n, max_tokens, _, _ = first
+    params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[])
+    runner = samplers[0].sample(
+        types.ModelInput.from_ints(prompt), n, params, on_token=join_at_the_second_token
+    )
+    answers = [runner.result(), joined[0].result()]
+    assert service.host.decoder.widest_batch >= 2
+    _, tolerance = precision(service)
+    for one, many in zip(alone, answers, strict=True):
+        assert one.sequences[0].tokens == many.sequences[0].tokens
+        assert one.sequences[0].logprobs == pytest.approx(many.sequences[0].logprobs, abs=tolerance)
 
 
 def test_sixteen_concurrent_chats_on_four_adapters_store_correct_rollouts(

@@ -12,16 +12,18 @@ or its client going away).
   so a row attends to exactly its own tokens. Rows join by padding (theirs or the batch's) and
   leave by selection; columns that became padding for every row are dropped.
 - **Adapters, batched.** The forward runs the base model (PEFT's adapters disabled) and a hook on
-  each LoRA layer adds every row's own LoRA term in two matmuls: the A matrices of the batch's
-  adapters side by side, (in, ΣR), a per-row mask that keeps a row's own block and carries its
-  scaling, and the B matrices stacked, (ΣR, out). Zero blocks contribute exact zeros, so this is
-  one matmul pair per layer however many adapters share the batch (the block-diagonal form of
-  punica / S-LoRA's gathered matmuls); rows on the base model have an all-zero mask.
-- **Packed weights.** On a CPU in float32 the batched forward runs the base linears, and the
-  LoRA layouts from 96 columns on, by oneDNN on weights reordered once into its blocked layout
-  (`PackedLinears`): at a few rows a linear only streams its weight, and that runs at about
-  twice MKL's bandwidth on PyTorch's layout. The copies cost the linear weights' memory again
-  (`Settings.packed_weights` turns them off; they are skipped when memory is short).
+  each LoRA layer adds every row's own LoRA term: the batch's adapters are stacked by rank, A as
+  (n, in, r) and B as (n, r, out), and one `bmm` pair applies each adapter to its own rows
+  (punica / S-LoRA's grouped matmul). When the rows are already in the stack's order (say one
+  row per adapter) the inputs are used as they are; otherwise each adapter's rows are gathered
+  into its slot, padded to the widest slot, and the results are added back to their rows. Each
+  adapter's weights are read once per step, however many rows it has; rows on the base model
+  are in no slot.
+- **Packed weights.** On a CPU in float32 the batched forward runs the base linears by oneDNN on
+  weights reordered once into its blocked layout (`PackedLinears`): at a few rows a linear only
+  streams its weight, and that runs at about twice MKL's bandwidth on PyTorch's layout. The
+  copies cost the linear weights' memory again (`Settings.packed_weights` turns them off; they
+  are skipped when memory is short).
 - **First tokens first.** A new request's prefill and first token are an urgent worker task
   (ahead of queued training tasks), and yield points between the decoder layers of a running
   training or scoring pass admit it there (`install_yield_points`).
@@ -270,8 +272,8 @@ class ContinuousDecoder:
             mask[row, width - lengths[row] :] = 1
         model = self.host.model
         everyone = (self._rows.jobs if self._rows is not None else []) + ready
-        plan = _LoraPlan.of(ready, self._laid_out, self._packing(), laid_out_for=everyone)
-        self._laid_out = plan  # its weights serve the decode steps; their masks are remade
+        plan = _LoraPlan.of(ready, self._laid_out, laid_out_for=everyone)
+        self._laid_out = plan  # its weights serve the decode steps; their routes are remade
         self._lora_layers = self._hook(model)
         self._layers_at = self.host.adapter_changes
         try:
@@ -335,7 +337,7 @@ class ContinuousDecoder:
         mask = torch.cat([rows.mask, torch.ones_like(rows.mask[:, :1])], dim=1)
         model = self.host.model
         if self._lora_plan is None:  # the batch changed: lay out its adapters
-            self._lora_plan = _LoraPlan.of(rows.jobs, self._laid_out, self._packing())
+            self._lora_plan = _LoraPlan.of(rows.jobs, self._laid_out)
             self._laid_out = self._lora_plan
         if self._layers_at != self.host.adapter_changes:  # LoRA layers may have come or gone
             self._lora_layers = self._hook(model)
@@ -444,51 +446,48 @@ class ContinuousDecoder:
 
 
 class _LoraPlan:
-    """The batch's adapters laid out for the batched LoRA term of each layer.
+    """The batch's adapters laid out for the batched LoRA term, and how its rows reach them.
 
-    Per layer: the A and B of every adapter side by side, with each adapter's block
-    (`weights`); and a (rows, ΣR) mask holding each row's scaling on its own adapter's block
-    and zeros elsewhere (`masks`). When rows join or leave but no new adapter comes, the
-    weights are kept and only the masks are made again: an adapter whose rows left keeps an
-    all-zero block until a new adapter is laid out.
+    Per LoRA layer, the adapters that have it, stacked by rank (`weights`): A as (n, in, r) and
+    B as (n, r, out), so one `bmm` pair applies every adapter to its own rows (punica / S-LoRA's
+    grouped matmul). A `_Route` gathers each adapter's rows into its slot of the stack and adds
+    the results back to those rows. Rows that join or leave keep the weights while the batch's
+    adapters stay the same; an adapter that comes or goes lays them out again (a slot with no
+    rows would still be read at every step).
     """
 
     def __init__(
-        self,
-        weights: dict[str, _LayerLoRA],
-        masks: dict[str, torch.Tensor],
-        adapters: set[str],
+        self, weights: dict[str, list[_Stack]], adapters: list[str | None], laid_out: set[str]
     ) -> None:
         self.weights = weights
-        self.masks = masks
-        self.adapters = adapters
+        self.adapters = adapters  # per row: its adapter, None on the base model
+        self.laid_out = laid_out
         self.enabled = False
+        self._routes: dict[tuple[tuple[str, ...], int], _Route | None] = {}
 
     @classmethod
     def of(
         cls,
         jobs: list[DecodeJob],
         previous: _LoraPlan | None,
-        packed: bool,
         laid_out_for: list[DecodeJob] | None = None,
     ) -> _LoraPlan:
-        """Masks for `jobs`' rows; the weights of `laid_out_for`'s adapters (default: `jobs`'),
-        kept from `previous` when it has them all."""
+        """`jobs`' rows on the weights of `laid_out_for`'s adapters (default: `jobs`'), kept
+        from `previous` when it laid out the same adapters."""
         everyone = jobs if laid_out_for is None else laid_out_for
         adapters = {job.adapter: job.lora for job in everyone if job.adapter is not None}
-        if previous is not None and adapters.keys() <= previous.adapters:
-            weights, laid_out = previous.weights, previous.adapters
+        if previous is not None and adapters.keys() == previous.laid_out:
+            weights = previous.weights
         else:
-            weights, laid_out = _lay_out(adapters, packed), set(adapters)
-        masks = {}
-        for key, layer in weights.items():
-            mask = torch.zeros(len(jobs), layer.width, dtype=layer.dtype, device=layer.device)
-            for row, job in enumerate(jobs):
-                if job.adapter in layer.blocks:
-                    lo, hi, scaling = layer.blocks[job.adapter]
-                    mask[row, lo:hi] = scaling
-            masks[key] = mask
-        return cls(weights, masks, laid_out)
+            weights = _stack(adapters)  # in the rows' order: a row per adapter needs no gather
+        return cls(weights, [job.adapter for job in jobs], set(adapters))
+
+    def route(self, stack: _Stack, positions: int) -> _Route | None:
+        """How `positions` inputs per row reach `stack`'s adapters; None: no row is on them."""
+        key = (stack.adapters, positions)
+        if key not in self._routes:
+            self._routes[key] = _Route.of(stack, self.adapters, positions)
+        return self._routes[key]
 
     @contextmanager
     def active(self) -> Iterator[None]:
@@ -498,6 +497,89 @@ class _LoraPlan:
             yield
         finally:
             self.enabled = False
+
+
+@dataclass(frozen=True)
+class _Stack:
+    """One LoRA layer's A and B for adapters of one rank, side by side for `bmm`."""
+
+    adapters: tuple[str, ...]
+    a: torch.Tensor  # (n, in, r)
+    b: torch.Tensor  # (n, r, out)
+    scaling: tuple[float, ...]
+
+    def add_term(self, x: torch.Tensor, route: _Route, output: torch.Tensor) -> None:
+        """output[row] += scaling (x[row] A) B, for each row on these adapters; x (inputs, in)
+        and output (inputs, out), an input per row and position."""
+        a, b = self.a, self.b
+        if route.first > 0 or route.last < a.shape[0]:
+            a, b = a[route.first : route.last], b[route.first : route.last]
+        slots, width = a.shape[0], route.width
+        if route.gather is None:  # the inputs are the slots' inputs, in order
+            low = torch.bmm(x.view(slots, width, -1), a)
+            if route.scale is not None:
+                low.mul_(route.scale)
+            output.view(slots, width, -1).baddbmm_(low, b, alpha=route.alpha)
+            return
+        low = torch.bmm(x.index_select(0, route.gather).view(slots, width, -1), a)
+        if route.scale is not None:
+            low.mul_(route.scale)
+        term = torch.bmm(low, b).view(slots * width, -1)
+        if route.real is not None:  # padding: slots with fewer inputs than the widest
+            term = term.index_select(0, route.real)
+        output.index_add_(0, route.targets, term, alpha=route.alpha)
+
+
+@dataclass(frozen=True)
+class _Route:
+    """Which inputs of a batched forward go to which adapter slots of a `_Stack`: slots
+    `first` to `last`, `width` inputs each (a slot with fewer is padded, and its padding is
+    dropped: `real`)."""
+
+    first: int
+    last: int
+    width: int
+    alpha: float  # the slots' scaling, when they share one
+    scale: torch.Tensor | None  # (slots, 1, 1) each slot's scaling, when they differ
+    gather: torch.Tensor | None  # (slots * width,) inputs; None: they are in order already
+    targets: torch.Tensor  # the inputs the real entries go back to
+    real: torch.Tensor | None  # the real entries among slots * width; None: all are
+
+    @classmethod
+    def of(cls, stack: _Stack, adapters: list[str | None], positions: int) -> _Route | None:
+        rows: dict[str, list[int]] = {name: [] for name in stack.adapters}
+        for row, adapter in enumerate(adapters):
+            if adapter in rows:
+                rows[adapter].append(row)
+        used = [slot for slot, name in enumerate(stack.adapters) if rows[name]]
+        if not used:
+            return None
+        first, last = used[0], used[-1] + 1
+        names = stack.adapters[first:last]
+        width = max(len(rows[name]) for name in names) * positions
+        gather: list[int] = []
+        real: list[int] = []
+        scale: list[float] = []
+        for name, scaling in zip(names, stack.scaling[first:last], strict=True):
+            inputs = [row * positions + p for row in rows[name] for p in range(positions)]
+            real += range(len(gather), len(gather) + len(inputs))
+            gather += inputs + [0] * (width - len(inputs))  # padding reads any input
+            scale.append(scaling)
+        device = stack.a.device
+        in_order = gather == list(range(len(adapters) * positions))
+        shared = len(set(scale)) == 1
+        return cls(
+            first,
+            last,
+            width,
+            scale[0] if shared else 1.0,
+            None
+            if shared
+            else torch.tensor(scale, dtype=stack.a.dtype, device=device)[:, None, None],
+            None if in_order else torch.tensor(gather, device=device),
+            torch.tensor([gather[i] for i in real], device=device),
+            None if len(real) == len(gather) else torch.tensor(real, device=device),
+        )
 
 
 class _LoraHook:
@@ -511,68 +593,36 @@ class _LoraHook:
         plan = self.decoder._lora_plan
         if plan is None or not plan.enabled or self.key not in plan.weights:
             return None
-        layer = plan.weights[self.key]
-        x = args[0].reshape(-1, layer.inputs)  # (rows x positions, in), row by row
-        mask = plan.masks[self.key]
-        if mask.shape[0] != x.shape[0]:  # a prefill: each row's positions on its adapter
-            mask = mask.repeat_interleave(x.shape[0] // mask.shape[0], dim=0)
-        layer.add_term(x, mask, output)  # in place on the base output
+        x = args[0]
+        x = x.reshape(-1, x.shape[-1])  # (rows x positions, in), row by row
+        out = output.view(x.shape[0], -1)
+        positions = x.shape[0] // len(plan.adapters)
+        for stack in plan.weights[self.key]:
+            route = plan.route(stack, positions)
+            if route is not None:
+                stack.add_term(x, route, out)  # in place on the base output
         return output
 
 
-@dataclass
-class _LayerLoRA:
-    """One layer's LoRA weights for the batch's adapters, side by side.
-
-    Plain: A as (in, ΣR) and B as (ΣR, out) for 2-D matmuls accumulating into the base output
-    (on CPU the LoRA weights' memory traffic is most of the term's cost). Packed: A as (ΣR, in)
-    and B as (out, ΣR) in oneDNN's layout, for `_linear` (see `PackedLinears`).
-    """
-
-    a: torch.Tensor
-    b: torch.Tensor
-    blocks: dict[str, tuple[int, int, float]]  # adapter -> its columns (lo, hi) and scaling
-    inputs: int
-    width: int  # ΣR
-    packed: bool
-
-    @property
-    def device(self) -> torch.device:
-        return self.a.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.a.dtype
-
-    def add_term(self, x: torch.Tensor, mask: torch.Tensor, output: torch.Tensor) -> None:
-        """output += ((x A) * mask) B, for x (rows, in) and output (rows, ..., out)."""
-        out = output.view(x.shape[0], -1)
-        if self.packed:
-            low = _linear(x, self.a, None).mul_(mask)
-            out.add_(_linear(low, self.b, None))
-        else:
-            low = (x @ self.a).mul_(mask)
-            out.addmm_(low, self.b)
-
-
-def _lay_out(
-    adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]], packed: bool
-) -> dict[str, _LayerLoRA]:
-    layers = {}
+def _stack(
+    adapters: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor, float]]],
+) -> dict[str, list[_Stack]]:
+    """Per LoRA layer, its adapters (in the order given) stacked by rank."""
+    layers: dict[str, list[_Stack]] = {}
     for key in sorted({key for weights in adapters.values() for key in weights}):
-        blocks = [(name, weights[key]) for name, weights in adapters.items() if key in weights]
-        offsets, offset = {}, 0
-        for name, (a, _, scaling) in blocks:
-            offsets[name] = (offset, offset + a.shape[0], scaling)
-            offset += a.shape[0]
-        a_rows = torch.cat([a for _, (a, _, _) in blocks])  # (ΣR, in)
-        b_cols = torch.cat([b for _, (_, b, _) in blocks], dim=1)  # (out, ΣR)
-        pack = packed and offset >= PACK_LORA_WIDTH
-        if pack:
-            a_cat, b_cat = _pack(a_rows), _pack(b_cols)
-        else:
-            a_cat, b_cat = a_rows.t().contiguous(), b_cols.t().contiguous()
-        layers[key] = _LayerLoRA(a_cat, b_cat, offsets, a_rows.shape[1], offset, pack)
+        ranks: dict[int, list[str]] = {}
+        for name, weights in adapters.items():
+            if key in weights:
+                ranks.setdefault(weights[key][0].shape[0], []).append(name)
+        layers[key] = [
+            _Stack(
+                tuple(names),
+                torch.stack([adapters[name][key][0].t() for name in names]),
+                torch.stack([adapters[name][key][1].t() for name in names]),
+                tuple(adapters[name][key][2] for name in names),
+            )
+            for names in ranks.values()
+        ]
     return layers
 
 
@@ -656,11 +706,6 @@ class PackedLinears:
                 del layer.forward
 
 
-# LoRA layouts are packed from this many columns (ΣR) on. A oneDNN call costs ~24 us more than
-# MKL's on a small weight: over the 210 LoRA layers of the embedded model, at rank 32, the term
-# took 3.5 ms plain and 12.2 packed for one adapter, 18.3 and 15.8 for three, 42.5 and 24.9 for
-# eight (one row per adapter).
-PACK_LORA_WIDTH = 96
 PACK_ROWS_HINT = 8  # the batch size oneDNN picks a packed layout for (1 to 8 rows measured)
 
 
