@@ -507,10 +507,23 @@ class _Stack:
     a: torch.Tensor  # (n, in, r)
     b: torch.Tensor  # (n, r, out)
     scaling: tuple[float, ...]
+    each: tuple[tuple[torch.Tensor, torch.Tensor], ...] = field(init=False)  # per slot: A, B
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "each", tuple(zip(self.a.unbind(), self.b.unbind(), strict=True)))
 
     def add_term(self, x: torch.Tensor, route: _Route, output: torch.Tensor) -> None:
         """output[row] += scaling (x[row] A) B, for each row on these adapters; x (inputs, in)
         and output (inputs, out), an input per row and position."""
+        if route.last - route.first == 1:  # one adapter: 2-D matmuls, faster than a bmm of one
+            a, b = self.each[route.first]
+            inputs = x if route.gather is None else x.index_select(0, route.gather)
+            low = torch.mm(inputs, a)
+            if route.gather is None:
+                output.addmm_(low, b, alpha=route.alpha)
+            else:
+                output.index_add_(0, route.targets, torch.mm(low, b), alpha=route.alpha)
+            return
         a, b = self.a, self.b
         if route.first > 0 or route.last < a.shape[0]:
             a, b = a[route.first : route.last], b[route.first : route.last]
