@@ -515,9 +515,9 @@ class _Stack:
     def add_term(self, x: torch.Tensor, route: _Route, output: torch.Tensor) -> None:
         """output[row] += scaling (x[row] A) B, for each row on these adapters; x (inputs, in)
         and output (inputs, out), an input per row and position."""
+        inputs = x if route.gather is None else x.index_select(0, route.gather)
         if route.last - route.first == 1:  # one adapter: 2-D matmuls, faster than a bmm of one
             a, b = self.each[route.first]
-            inputs = x if route.gather is None else x.index_select(0, route.gather)
             low = torch.mm(inputs, a)
             if route.gather is None:
                 output.addmm_(low, b, alpha=route.alpha)
@@ -525,18 +525,15 @@ class _Stack:
                 output.index_add_(0, route.targets, torch.mm(low, b), alpha=route.alpha)
             return
         a, b = self.a, self.b
-        if route.first > 0 or route.last < a.shape[0]:
+        if route.first > 0 or route.last < a.shape[0]:  # a join's prefill: its own slots only
             a, b = a[route.first : route.last], b[route.first : route.last]
         slots, width = a.shape[0], route.width
-        if route.gather is None:  # the inputs are the slots' inputs, in order
-            low = torch.bmm(x.view(slots, width, -1), a)
-            if route.scale is not None:
-                low.mul_(route.scale)
-            output.view(slots, width, -1).baddbmm_(low, b, alpha=route.alpha)
-            return
-        low = torch.bmm(x.index_select(0, route.gather).view(slots, width, -1), a)
+        low = torch.bmm(inputs.view(slots, width, -1), a)
         if route.scale is not None:
             low.mul_(route.scale)
+        if route.gather is None:  # the inputs are the slots' inputs, in order: add in place
+            output.view(slots, width, -1).baddbmm_(low, b, alpha=route.alpha)
+            return
         term = torch.bmm(low, b).view(slots * width, -1)
         if route.real is not None:  # padding: slots with fewer inputs than the widest
             term = term.index_select(0, route.real)
