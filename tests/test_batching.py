@@ -163,29 +163,34 @@ def test_a_request_that_leaves_does_not_disturb_the_others(service: LocalService
     assert stays.sequences[0].logprobs == pytest.approx(alone.sequences[0].logprobs, abs=tolerance)
 
 
-def test_a_request_that_joins_a_running_batch_gets_its_own_adapter(
+def test_requests_that_join_a_running_batch_get_their_own_adapters(
     service: LocalServiceClient,
 ) -> None:
-    """The joiner's prefill runs on its own slot of the adapters laid out for the whole batch
-    (the running row's adapter comes first), and both answers are what they are alone."""
-    samplers = [adapter_sampler(service, seed=s, rank=4) for s in (1, 2)]
-    first, joiner = REQUESTS[0], REQUESTS[3]
-    alone = [run(samplers[0], *first).result(), run(samplers[1], *joiner).result()]
+    """Requests that join a running chat are prefilled on their own slots of the adapters laid
+    out for the whole batch (the running rows' adapters come first): one joins at the second
+    token (slot 1 of 2), two more together at the fourth (slots 2 and 3 of 4). Every answer is
+    what it is alone."""
+    samplers = [adapter_sampler(service, seed=s, rank=4) for s in (1, 2, 3, 4)]
+    requests = [REQUESTS[0], REQUESTS[3], REQUESTS[4], REQUESTS[5]]
+    alone = [run(s, *r).result() for s, r in zip(samplers, requests, strict=True)]
+    tokens: list[int] = []
     joined: list[Any] = []
 
-    def join_at_the_second_token(index: int, token: int, logprob: float) -> None:
-        if not joined:
-            joined.append(None)
-        elif joined[0] is None:
-            joined[0] = run(samplers[1], *joiner)  # from the worker, mid-decode
+    def join_mid_decode(index: int, token: int, logprob: float) -> None:  # on the worker
+        tokens.append(token)
+        if len(tokens) == 2:
+            joined.append(run(samplers[1], *requests[1]))
+        elif len(tokens) == 4:  # both wait for the same admission
+            joined.extend(run(s, *r) for s, r in zip(samplers[2:], requests[2:], strict=True))
 
-    prompt, n, max_tokens, _, _ = first
+    prompt, n, max_tokens, _, _ = requests[0]
     params = types.SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=[])
     runner = samplers[0].sample(
-        types.ModelInput.from_ints(prompt), n, params, on_token=join_at_the_second_token
+        types.ModelInput.from_ints(prompt), n, params, on_token=join_mid_decode
     )
-    answers = [runner.result(), joined[0].result()]
-    assert service.host.decoder.widest_batch >= 2
+    answers = [runner.result(), *(future.result() for future in joined)]
+    assert len(answers) == 4
+    assert service.host.decoder.widest_batch >= 4
     _, tolerance = precision(service)
     for one, many in zip(alone, answers, strict=True):
         assert one.sequences[0].tokens == many.sequences[0].tokens
