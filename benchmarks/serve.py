@@ -87,6 +87,8 @@ def start_server(
         **os.environ,
         "CLAAS_DATA_DIR": str(data_dir),
         "CLAAS_DEVICE": "cpu",
+        # one owner ("bench") runs up to 8 chats at once here
+        "CLAAS_MAX_CONCURRENT_GENERATIONS_PER_OWNER": "64",
         **(extra_env or {}),
     }
     with log.open("wb") as out:

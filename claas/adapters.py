@@ -16,10 +16,10 @@ import io
 import zipfile
 from collections.abc import Awaitable, Sequence
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, JsonValue
 
 from claas.errors import AdapterNotFound, InvalidRequest, QuotaExceeded
-from claas.ids import parse_lora_id
+from claas.ids import Int64, parse_lora_id
 from claas.records import Adapter, AdapterVersion
 from claas.services.protocol import (
     ATTENTION_MODULES,
@@ -39,6 +39,7 @@ ATTN = frozenset(ATTENTION_MODULES)
 MLP = frozenset(MLP_MODULES)
 UNEMBED = frozenset(UNEMBED_MODULES)
 DEFAULT_TARGETS = sorted(ATTN | MLP)
+ALL_TARGETS = sorted(ATTN | MLP | UNEMBED)
 
 
 class AdapterSpec(BaseModel):
@@ -48,9 +49,15 @@ class AdapterSpec(BaseModel):
 
     rank: int = Field(32, ge=1, le=256)
     lora_alpha: float = Field(TINKER_LORA_ALPHA, gt=0, le=4096)
-    target_modules: list[str] = Field(default_factory=lambda: list(DEFAULT_TARGETS))
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(DEFAULT_TARGETS),
+        min_length=1,
+        json_schema_extra={"items": {"enum": list[JsonValue](ALL_TARGETS)}},
+        description="Which layers get LoRA; hosted Tinker takes whole groups only (attention, "
+        "MLP, lm_head).",
+    )
     base_model: str | None = None
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63, description="LoRA init seed (int64)")
+    seed: Int64 | None = Field(None, description="LoRA init seed (int64)")
 
 
 class Adapters:
@@ -95,7 +102,7 @@ class Adapters:
         unknown = set(spec.target_modules) - ATTN - MLP - UNEMBED
         if unknown or not spec.target_modules:
             raise InvalidRequest(
-                f"target_modules must be a non-empty subset of {sorted(ATTN | MLP | UNEMBED)}; "
+                f"target_modules must be a non-empty subset of {ALL_TARGETS}; "
                 f"unknown: {sorted(unknown)}"
             )
         adapter = self.store.create_adapter(

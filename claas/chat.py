@@ -31,6 +31,7 @@ from claas.errors import (
     Conflict,
     ContextTooLong,
     InvalidRequest,
+    TooManyRequests,
     UnsupportedParameter,
     VersionNotFound,
 )
@@ -149,6 +150,62 @@ class StreamDecoder:
         return delta
 
 
+class GenerationSlot:
+    """One generation held against its owner's limit; `release` (or leaving the `with`) frees
+    it, once, however often it is called."""
+
+    def __init__(self, slots: GenerationSlots, owner: str) -> None:
+        self._slots, self.owner = slots, owner
+        self._held = True
+
+    def release(self) -> None:
+        if self._held:
+            self._held = False
+            self._slots._release(self.owner)
+
+    def __enter__(self) -> GenerationSlot:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+class GenerationSlots:
+    """How many generations each owner has running: at most `limit` at once (None: no limit).
+    One client must not be able to tie up the decoder with work it starts and abandons."""
+
+    def __init__(self, limit: int | None) -> None:
+        self.limit = limit
+        self._running: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def take(self, owner: str) -> GenerationSlot:
+        """A slot for `owner`'s next generation; TooManyRequests (429) at the limit."""
+        with self._lock:
+            running = self._running.get(owner, 0)
+            if self.limit is not None and running >= self.limit:
+                raise TooManyRequests(
+                    f"{owner or 'this caller'!r} has {running} generations running, the most "
+                    "this server runs at once for one owner "
+                    "(CLAAS_MAX_CONCURRENT_GENERATIONS_PER_OWNER); wait for one to finish and "
+                    "retry",
+                    headers={"Retry-After": "1"},
+                )
+            self._running[owner] = running + 1
+        return GenerationSlot(self, owner)
+
+    def running(self, owner: str) -> int:
+        return self._running.get(owner, 0)
+
+    def _release(self, owner: str) -> None:
+        with self._lock:
+            left = self._running[owner] - 1
+            if left:
+                self._running[owner] = left
+            else:
+                del self._running[owner]
+
+
 class ChatService:
     def __init__(
         self,
@@ -159,6 +216,7 @@ class ChatService:
         max_context: int,
         rollout_ttl_seconds: float,
         max_cached_samplers: int = 64,
+        max_generations_per_owner: int | None = None,
     ) -> None:
         self.service = service
         self.store = store
@@ -168,6 +226,7 @@ class ChatService:
         self.rollout_ttl_seconds = rollout_ttl_seconds
         self._samplers: OrderedDict[str, SamplingClient] = OrderedDict()
         self._max_cached = max_cached_samplers
+        self.generations = GenerationSlots(max_generations_per_owner)
 
     # -- which weights --------------------------------------------------------------------------
     def model_names(self, owner: str | None = None) -> list[str]:
@@ -307,12 +366,12 @@ class ChatService:
         self.check_fits(len(prompt_tokens), params.max_tokens or 0)
         sampler = await self.sampler(target)
         abandoned = threading.Event()
-        streams = on_text is not None and capabilities_of(self.service).token_streaming
         prompt = types.ModelInput.from_ints(prompt_tokens)
         stops = stop_strings(params)
         decoders = [StreamDecoder(self.tokenizer, stops) for _ in range(n)]
         try:
-            if streams and on_text is not None:
+            if capabilities_of(self.service).token_streaming:
+                # Streamed or not, a token callback ends the generation once nobody waits.
                 on_token = self._token_bridge(on_text, decoders, abandoned)
                 response = await streaming(sampler).sample(
                     prompt, n, params, topk_sample_logprobs=top_logprobs, on_token=on_token
@@ -322,7 +381,7 @@ class ChatService:
                     prompt, n, params, topk_sample_logprobs=top_logprobs
                 )
         except asyncio.CancelledError:
-            abandoned.set()  # the stream's client left: stop generating at the next token
+            abandoned.set()  # the client left: stop generating at the next token
             raise
         completion_id = completion_id or new_completion_id()
         created = int(time.time())
@@ -370,14 +429,20 @@ class ChatService:
         return Completion(completion_id, created, target.name, len(prompt_tokens), choices)
 
     def _token_bridge(
-        self, on_text: TextCallback, decoders: list[StreamDecoder], abandoned: threading.Event
+        self,
+        on_text: TextCallback | None,
+        decoders: list[StreamDecoder],
+        abandoned: threading.Event,
     ) -> Callable[[int, int, float], None]:
-        """Called on the model thread per token; hands visible deltas to the event loop."""
+        """Called on the model thread per token: ends the generation once `abandoned` is set,
+        and hands visible deltas to the event loop (with `on_text`)."""
         loop = asyncio.get_running_loop()
 
         def on_token(index: int, token: int, logprob: float) -> None:
             if abandoned.is_set():
                 raise StopGeneration
+            if on_text is None:
+                return
             delta = decoders[index].push(token)
             if delta:
                 loop.call_soon_threadsafe(on_text, index, delta)

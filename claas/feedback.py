@@ -55,7 +55,7 @@ from claas.sdpo.config import (
     TrainingConfig,
 )
 from claas.sdpo.engine import SDPOEngine
-from claas.sdpo.prompts import Utf8Text
+from claas.sdpo.prompts import MAX_TEXT_CHARS, Utf8Text
 from claas.services.protocol import delete_checkpoints
 from claas.store import Store
 
@@ -65,9 +65,28 @@ TERMINAL = ("done", "failed")
 
 
 class FeedbackItem(BaseModel):
-    """One piece of feedback on one rollout."""
+    """One piece of feedback on one rollout, named by `completion_id` or by
+    `lora_id` + `prompt` + `response`."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={  # what `_names_a_rollout` checks
+            "anyOf": [
+                {
+                    "properties": {"completion_id": {"type": "string"}},
+                    "required": ["completion_id"],
+                },
+                {
+                    "properties": {
+                        "lora_id": {"type": "string"},
+                        "prompt": {"type": "string"},
+                        "response": {"type": "string"},
+                    },
+                    "required": ["lora_id", "prompt", "response"],
+                },
+            ]
+        },
+    )
 
     completion_id: str | None = Field(
         None, max_length=200, description="The `id` of the chat completion (preferred, exact)."
@@ -76,8 +95,12 @@ class FeedbackItem(BaseModel):
     lora_id: str | None = Field(
         None, max_length=200, json_schema_extra={"pattern": LORA_ID_PATTERN}
     )
-    prompt: Utf8Text | None = Field(None, max_length=200_000, description="The user message text.")
-    response: Utf8Text | None = Field(None, max_length=200_000, description="The answer's text.")
+    prompt: Utf8Text | None = Field(
+        None, max_length=MAX_TEXT_CHARS, description="The user message text."
+    )
+    response: Utf8Text | None = Field(
+        None, max_length=MAX_TEXT_CHARS, description="The answer's text."
+    )
     feedback: FeedbackText
     training: TrainingConfig | None = None
 

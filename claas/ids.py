@@ -1,4 +1,5 @@
 """Adapter ids and text hashes: who may reach what, and how feedback finds a rollout by text.
+Also `Int64`, the one shape of a seed in every request body.
 
 An adapter id is `owner/name`; the owner part is what an API key reaches. These checks are
 pure functions, so the chat, feedback and engine layers use them without the database.
@@ -9,11 +10,25 @@ from __future__ import annotations
 import hashlib
 import re
 import unicodedata
+from typing import Annotated
+
+from pydantic import Field, WithJsonSchema
 
 from claas.errors import FeedbackNotFound, Forbidden, InvalidLoraId, RolloutNotFound
 
 LORA_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LORA_ID_PATTERN = f"^{LORA_ID_PART.pattern}/{LORA_ID_PART.pattern}$"  # for the OpenAPI schema
+
+# A seed: any int64. The schema's bounds are the int64 values furthest from 0 that a double holds
+# exactly (JSON Schema validators compare numbers as doubles, so a bound of 2**63 - 1 admits
+# 2**63 + 500 there, which the server refuses); the server takes the few int64 beyond them too.
+INT64_SCHEMA = {
+    "type": "integer",
+    "format": "int64",
+    "minimum": -(2**63 - 1024),
+    "maximum": 2**63 - 1024,
+}
+Int64 = Annotated[int, Field(ge=-(2**63), le=2**63 - 1), WithJsonSchema(INT64_SCHEMA)]
 
 
 def parse_lora_id(lora_id: str) -> tuple[str, str]:

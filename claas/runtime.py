@@ -100,6 +100,7 @@ class Runtime:
                 tokenizer,
                 max_context,
                 settings.rollout_ttl_seconds,
+                max_generations_per_owner=settings.max_concurrent_generations_per_owner,
             ),
             queue=FeedbackQueue(
                 store,

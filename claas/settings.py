@@ -117,6 +117,13 @@ class Settings(BaseSettings):
         ge=1,
         description="Most feedback requests one owner may have queued or running (429 beyond it).",
     )
+    max_concurrent_generations_per_owner: int = Field(
+        4,
+        ge=1,
+        description="Most chats and completions one owner may have generating at once, "
+        "streamed or not (429 beyond it); base-model chats without an API key count as one "
+        "owner.",
+    )
 
     @property
     def model_cache_dir(self) -> Path:

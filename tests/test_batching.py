@@ -200,7 +200,8 @@ def test_requests_that_join_a_running_batch_get_their_own_adapters(
 def test_sixteen_concurrent_chats_on_four_adapters_store_correct_rollouts(
     tmp_path: Path, model_cache: Path
 ) -> None:
-    live: LiveServer = make_server(tmp_path, model_cache)
+    # one owner's 16 chats at once: over the default limit of generations per owner
+    live: LiveServer = make_server(tmp_path, model_cache, max_concurrent_generations_per_owner=16)
     try:
         adapters = [f"alice/a{i}" for i in range(4)]
         for i, lora_id in enumerate(adapters):

@@ -208,6 +208,9 @@ def test_405_names_the_allowed_methods(server: LiveServer) -> None:
     assert response.status_code == 405
     assert response.headers["allow"] == "POST"
     assert response.json()["error"]["code"] == 405
+    # two routes on one path (GET and POST are separate routes): both are named
+    assert server.client.request("OPTIONS", "/v1/feedback").headers["allow"] == "GET, POST"
+    assert server.client.put("/v1/adapters/u/x").headers["allow"] == "DELETE, GET"
 
 
 def test_an_empty_pinned_version_is_refused(server: LiveServer) -> None:

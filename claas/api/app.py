@@ -19,6 +19,7 @@ from claas.api.dashboard import dashboard_router
 from claas.api.deps import Tokenizing
 from claas.api.errors import add_exception_handlers
 from claas.api.middleware import Metrics, add_middleware
+from claas.api.openapi import document_limits
 from claas.api.routes import adapters, claas_compat, feedback, openai, system
 from claas.runtime import Runtime
 
@@ -55,6 +56,7 @@ def create_app(runtime: Runtime) -> FastAPI:
     app.state.tokenizing = Tokenizing(runtime)
     app.state.ready = False
 
+    document_limits(app, runtime)
     add_middleware(app, runtime, metrics)
     add_exception_handlers(app)
     app.include_router(openai.router)

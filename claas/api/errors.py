@@ -9,6 +9,7 @@ unexpected exceptions are mapped here, in one place.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from claas.errors import ClaasError
 
@@ -43,7 +45,8 @@ _STATUS_MEANING = {
     409: "Conflicts with the current state (exists already, base-model rollout, …).",
     413: "The request body is over the server's limit.",
     422: "A field is invalid; the message names it.",
-    429: "The owner has too much feedback queued; retry after `Retry-After` seconds.",
+    429: "The owner is at a limit of work in flight (feedback queued, generations running); "
+    "retry after `Retry-After` seconds.",
     503: "The server is not ready.",
 }
 
@@ -88,11 +91,36 @@ async def _validation_error(request: Request, error: RequestValidationError) -> 
 async def _http_error(request: Request, error: StarletteHTTPException) -> JSONResponse:
     hint = {404: "no such route; see /docs", 405: "method not allowed; see /docs"}
     message = hint.get(error.status_code, str(error.detail))
+    headers = dict(error.headers or {})
+    if error.status_code == 405:
+        allowed = _allowed_methods(request)
+        headers["Allow"] = ", ".join(allowed)
+        message = f"method not allowed; this path takes {', '.join(allowed)} (see /docs)"
     return ErrorResponse(
-        error_body(error.status_code, message, "HTTPError"),
-        error.status_code,
-        headers=error.headers,  # Allow on a 405
+        error_body(error.status_code, message, "HTTPError"), error.status_code, headers=headers
     )
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route takes at this path. Starlette's own `Allow` names only the first
+    route whose path matched, where GET and POST on one path are two routes."""
+    methods: set[str] = set()
+    for route in _leaf_routes(request.app.router.routes):
+        match, _ = route.matches(request.scope)  # PARTIAL: the path matched, not the method
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)
+
+
+def _leaf_routes(routes: Iterable[Any]) -> Iterator[Any]:
+    """The routes of the app, those of included routers too (FastAPI wraps each included router
+    in one route; its routes carry their full paths, as claas includes routers without a prefix)."""
+    for route in routes:
+        included = getattr(route, "original_router", None)
+        if included is not None:
+            yield from _leaf_routes(included.routes)
+        else:
+            yield route
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:

@@ -6,33 +6,41 @@ checks, what each one answers. Errors share one body, `claas.api.errors.ErrorEnv
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic.config import JsonDict
 
 from claas.adapters import AdapterSpec
 from claas.errors import UnsupportedParameter
 from claas.feedback import FeedbackItem
-from claas.ids import LORA_ID_PATTERN
+from claas.ids import LORA_ID_PATTERN, Int64
 from claas.records import Adapter, AdapterVersion, FeedbackStatus
 from claas.records import FeedbackRequest as FeedbackRecord
-from claas.sdpo.prompts import Utf8Text
+from claas.sdpo.prompts import MAX_TEXT_CHARS, Utf8Text
 
 MAX_OFFSET = 10**9  # a page offset; SQLite's OFFSET is an int64, and anything near it is a bug
+
+
+def only(description: str, *allowed: JsonDict) -> WithJsonSchema:
+    """The documented schema of a field OpenAI has but this server honours only in part: just
+    the values it accepts (and null). Others are refused with a 400 naming the field
+    (`SamplingFields.refuse_unsupported`)."""
+    return WithJsonSchema({"anyOf": [*allowed, {"type": "null"}], "description": description})
 
 
 class TextPart(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     type: Literal["text"] = "text"
-    text: Utf8Text = Field(max_length=200_000)
+    text: Utf8Text = Field(max_length=MAX_TEXT_CHARS)
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "developer"]
-    content: Utf8Text | list[TextPart] = Field(max_length=200_000)
+    content: Utf8Text | list[TextPart] = Field(max_length=MAX_TEXT_CHARS)
 
     def as_template_message(self) -> dict[str, Any]:
         text = (
@@ -52,35 +60,74 @@ class StreamOptions(BaseModel):
     )
 
 
+_STREAM_OPTIONS_NEED_STREAM: JsonDict = {
+    "if": {"properties": {"stream_options": {"type": "object"}}, "required": ["stream_options"]},
+    "then": {"properties": {"stream": {"const": True}}, "required": ["stream"]},
+}
+_LOGIT_BIAS_SCHEMA: JsonDict = {
+    "anyOf": [
+        {
+            "type": "object",
+            "propertyNames": {"pattern": "^[0-9]{1,9}$", "maxLength": 9},
+            "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+            "maxProperties": 300,
+        },
+        {"type": "null"},
+    ],
+    "description": "Token id (as a string, like '1234') -> bias in -100..100 added to its logit.",
+}
+_STOP_STRING: JsonDict = {"type": "string", "minLength": 1, "maxLength": 200}
+_STOP_SCHEMA: JsonDict = {
+    "anyOf": [
+        _STOP_STRING,
+        {"type": "array", "items": _STOP_STRING, "maxItems": 8},
+        {"type": "null"},
+    ],
+    "description": "Up to 8 strings; the answer ends before the first (not included).",
+}
+
+
 class SamplingFields(BaseModel):
     """The fields chat and plain completions share, OpenAI's names and ranges.
 
     Unknown fields are refused (422, naming the field), and fields OpenAI has that this server
-    cannot honour are refused with a 400 naming them: a request is never half-obeyed.
+    cannot honour are refused with a 400 naming them: a request is never half-obeyed. The
+    schema documents what is accepted: the values of such a field that are honoured, and
+    `stream_options` only with `stream: true`. The operator's caps (`max_tokens`, `n`,
+    `messages`) are written into the served schema by `claas.api.openapi`.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(
+        extra="forbid", json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM]}
+    )
 
     model: Utf8Text = Field(min_length=1, max_length=300)
-    max_tokens: int | None = Field(None, ge=1)
-    max_completion_tokens: int | None = Field(None, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    max_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Chat: default the room left in the context, at most the server's cap.",
+    )
+    max_completion_tokens: int | None = Field(None, ge=1, description="Same as max_tokens.")
+    temperature: float = Field(
+        1.0, ge=0.0, le=2.0, description="0 (or below 1e-5) is greedy: the likeliest token."
+    )
+    top_p: float = Field(
+        1.0,
+        gt=0.0,
+        le=1.0,
+        description="Nucleus sampling; the likeliest token is always kept, however small top_p.",
+    )
     top_k: int | None = Field(
         None, ge=0, description="Beyond OpenAI (as vLLM): sample from the k likeliest; 0 = all."
     )
-    stop: Utf8Text | list[Utf8Text] | None = Field(
-        None, description="Up to 8 strings; the answer ends before the first (not included)."
-    )
-    seed: int | None = Field(None, ge=-(2**63), lt=2**63)
+    stop: Annotated[Utf8Text | list[Utf8Text] | None, WithJsonSchema(_STOP_SCHEMA)] = None
+    seed: Int64 | None = None
     n: int = Field(1, ge=1)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = Field(
-        None, description="Token id (as a string) -> bias in -100..100 added to its logit."
-    )
+    logit_bias: Annotated[dict[str, float] | None, WithJsonSchema(_LOGIT_BIAS_SCHEMA)] = None
     stream: bool = False
-    stream_options: StreamOptions | None = None
+    stream_options: StreamOptions | None = Field(None, description="Only with `stream: true`.")
     user: str | None = Field(None, max_length=256, description="Accepted; not used.")
     metadata: dict[str, str] | None = Field(None, description="Accepted; not used.")
     store: bool | None = Field(
@@ -132,32 +179,68 @@ class SamplingFields(BaseModel):
         return []
 
 
+_NO_TOOLS = "the models served here are not trained for tool calls; send no tools"
+_TOP_LOGPROBS_NEED_LOGPROBS: JsonDict = {
+    "if": {
+        "properties": {"top_logprobs": {"type": "integer", "minimum": 1}},
+        "required": ["top_logprobs"],
+    },
+    "then": {"properties": {"logprobs": {"const": True}}, "required": ["logprobs"]},
+}
+_NONE_OR_AUTO: JsonDict = {"enum": ["none", "auto"]}
+_NOTHING: JsonDict = {"type": "array", "maxItems": 0}
+
+
 class ChatCompletionRequest(SamplingFields):
+    model_config = ConfigDict(
+        json_schema_extra={"allOf": [_STREAM_OPTIONS_NEED_STREAM, _TOP_LOGPROBS_NEED_LOGPROBS]}
+    )
+
     messages: list[ChatMessage] = Field(min_length=1)
     logprobs: bool = Field(False, description="Return each answer token's log-prob.")
     top_logprobs: int | None = Field(
-        None, ge=0, le=20, description="With logprobs: also the k likeliest tokens per step."
+        None,
+        ge=0,
+        le=20,
+        description="With logprobs: also the k likeliest tokens per step (1..20 need "
+        "`logprobs: true`).",
     )
-    tools: list[dict[str, Any]] | None = None
-    tool_choice: str | dict[str, Any] | None = None
+    tools: Annotated[list[dict[str, Any]] | None, only(_NO_TOOLS, _NOTHING)] = None
+    tool_choice: Annotated[str | dict[str, Any] | None, only(_NO_TOOLS, _NONE_OR_AUTO)] = None
     parallel_tool_calls: bool | None = Field(None, description="Accepted; no tools are called.")
-    functions: list[dict[str, Any]] | None = None
-    function_call: str | dict[str, Any] | None = None
-    response_format: dict[str, Any] | None = None
-    modalities: list[str] | None = None
-    audio: dict[str, Any] | None = None
-    prediction: dict[str, Any] | None = None
-    reasoning_effort: str | None = None
-    web_search_options: dict[str, Any] | None = None
-    verbosity: str | None = None
+    functions: Annotated[list[dict[str, Any]] | None, only(_NO_TOOLS, _NOTHING)] = None
+    function_call: Annotated[str | dict[str, Any] | None, only(_NO_TOOLS, _NONE_OR_AUTO)] = None
+    response_format: Annotated[
+        dict[str, Any] | None,
+        only(
+            "Only {'type': 'text'}: ask for JSON in the prompt.",
+            {
+                "type": "object",
+                "properties": {"type": {"const": "text"}},
+                "required": ["type"],
+                "additionalProperties": False,
+            },
+        ),
+    ] = None
+    modalities: Annotated[
+        list[str] | None,
+        only(
+            "Text only.",
+            {"type": "array", "items": {"const": "text"}, "minItems": 1, "maxItems": 1},
+        ),
+    ] = None
+    audio: Annotated[dict[str, Any] | None, only("Not supported: text only.")] = None
+    prediction: Annotated[dict[str, Any] | None, only("Not supported.")] = None
+    reasoning_effort: Annotated[str | None, only("Not supported.")] = None
+    web_search_options: Annotated[dict[str, Any] | None, only("Not supported.")] = None
+    verbosity: Annotated[str | None, only("Not supported: ask in the prompt.")] = None
 
     def _unsupported(self) -> list[tuple[str, list[Any], str]]:
-        no_tools = "the models served here are not trained for tool calls; send no tools"
         return [
-            ("tools", [[]], no_tools),
-            ("tool_choice", ["none", "auto"], no_tools),  # with no tools, both mean none
-            ("functions", [[]], no_tools),
-            ("function_call", ["none", "auto"], no_tools),
+            ("tools", [[]], _NO_TOOLS),
+            ("tool_choice", ["none", "auto"], _NO_TOOLS),  # with no tools, both mean none
+            ("functions", [[]], _NO_TOOLS),
+            ("function_call", ["none", "auto"], _NO_TOOLS),
             (
                 "response_format",
                 [{"type": "text"}],
@@ -173,14 +256,20 @@ class ChatCompletionRequest(SamplingFields):
         ]
 
 
+COMPLETION_MAX_TOKENS = 16  # OpenAI's default for plain completions
+
+
 class CompletionRequest(SamplingFields):
-    prompt: Utf8Text = Field(min_length=1, max_length=200_000)
+    max_tokens: int | None = Field(
+        None, ge=1, description=f"Default {COMPLETION_MAX_TOKENS}, as OpenAI's."
+    )
+    prompt: Utf8Text = Field(min_length=1, max_length=MAX_TEXT_CHARS)
     logprobs: int | None = Field(
         None, ge=0, le=5, description="Return each token's log-prob and the k likeliest (0..5)."
     )
-    echo: bool | None = None
-    suffix: str | None = None
-    best_of: int | None = None
+    echo: Annotated[bool | None, only("The prompt is not echoed.", {"const": False})] = None
+    suffix: Annotated[str | None, only("Not supported.")] = None
+    best_of: Annotated[int | None, only("Only 1: ask for n answers.", {"const": 1})] = None
 
     def _unsupported(self) -> list[tuple[str, list[Any], str]]:
         return [
@@ -195,7 +284,7 @@ class ScoreRequest(BaseModel):
 
     model: Utf8Text = Field(min_length=1, max_length=300)
     messages: list[ChatMessage] = Field(min_length=1)
-    completion: Utf8Text = Field(min_length=1, max_length=200_000)
+    completion: Utf8Text = Field(min_length=1, max_length=MAX_TEXT_CHARS)
 
 
 class FeedbackRequestBody(BaseModel):
@@ -308,6 +397,63 @@ class TextCompletion(BaseModel):
     model: str
     choices: list[TextChoice]
     usage: Usage
+
+
+class ChatDelta(BaseModel):
+    role: Literal["assistant"] | None = Field(None, description="On each choice's first chunk.")
+    content: str | None = Field(None, description="The next piece of the answer's text.")
+
+
+class ChatChunkChoice(BaseModel):
+    index: int
+    delta: ChatDelta = Field(description="Empty on the choice's last chunk.")
+    logprobs: ChoiceLogprobs | None = Field(
+        description="With `logprobs: true`, the whole answer's, on the choice's last chunk."
+    )
+    finish_reason: Literal["stop", "length"] | None = Field(
+        description="On the choice's last chunk."
+    )
+
+
+class ChatCompletionChunk(BaseModel):
+    """One server-sent event of a streamed chat answer."""
+
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    usage: Usage | None = Field(
+        None,
+        description="Only with `stream_options.include_usage`: null, then the counts on a last "
+        "chunk with empty `choices`.",
+    )
+
+
+class TextChunkChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = Field(
+        description="With `logprobs`, the whole answer's, on the choice's last chunk."
+    )
+    finish_reason: Literal["stop", "length"] | None = Field(
+        description="On the choice's last chunk."
+    )
+
+
+class TextCompletionChunk(BaseModel):
+    """One server-sent event of a streamed plain completion."""
+
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[TextChunkChoice]
+    usage: Usage | None = Field(
+        None,
+        description="Only with `stream_options.include_usage`: null, then the counts on a last "
+        "chunk with empty `choices`.",
+    )
 
 
 class ScoreResponse(BaseModel):

@@ -38,8 +38,10 @@ class ClaasClient:
         self.url = url.rstrip("/")
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
+        # Retries (with Retry-After) ride out a 429 when --concurrency is over the server's
+        # CLAAS_MAX_CONCURRENT_GENERATIONS_PER_OWNER.
         self.chat_client = openai.OpenAI(
-            base_url=f"{self.url}/v1", api_key=api_key or "unused", max_retries=2, timeout=timeout
+            base_url=f"{self.url}/v1", api_key=api_key or "unused", max_retries=8, timeout=timeout
         )
 
     def close(self) -> None:

@@ -8,6 +8,7 @@ feedback queue registers as the adapter's next version.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
@@ -17,11 +18,16 @@ from claas.sdpo.prompts import HindsightStyle, utf8_text
 DivergenceMode = Literal["topk_gjs", "scalar_kl"]
 DIVERGENCE_MODES: tuple[DivergenceMode, ...] = get_args(DivergenceMode)
 FEEDBACK_MAX_CHARS = 8000
+# Text that is not blank has a character outside both Python's and ECMA-262's whitespace, so the
+# OpenAPI schema's pattern and `feedback_text` agree on every string.
+NOT_BLANK = (
+    r"[^\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
+)
 
 
 def feedback_text(value: str) -> str:
     """The one check of a feedback message: not blank, at most FEEDBACK_MAX_CHARS."""
-    if not value.strip():
+    if not re.search(NOT_BLANK, value):
         raise ValueError("feedback is empty; say what should change in the answer")
     if len(value) > FEEDBACK_MAX_CHARS:
         raise ValueError(
@@ -35,7 +41,7 @@ FeedbackText = Annotated[
     str,
     AfterValidator(utf8_text),
     AfterValidator(feedback_text),
-    Field(max_length=FEEDBACK_MAX_CHARS),
+    Field(max_length=FEEDBACK_MAX_CHARS, json_schema_extra={"pattern": NOT_BLANK}),
 ]
 
 # The learning-rate rule. Tinker's LoRA rule of thumb scales a learning rate with the model's
@@ -63,7 +69,17 @@ def default_learning_rate(hidden_size: int | None, model_type: str | None = None
 class TrainingConfig(BaseModel):
     """Hyper-parameters of one feedback request. `alpha` is the GJS mixing weight, nothing else."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        json_schema_extra={  # what `_demonstrations_need_topk` checks
+            "if": {
+                "properties": {"teacher_demonstrations": {"minimum": 1}},
+                "required": ["teacher_demonstrations"],
+            },
+            "then": {"properties": {"use_topk_divergence": {"const": True}}},
+        },
+    )
 
     use_topk_divergence: bool = True
     teacher_top_k: int = Field(100, ge=1, le=1000)

@@ -36,6 +36,10 @@ def utf8_text(value: str) -> str:
 
 
 Utf8Text = Annotated[str, AfterValidator(utf8_text)]
+# The longest text field of a request, in characters. JSON may spend 12 bytes on one character
+# (an escaped surrogate pair), so one character over this still fits the default 1 MB body and
+# gets its 422 naming the field, not a 413; and no model served here has a context that long.
+MAX_TEXT_CHARS = 64_000
 
 
 def chat_prompt_tokens(

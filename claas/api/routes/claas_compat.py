@@ -41,11 +41,12 @@ from pydantic import (
     BeforeValidator,
     ConfigDict,
     Field,
+    JsonValue,
     ValidatorFunctionWrapHandler,
     WrapValidator,
 )
 
-from claas.adapters import AdapterSpec
+from claas.adapters import ALL_TARGETS, AdapterSpec
 from claas.api.auth import Principal
 from claas.api.deps import Caller, RuntimeDep
 from claas.api.errors import error_responses
@@ -56,7 +57,7 @@ from claas.ids import LORA_ID_PATTERN, validate_lora_id
 from claas.records import FeedbackRequest
 from claas.runtime import Runtime
 from claas.sdpo.config import FeedbackText, TrainingConfig
-from claas.sdpo.prompts import Utf8Text
+from claas.sdpo.prompts import MAX_TEXT_CHARS, Utf8Text
 
 router = APIRouter(prefix="/v1", tags=["CLaaS compatibility"])
 
@@ -95,7 +96,12 @@ class ClaasLoraInit(BaseModel):
     )
     lora_r: int = Field(32, ge=1, le=256, description="The rank.")
     lora_alpha: float | None = Field(None, gt=0, le=4096, description="Omitted: claas's 32.")
-    target_modules: list[str] | None = Field(None, description="Omitted: attention + MLP.")
+    target_modules: list[str] | None = Field(
+        None,
+        min_length=1,
+        json_schema_extra={"items": {"enum": list[JsonValue](ALL_TARGETS)}},
+        description="Omitted: attention + MLP.",
+    )
 
 
 def _one_step_per_call(value: Any) -> Any:
@@ -112,9 +118,11 @@ class ClaasFeedbackItem(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     lora_id: str = Field(max_length=200, json_schema_extra={"pattern": LORA_ID_PATTERN})
-    prompt: Utf8Text = Field(min_length=1, max_length=200_000, description="The user message.")
+    prompt: Utf8Text = Field(
+        min_length=1, max_length=MAX_TEXT_CHARS, description="The user message."
+    )
     response: Utf8Text = Field(
-        min_length=1, max_length=200_000, description="The answer's visible text."
+        min_length=1, max_length=MAX_TEXT_CHARS, description="The answer's visible text."
     )
     feedback: FeedbackText
     training: ClaasTraining = Field(

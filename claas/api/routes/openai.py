@@ -19,11 +19,12 @@ import functools
 import json
 import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any, Literal
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any, Literal, TypeVar
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
+from starlette.background import BackgroundTask
 from tinker import types
 from transformers import PreTrainedTokenizerBase
 
@@ -31,10 +32,14 @@ from claas.api.auth import Principal
 from claas.api.deps import Caller, RuntimeDep, TokenizingDep
 from claas.api.errors import domain_error_body, error_body, error_responses
 from claas.api.schemas import (
+    COMPLETION_MAX_TOKENS,
     AssistantMessage,
     ChatChoice,
+    ChatChunkChoice,
     ChatCompletion,
+    ChatCompletionChunk,
     ChatCompletionRequest,
+    ChatDelta,
     ChoiceLogprobs,
     CompletionLogprobs,
     CompletionRequest,
@@ -44,18 +49,29 @@ from claas.api.schemas import (
     ScoreRequest,
     ScoreResponse,
     TextChoice,
+    TextChunkChoice,
     TextCompletion,
+    TextCompletionChunk,
     TokenLogprob,
     TopLogprob,
     Usage,
 )
 from claas.api.tokens import TokenText
-from claas.chat import Choice, Completion, ModelTarget, new_completion_id
+from claas.chat import Choice, Completion, GenerationSlot, ModelTarget, new_completion_id
 from claas.errors import AdapterNotFound, ClaasError, InvalidRequest
 from claas.ids import validate_lora_id
 from claas.runtime import Runtime
 
 router = APIRouter(prefix="/v1")
+_T = TypeVar("_T")
+
+
+class ClientGone(ClaasError):
+    """The client disconnected before its answer was ready (logged as nginx's 499)."""
+
+    status_code = 499
+
+
 log = logging.getLogger("claas.http")
 
 _SERVING_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -63,7 +79,7 @@ _SERVING_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "The completion; with stream=true, server-sent events.",
         "content": {"text/event-stream": {"schema": {"type": "string"}}},
     },
-    **error_responses(400, 401, 403, 404, 409, 413, 422),
+    **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
 }
 
 
@@ -101,7 +117,11 @@ def _adapter_card(lora_id: str, created_at: float) -> ModelCard:
 
 @router.post("/chat/completions", response_model=ChatCompletion, responses=_SERVING_RESPONSES)
 async def chat_completions(
-    body: ChatCompletionRequest, runtime: RuntimeDep, tokenizing: TokenizingDep, caller: Caller
+    body: ChatCompletionRequest,
+    request: Request,
+    runtime: RuntimeDep,
+    tokenizing: TokenizingDep,
+    caller: Caller,
 ) -> ChatCompletion | StreamingResponse:
     if len(body.messages) > runtime.settings.max_messages:
         raise InvalidRequest(
@@ -116,14 +136,17 @@ async def chat_completions(
     prompt = await tokenizing.chat(messages)
     params = _sampling_params(runtime, body, len(prompt))
     top_k = (body.top_logprobs or 0) if body.logprobs else 0
+    slot = runtime.chat.generations.take(_generation_owner(target, caller))
     if body.stream:
-        request = _Streamed(
+        asked = _Streamed(
             "chat.completion.chunk", target, prompt, messages, params, body, body.logprobs, top_k
         )
-        return _stream(runtime, request)
-    completion = await runtime.chat.complete(
-        target, prompt, messages, params, body.n, top_logprobs=top_k
-    )
+        return _stream(runtime, asked, slot)
+    with slot:
+        completion = await _unless_client_leaves(
+            request,
+            runtime.chat.complete(target, prompt, messages, params, body.n, top_logprobs=top_k),
+        )
     return ChatCompletion(
         id=completion.id,
         created=completion.created,
@@ -143,30 +166,39 @@ async def chat_completions(
 
 @router.post("/completions", response_model=TextCompletion, responses=_SERVING_RESPONSES)
 async def completions(
-    body: CompletionRequest, runtime: RuntimeDep, tokenizing: TokenizingDep, caller: Caller
+    body: CompletionRequest,
+    request: Request,
+    runtime: RuntimeDep,
+    tokenizing: TokenizingDep,
+    caller: Caller,
 ) -> TextCompletion | StreamingResponse:
     target = _target(runtime, caller, body.model)
     prompt = await tokenizing.text(body.prompt)
     messages = [{"role": "user", "content": body.prompt}]
-    params = _sampling_params(runtime, body, len(prompt))
+    params = _sampling_params(runtime, body, len(prompt), default=COMPLETION_MAX_TOKENS)
     wants_logprobs = body.logprobs is not None
     top_k = body.logprobs or 0
+    slot = runtime.chat.generations.take(_generation_owner(target, caller))
     if body.stream:
-        request = _Streamed(
+        asked = _Streamed(
             "text_completion", target, prompt, messages, params, body, wants_logprobs, top_k
         )
-        return _stream(runtime, request)
-    completion = await runtime.chat.complete(
-        target,
-        prompt,
-        messages,
-        params,
-        body.n,
-        prompt_text=body.prompt,
-        completion_id=new_completion_id("cmpl"),
-        prompt_format="text",
-        top_logprobs=top_k,
-    )
+        return _stream(runtime, asked, slot)
+    with slot:
+        completion = await _unless_client_leaves(
+            request,
+            runtime.chat.complete(
+                target,
+                prompt,
+                messages,
+                params,
+                body.n,
+                prompt_text=body.prompt,
+                completion_id=new_completion_id("cmpl"),
+                prompt_format="text",
+                top_logprobs=top_k,
+            ),
+        )
     return TextCompletion(
         id=completion.id,
         created=completion.created,
@@ -206,8 +238,10 @@ async def score(
 
 
 def _sampling_params(
-    runtime: Runtime, body: SamplingFields, prompt_len: int
+    runtime: Runtime, body: SamplingFields, prompt_len: int, default: int | None = None
 ) -> types.SamplingParams:
+    """`default`: max_tokens when the request sets none (None: the room left in the context,
+    at most the cap)."""
     body.refuse_unsupported()
     settings = runtime.settings
     asked = body.max_completion_tokens or body.max_tokens
@@ -222,6 +256,8 @@ def _sampling_params(
             f"n={body.n} is over this server's cap of {settings.max_samples}", param="n"
         )
     room = runtime.max_context - prompt_len
+    if asked is None and default is not None:
+        asked = min(default, settings.max_tokens_cap)
     max_tokens = asked if asked is not None else max(1, min(settings.max_tokens_cap, room))
     runtime.chat.check_fits(prompt_len, max_tokens)
     fields: dict[str, Any] = {
@@ -251,6 +287,40 @@ def _target(runtime: Runtime, caller: Principal, model: str) -> ModelTarget:
     except ClaasError as error:
         error.param = error.param or "model"
         raise
+
+
+def _generation_owner(target: ModelTarget, caller: Principal) -> str:
+    """Whose limit a generation counts against: the adapter's owner (as for feedback), or on
+    the base model the caller's ("" for every caller without a key of an owner)."""
+    if target.lora_id is not None:
+        return target.lora_id.partition("/")[0]
+    return caller.owner or ""
+
+
+async def _unless_client_leaves(request: Request, work: Awaitable[_T]) -> _T:
+    """`work`'s result, unless the client disconnects first: then `work` is cancelled (a chat's
+    rows leave the decoder at their next token) and ClientGone is raised. Nobody is left to
+    answer, and the batch is not slowed by an answer nobody reads."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiting in (task, gone):
+            if not waiting.done():
+                waiting.cancel()
+                with contextlib.suppress(BaseException):
+                    await waiting
+    if task.cancelled():
+        raise ClientGone("the client disconnected before the answer was ready; nothing was kept")
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client has gone (the body was read already: what comes next is the
+    disconnect)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _usage(completion: Completion) -> Usage:
@@ -348,40 +418,57 @@ class _Streamed:
         return self.kind == "chat.completion.chunk"
 
 
-def _stream(runtime: Runtime, request: _Streamed) -> StreamingResponse:
+def _stream(runtime: Runtime, request: _Streamed, slot: GenerationSlot) -> StreamingResponse:
     """Server-sent events as OpenAI sends them: per choice a first chunk with the role (chat),
     text deltas, a last chunk with `finish_reason` (and the log-probs, if asked); then a usage
-    chunk only with `stream_options.include_usage`; then [DONE]."""
+    chunk only with `stream_options.include_usage`; then [DONE]. `slot` is released when the
+    stream ends, however it ends."""
     queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
     chunk_id = new_completion_id("chatcmpl" if request.chat else "cmpl")
     created = int(time.time())
+    usage_field = {"usage": None} if request.include_usage else {}
 
-    def event(choices: list[dict[str, Any]], usage: Usage | None = None) -> str:
-        payload: dict[str, Any] = {
+    def event(payload: dict[str, Any]) -> str:
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def chunk(choices: list[Any], usage: Usage | None = None) -> str:
+        fields: dict[str, Any] = {
             "id": chunk_id,
             "object": request.kind,
             "created": created,
             "model": request.target.name,
             "choices": choices,
+            **usage_field,
         }
-        if request.include_usage:
-            payload["usage"] = usage.model_dump() if usage is not None else None
-        return f"data: {json.dumps(payload)}\n\n"
+        if usage is not None:
+            fields["usage"] = usage
+        model = ChatCompletionChunk if request.chat else TextCompletionChunk
+        return event(model.model_validate(fields).model_dump(exclude_unset=True))
 
     def choice(
-        index: int, text: str | None, finish: str | None, logprobs: Any = None
-    ) -> dict[str, Any]:
+        index: int,
+        text: str | None,
+        finish: Literal["stop", "length"] | None = None,
+        logprobs: ChoiceLogprobs | CompletionLogprobs | None = None,
+        first: bool = False,
+    ) -> ChatChunkChoice | TextChunkChoice:
         if request.chat:
-            delta: dict[str, Any] = {} if text is None else {"content": text}
-            return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
-        return {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            delta = ChatDelta(role="assistant", content="") if first else ChatDelta()
+            if text is not None:
+                delta.content = text
+            return ChatChunkChoice(
+                index=index, delta=delta, logprobs=logprobs, finish_reason=finish
+            )
+        return TextChunkChoice(
+            index=index, text=text or "", logprobs=logprobs, finish_reason=finish
+        )
 
-    def logprobs_of(done: Choice) -> Any:
+    def logprobs_of(done: Choice) -> ChoiceLogprobs | CompletionLogprobs | None:
         if not request.logprobs:
             return None
         if request.chat:
-            return _chat_logprobs(runtime.tokenizer, done).model_dump()
-        return _text_logprobs(runtime.tokenizer, done).model_dump()
+            return _chat_logprobs(runtime.tokenizer, done)
+        return _text_logprobs(runtime.tokenizer, done)
 
     async def events() -> AsyncIterator[str]:
         task = asyncio.create_task(
@@ -402,29 +489,35 @@ def _stream(runtime: Runtime, request: _Streamed) -> StreamingResponse:
         try:
             if request.chat:
                 for index in range(request.n):
-                    first = choice(index, "", None)
-                    first["delta"] = {"role": "assistant", "content": ""}
-                    yield event([first])
+                    yield chunk([choice(index, None, first=True)])
             while (item := await queue.get()) is not None:
                 if item[1]:
-                    yield event([choice(item[0], item[1], None)])
+                    yield chunk([choice(item[0], item[1])])
             completion = task.result()
             for done in completion.choices:
-                yield event([choice(done.index, None, done.finish_reason, logprobs_of(done))])
+                finish: Literal["stop", "length"] = (
+                    "stop" if done.finish_reason == "stop" else "length"
+                )
+                yield chunk([choice(done.index, None, finish, logprobs_of(done))])
             if request.include_usage:
-                yield event([], _usage(completion))
+                yield chunk([], _usage(completion))
         except ClaasError as error:
-            yield f"data: {json.dumps(domain_error_body(error))}\n\n"
+            yield event(domain_error_body(error))
         except Exception as error:
             # The 200 and its headers are sent: log it here, the error handler never sees it.
             log.exception("a streamed answer failed", extra={"completion_id": chunk_id})
-            failed = error_body(500, f"internal error ({type(error).__name__})", "Internal")
-            yield f"data: {json.dumps(failed)}\n\n"
+            yield event(
+                error_body(500, f"internal error ({type(error).__name__})", "InternalError")
+            )
         finally:
             if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
+            slot.release()
         yield "data: [DONE]\n\n"
 
-    return StreamingResponse(events(), media_type="text/event-stream")
+    # The background task frees the slot too, should the stream never start (release is once).
+    return StreamingResponse(
+        events(), media_type="text/event-stream", background=BackgroundTask(slot.release)
+    )

@@ -104,6 +104,13 @@ class ContinuousDecoder:
         self._inside = False  # the decoder's own work is running (no yield points inside it)
         self._yield_hooks: list[Any] = []
         self.widest_batch = 0  # the most rows one step has run (for tests and benchmarks)
+        self.rows_decoded = 0  # rows run by decode steps so far: one per sampled token
+
+    @property
+    def running_rows(self) -> int:
+        """Samples decoding now (a request with n samples has n rows)."""
+        rows = self._rows
+        return len(rows.jobs) if rows is not None else 0
 
     def submit(self, job: DecodeJob) -> None:
         """Queue a request. Its prefill and first token run urgently, ahead of the training
@@ -350,6 +357,7 @@ class ContinuousDecoder:
                 cache=rows.cache,
                 use_cache=True,
             )
+        self.rows_decoded += len(rows.jobs)
         logits = out.logits[:, -1]
         keep: list[int] = []
         finished: list[DecodeJob] = []

@@ -116,12 +116,17 @@ def apply_logit_rules(
     return logits
 
 
+# Temperatures below this are greedy (as vLLM's): dividing logits by a denormal overflows them.
+GREEDY_BELOW = 1e-5
+
+
 def choose_next(
     logits: torch.Tensor, rule: SamplingRule, generator: torch.Generator
 ) -> torch.Tensor:
-    """Pick one token per row of `logits` (n, V), after `apply_logit_rules`. Temperature 0 is
-    greedy."""
-    if rule.temperature <= 0:
+    """Pick one token per row of `logits` (n, V), after `apply_logit_rules`. A temperature
+    below `GREEDY_BELOW` is greedy; top-k and top-p always keep the likeliest token, so a top_p
+    as small as a denormal samples it alone."""
+    if rule.temperature < GREEDY_BELOW:
         return logits.argmax(dim=-1)
     scaled = logits.float() / rule.temperature
     if 0 < rule.top_k < scaled.shape[-1]:
@@ -129,9 +134,11 @@ def choose_next(
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     if rule.top_p < 1.0:
         sorted_logits, order = scaled.sort(dim=-1, descending=True)
-        cumulative = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-        # Keep the smallest prefix whose mass reaches top_p (the first token always stays).
-        drop_sorted = (cumulative - sorted_logits.softmax(dim=-1)) >= rule.top_p
+        probs = sorted_logits.softmax(dim=-1)
+        # Keep the smallest prefix whose mass reaches top_p; the first token always stays (in
+        # float32 a top_p below 1e-45 is 0, and a mass before it of 0 would reach it).
+        drop_sorted = (probs.cumsum(dim=-1) - probs) >= rule.top_p
+        drop_sorted[..., 0] = False
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         scaled = scaled.masked_fill(drop, float("-inf"))
     probs = scaled.softmax(dim=-1)
