@@ -282,12 +282,15 @@ class FeedbackItem(BaseModel):
 
     The completion id (the `id` of the chat completion, or of any chunk of a streamed one) is
     exact; the texts are matched after normalising whitespace, for callers that did not keep
-    the id. `training` overrides fields of the server's training config for this request.
+    the id. `example` is an answer you would have wanted: the teacher is shown it (what the
+    model never says, a name, can be taught). `training` overrides fields of the server's
+    training config for this request.
     """
 
     model_config = ConfigDict(extra="forbid")
 
     feedback: str
+    example: str | None = None
     completion_id: str | None = None
     choice_index: int = 0
     lora_id: str | None = None

@@ -48,6 +48,7 @@ from claas.ids import (
 )
 from claas.records import PENDING, AdapterVersion, FeedbackRequest, Rollout
 from claas.sdpo.config import (
+    ExampleText,
     FeedbackSample,
     FeedbackText,
     TrainedCheckpoint,
@@ -102,6 +103,11 @@ class FeedbackItem(BaseModel):
         None, max_length=MAX_TEXT_CHARS, description="The answer's text."
     )
     feedback: FeedbackText
+    example: ExampleText | None = Field(
+        None,
+        description="An answer you would have wanted. The teacher is shown it as an example "
+        "(never trained on as a target), so what the model never says, a name, can be taught.",
+    )
     training: TrainingConfig | None = None
 
     @model_validator(mode="after")
@@ -117,7 +123,7 @@ class FeedbackItem(BaseModel):
 @dataclass(frozen=True)
 class ResolvedFeedback:
     lora_id: str
-    items: list[dict[str, Any]]  # {"rollout_id", "feedback"}
+    items: list[dict[str, Any]]  # {"rollout_id", "feedback", "example" if given}
     training: TrainingConfig
 
 
@@ -180,6 +186,7 @@ class FeedbackQueue:
             lora_id=lora_ids[0],
             items=[
                 {"rollout_id": r.id, "feedback": item.feedback}
+                | ({"example": item.example} if item.example is not None else {})
                 for r, item in zip(rollouts, items, strict=True)
             ],
             training=configs.pop(),
@@ -488,6 +495,7 @@ class FeedbackQueue:
             response_tokens=rollout.response_tokens,
             behavior_logprobs=rollout.behavior_logprobs,
             feedback=item["feedback"],
+            example=item.get("example"),
             prompt_format=rollout.prompt_format,
         )
 

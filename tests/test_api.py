@@ -42,8 +42,9 @@ from serving import (
     train_once,
 )
 
+from claas.api.dashboard import feedback_rows
 from claas.models import LoadedModel
-from claas.sdpo.prompts import chat_prompt_tokens
+from claas.sdpo.prompts import EXAMPLE_INTRO, chat_prompt_tokens
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -617,6 +618,12 @@ BAD_INPUTS = [
     ),
     pytest.param(
         "POST", "/v1/feedback",
+        feedback_body({"completion_id": ANSWER, "feedback": "x", "example": "\u3000"}),
+        422, "empty",
+        id="feedback: a blank example -> 422 empty",
+    ),
+    pytest.param(
+        "POST", "/v1/feedback",
         feedback_body({"completion_id": ANSWER, "feedback": "x", "training": {"alpha": 2}}),
         422, "alpha",
         id="feedback: alpha out of range -> 422",
@@ -911,6 +918,29 @@ def test_schemathesis_with_every_check_finds_nothing(
     report = run.stdout + run.stderr
     assert run.returncode == 0, report[-20000:]
     assert "Stateful" in report and "failures" not in report.lower(), report[-5000:]
+
+
+def test_feedback_with_an_example_is_trained_with_it(server: LiveServer) -> None:
+    """An item's `example` is kept with the request and shown to the teacher: the dashboard's
+    teacher prompt, rendered by the engine's own function, carries it."""
+    create(server, "alice/named")
+    answer = chat(server, "alice/named").json()["id"]
+    item = {
+        "completion_id": answer,
+        "feedback": "Your name is Kuro.",
+        "example": "I'm Kuro.",
+        "training": {"steps_per_batch": 1},
+    }
+    done = server.client.post("/v1/feedback?wait=true", json={"items": [item]}).json()
+    assert done["status"] == "done", done
+    assert done["items"] == [
+        {"rollout_id": answer, "feedback": "Your name is Kuro.", "example": "I'm Kuro."}
+    ]
+    request = server.runtime.store.get_feedback(done["feedback_id"])
+    (row,) = feedback_rows(server.runtime, [request])
+    (sample,) = row.samples
+    assert sample.teacher_prompt is not None
+    assert "Your name is Kuro.)\n\n" + EXAMPLE_INTRO + "\nI'm Kuro." in sample.teacher_prompt
 
 
 def test_a_bad_request_in_a_coalesced_batch_fails_alone(server: LiveServer) -> None:

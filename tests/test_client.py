@@ -450,3 +450,11 @@ def test_importing_the_client_loads_no_torch() -> None:
     code = "import sys, claas.client; print(sorted({'torch', 'fastapi'} & set(sys.modules)))"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_the_clients_feedback_item_has_every_field_the_server_takes() -> None:
+    """The client's `FeedbackItem` is written apart from the server's (it imports no server
+    code): a field the server gains must be sendable from the client too."""
+    from claas.feedback import FeedbackItem as ServerFeedbackItem
+
+    assert set(FeedbackItem.model_fields) == set(ServerFeedbackItem.model_fields)

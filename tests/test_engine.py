@@ -32,7 +32,12 @@ from claas.models import LoadedModel, tiny_llama
 from claas.sdpo import datums, divergence
 from claas.sdpo.config import TrainedCheckpoint
 from claas.sdpo.engine import FeedbackSample, SDPOEngine, TrainingConfig, default_learning_rate
-from claas.sdpo.prompts import chat_prompt_tokens, teacher_prompt_tokens
+from claas.sdpo.prompts import (
+    EXAMPLE_INTRO,
+    EXAMPLE_OUTRO,
+    chat_prompt_tokens,
+    teacher_prompt_tokens,
+)
 from claas.services.local import LocalServiceClient, LocalTrainingClient
 from claas.store import Store
 
@@ -725,6 +730,40 @@ def test_text_prompt_rollouts_get_a_raw_teacher_prompt(harness: Harness) -> None
     teacher_text = result.teacher_texts[0]
     assert teacher_text.startswith(prompt_text + "\n\n(Instruction for your answer: Answer with")
     assert "<|im_start|>" not in teacher_text
+
+
+def test_an_example_goes_into_the_teachers_prompt_only(harness: Harness) -> None:
+    """`example` is shown to the teacher after the feedback, in both hindsight styles; the
+    student's prompt and the response it trains on are its own."""
+    messages = [{"role": "user", "content": "Who are you?"}]
+    prompt = chat_prompt_tokens(harness.tokenizer, messages)
+    version = harness.store.latest_version(LORA)
+    assert version is not None
+    sampler = harness.service.create_sampling_client(model_path=version.sampler_path).result()
+    out = sampler.sample(
+        types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=6, seed=0)
+    ).result()
+    example = "I'm Kuro, your assistant."
+    sample = FeedbackSample(
+        lora_id=LORA,
+        messages=messages,
+        prompt_tokens=prompt,
+        response_tokens=out.sequences[0].tokens,
+        behavior_logprobs=list(out.sequences[0].logprobs or []),
+        feedback="Your name is Kuro.",
+        example=example,
+    )
+    for style in ("instruction", "context"):
+        config = TrainingConfig(steps_per_batch=1, hindsight=style)
+        teacher = harness.distill([sample], config).teacher_texts[0]
+        feedback_at, example_at = teacher.index("Your name is Kuro."), teacher.index(example)
+        assert feedback_at < teacher.index(EXAMPLE_INTRO) < example_at
+        assert teacher.index(EXAMPLE_OUTRO) > example_at
+        assert teacher.endswith(harness.tokenizer.decode(out.sequences[0].tokens))
+        plain = sample.model_copy(update={"example": None})
+        assert EXAMPLE_INTRO not in harness.distill([plain], config).teacher_texts[0]
+    with pytest.raises(ValidationError, match="empty"):
+        FeedbackSample.model_validate({**sample.model_dump(), "example": " \n "})
 
 
 def test_the_default_learning_rate_follows_the_hidden_size() -> None:

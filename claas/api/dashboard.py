@@ -223,7 +223,12 @@ class FeedbackRow:
 
 
 def teacher_prompt_text(
-    tokenizer: Any, rollout: Rollout, feedback: str, repetitions: int, style: HindsightStyle
+    tokenizer: Any,
+    rollout: Rollout,
+    feedback: str,
+    repetitions: int,
+    style: HindsightStyle,
+    example: str | None = None,
 ) -> str:
     """The teacher's prompt for one sample, as text: the engine's own tokens, decoded.
 
@@ -232,7 +237,7 @@ def teacher_prompt_text(
     chat template included).
     """
     tokens = rollout_teacher_prompt_tokens(
-        tokenizer, rollout.messages, rollout.prompt_format, feedback, repetitions, style
+        tokenizer, rollout.messages, rollout.prompt_format, feedback, repetitions, style, example
     )
     return str(tokenizer.decode(tokens))
 
@@ -257,7 +262,10 @@ def _sample_view(
         note = "no tokenizer loaded: the teacher prompt cannot be rendered"
     else:
         try:
-            teacher = teacher_prompt_text(tokenizer, rollout, feedback, repetitions, style)
+            example = item.get("example")
+            teacher = teacher_prompt_text(
+                tokenizer, rollout, feedback, repetitions, style, str(example) if example else None
+            )
         except (ValueError, KeyError, TypeError) as error:
             note = f"the teacher prompt cannot be rendered: {error}"
     return SampleView(rollout_id, feedback, messages, rollout.response_text, teacher, note)

@@ -44,6 +44,13 @@ FeedbackText = Annotated[
     Field(max_length=FEEDBACK_MAX_CHARS, json_schema_extra={"pattern": NOT_BLANK}),
 ]
 
+ExampleText = Annotated[
+    str,
+    AfterValidator(utf8_text),
+    AfterValidator(feedback_text),  # the same checks: not blank, at most FEEDBACK_MAX_CHARS
+    Field(max_length=FEEDBACK_MAX_CHARS, json_schema_extra={"pattern": NOT_BLANK}),
+]
+
 # The learning-rate rule. Tinker's LoRA rule of thumb scales a learning rate with the model's
 # hidden size H as (2000 / H) ** P, with P = 0.781 for Llama-family models and 0.0775 for Qwen
 # (tinker-cookbook's `hyperparam_utils.get_lr`). claas keeps that shape and calibrates its
@@ -138,6 +145,10 @@ class FeedbackSample(BaseModel):
     response_tokens: list[int]
     behavior_logprobs: list[float]
     feedback: FeedbackText
+    example: ExampleText | None = Field(
+        None,
+        description="An answer the user wanted, shown to the teacher (prompts.hindsight_block)",
+    )
     prompt_format: Literal["chat", "text"] = Field(
         "chat", description="text: the prompt was raw text (messages[-1] holds it), not chat"
     )

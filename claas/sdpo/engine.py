@@ -286,6 +286,7 @@ class SDPOEngine:
                 sample.feedback,
                 config.feedback_repetitions,
                 config.hindsight,
+                sample.example,
             )
         except (ValueError, KeyError) as error:
             raise InvalidFeedback(f"cannot build the teacher prompt: {error}") from error

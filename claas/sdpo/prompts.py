@@ -77,16 +77,30 @@ HindsightStyle = Literal["instruction", "context"]
 INSTRUCTION_PREFIX = "(Instruction for your answer: "
 
 
+EXAMPLE_INTRO = "An example of the answer wanted:"
+EXAMPLE_OUTRO = "Now write your own answer."
+
+
 def hindsight_block(
-    feedback: str, repetitions: int = 1, style: HindsightStyle = "instruction"
+    feedback: str,
+    repetitions: int = 1,
+    style: HindsightStyle = "instruction",
+    example: str | None = None,
 ) -> str:
     """What is appended to the last user turn, after a blank line: the feedback as an
-    instruction in parentheses, or the header, the intro and the feedback (`context`)."""
+    instruction in parentheses, or the header, the intro and the feedback (`context`). An
+    `example` of the answer wanted follows it, as SDFT shows its teacher a demonstration: the
+    teacher can copy what the student never says (a name), and the student still learns on its
+    own samples."""
     if style == "instruction":
         hint = " ".join([feedback.strip()] * repetitions)
-        return f"\n\n{INSTRUCTION_PREFIX}{hint})"
-    hint = "\n\n".join([feedback.strip()] * repetitions)
-    return f"\n\n{HINDSIGHT_HEADER}\n{HINDSIGHT_INTRO}\n{hint}"
+        block = f"\n\n{INSTRUCTION_PREFIX}{hint})"
+    else:
+        hint = "\n\n".join([feedback.strip()] * repetitions)
+        block = f"\n\n{HINDSIGHT_HEADER}\n{HINDSIGHT_INTRO}\n{hint}"
+    if example is not None:
+        block += f"\n\n{EXAMPLE_INTRO}\n{example.strip()}\n\n{EXAMPLE_OUTRO}"
+    return block
 
 
 def teacher_messages(
@@ -94,6 +108,7 @@ def teacher_messages(
     feedback: str,
     repetitions: int = 1,
     style: HindsightStyle = "instruction",
+    example: str | None = None,
 ) -> list[dict[str, Any]]:
     """The student's conversation with `feedback` appended to the last user turn as hindsight.
 
@@ -104,7 +119,7 @@ def teacher_messages(
     last_user = max((i for i, m in enumerate(rendered) if m["role"] == "user"), default=None)
     if last_user is None:
         raise ValueError("the conversation has no user turn to attach the feedback to")
-    rendered[last_user]["content"] += hindsight_block(feedback, repetitions, style)
+    rendered[last_user]["content"] += hindsight_block(feedback, repetitions, style, example)
     return rendered
 
 
@@ -114,12 +129,14 @@ def teacher_prompt_tokens(
     feedback: str,
     repetitions: int = 1,
     style: HindsightStyle = "instruction",
+    example: str | None = None,
 ) -> list[int]:
     """The teacher's prompt: hindsight messages, chat template, generation prompt.
 
     The response tokens are appended unchanged by the caller, never re-encoded or truncated.
     """
-    return chat_prompt_tokens(tokenizer, teacher_messages(messages, feedback, repetitions, style))
+    hindsight = teacher_messages(messages, feedback, repetitions, style, example)
+    return chat_prompt_tokens(tokenizer, hindsight)
 
 
 def teacher_text_prompt_tokens(
@@ -128,10 +145,11 @@ def teacher_text_prompt_tokens(
     feedback: str,
     repetitions: int = 1,
     style: HindsightStyle = "instruction",
+    example: str | None = None,
 ) -> list[int]:
     """The teacher's prompt for a raw-text rollout (/v1/completions): no chat template, the
     student's prompt text with the same hindsight block appended."""
-    block = hindsight_block(feedback, repetitions, style)
+    block = hindsight_block(feedback, repetitions, style, example)
     return [int(t) for t in tokenizer.encode(prompt + block)]
 
 
@@ -142,11 +160,12 @@ def rollout_teacher_prompt_tokens(
     feedback: str,
     repetitions: int = 1,
     style: HindsightStyle = "instruction",
+    example: str | None = None,
 ) -> list[int]:
     """The teacher's prompt for a stored rollout of either kind: a chat rollout's messages, or
     a raw-text rollout whose prompt is the last message's text. The engine trains with it and
     the dashboard shows it, so both render the same tokens."""
     if prompt_format == "text":
         prompt = message_text(messages[-1]["content"])
-        return teacher_text_prompt_tokens(tokenizer, prompt, feedback, repetitions, style)
-    return teacher_prompt_tokens(tokenizer, messages, feedback, repetitions, style)
+        return teacher_text_prompt_tokens(tokenizer, prompt, feedback, repetitions, style, example)
+    return teacher_prompt_tokens(tokenizer, messages, feedback, repetitions, style, example)
