@@ -98,7 +98,7 @@ class Choice:
     text: str
     tokens: list[int]
     logprobs: list[float]
-    finish_reason: str
+    finish_reason: types.StopReason
     # With `top_logprobs`: per token, the k likeliest (token id, log-prob) under the model.
     top_logprobs: list[list[tuple[int, float]]] | None = None
 

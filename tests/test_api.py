@@ -619,8 +619,8 @@ BAD_INPUTS = [
     pytest.param(
         "POST", "/v1/feedback",
         feedback_body({"completion_id": ANSWER, "feedback": "x", "example": "\u3000"}),
-        422, "empty",
-        id="feedback: a blank example -> 422 empty",
+        422, "example is empty",
+        id="feedback: a blank example -> 422 example is empty",
     ),
     pytest.param(
         "POST", "/v1/feedback",

@@ -735,23 +735,9 @@ def test_text_prompt_rollouts_get_a_raw_teacher_prompt(harness: Harness) -> None
 def test_an_example_goes_into_the_teachers_prompt_only(harness: Harness) -> None:
     """`example` is shown to the teacher after the feedback, in both hindsight styles; the
     student's prompt and the response it trains on are its own."""
-    messages = [{"role": "user", "content": "Who are you?"}]
-    prompt = chat_prompt_tokens(harness.tokenizer, messages)
-    version = harness.store.latest_version(LORA)
-    assert version is not None
-    sampler = harness.service.create_sampling_client(model_path=version.sampler_path).result()
-    out = sampler.sample(
-        types.ModelInput.from_ints(prompt), 1, types.SamplingParams(max_tokens=6, seed=0)
-    ).result()
     example = "I'm Kuro, your assistant."
-    sample = FeedbackSample(
-        lora_id=LORA,
-        messages=messages,
-        prompt_tokens=prompt,
-        response_tokens=out.sequences[0].tokens,
-        behavior_logprobs=list(out.sequences[0].logprobs or []),
-        feedback="Your name is Kuro.",
-        example=example,
+    sample = harness.sample_for("Who are you?", max_tokens=6).model_copy(
+        update={"feedback": "Your name is Kuro.", "example": example}
     )
     for style in ("instruction", "context"):
         config = TrainingConfig(steps_per_batch=1, hindsight=style)
@@ -759,10 +745,10 @@ def test_an_example_goes_into_the_teachers_prompt_only(harness: Harness) -> None
         feedback_at, example_at = teacher.index("Your name is Kuro."), teacher.index(example)
         assert feedback_at < teacher.index(EXAMPLE_INTRO) < example_at
         assert teacher.index(EXAMPLE_OUTRO) > example_at
-        assert teacher.endswith(harness.tokenizer.decode(out.sequences[0].tokens))
+        assert teacher.endswith(harness.tokenizer.decode(sample.response_tokens))
         plain = sample.model_copy(update={"example": None})
         assert EXAMPLE_INTRO not in harness.distill([plain], config).teacher_texts[0]
-    with pytest.raises(ValidationError, match="empty"):
+    with pytest.raises(ValidationError, match="example is empty"):
         FeedbackSample.model_validate({**sample.model_dump(), "example": " \n "})
 
 

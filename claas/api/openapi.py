@@ -49,14 +49,14 @@ def document_limits(app: FastAPI, runtime: Runtime) -> None:
 def _write_caps(models: dict[str, Any], runtime: Runtime) -> None:
     settings = runtime.settings
     caps = [
-        ("max_tokens", "maximum", settings.max_tokens_cap),
-        ("max_completion_tokens", "maximum", settings.max_tokens_cap),
-        ("n", "maximum", settings.max_samples),
-        ("messages", "maxItems", settings.max_messages),
+        ("max_tokens", settings.max_tokens_cap),
+        ("max_completion_tokens", settings.max_tokens_cap),
+        ("n", settings.max_samples),
     ]
+    _bound(models["ChatCompletionRequest"], "messages", "maxItems", settings.max_messages)
     for name in ("ChatCompletionRequest", "CompletionRequest"):
-        for field, keyword, value in caps:
-            _bound(models[name], field, keyword, value)
+        for field, value in caps:
+            _bound(models[name], field, "maximum", value)
         bias = models[name]["properties"]["logit_bias"]["anyOf"][0]
         bias["propertyNames"]["pattern"] = decimal_below(len(runtime.tokenizer))
     bases = runtime.adapters.allowed_base_models
@@ -70,10 +70,7 @@ def _write_caps(models: dict[str, Any], runtime: Runtime) -> None:
 def _bound(model: dict[str, Any], field: str, keyword: str, value: int) -> None:
     """Set `keyword` on the field's schema (on its non-null branch, for an optional field),
     never loosening what the model already says."""
-    properties = model["properties"]
-    if field not in properties:
-        return
-    schema = properties[field]
+    schema = model["properties"][field]
     branches = [b for b in schema.get("anyOf", [schema]) if b.get("type") != "null"]
     for branch in branches:
         branch[keyword] = min(value, branch.get(keyword, value))

@@ -415,19 +415,24 @@ class ChatChunkChoice(BaseModel):
     )
 
 
-class ChatCompletionChunk(BaseModel):
-    """One server-sent event of a streamed chat answer."""
+class _Chunk(BaseModel):
+    """What every server-sent event of a streamed answer has, besides its choices."""
 
     id: str
-    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     created: int
     model: str
-    choices: list[ChatChunkChoice]
     usage: Usage | None = Field(
         None,
         description="Only with `stream_options.include_usage`: null, then the counts on a last "
         "chunk with empty `choices`.",
     )
+
+
+class ChatCompletionChunk(_Chunk):
+    """One server-sent event of a streamed chat answer."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
 
 
 class TextChunkChoice(BaseModel):
@@ -441,19 +446,11 @@ class TextChunkChoice(BaseModel):
     )
 
 
-class TextCompletionChunk(BaseModel):
+class TextCompletionChunk(_Chunk):
     """One server-sent event of a streamed plain completion."""
 
-    id: str
     object: Literal["text_completion"] = "text_completion"
-    created: int
-    model: str
     choices: list[TextChunkChoice]
-    usage: Usage | None = Field(
-        None,
-        description="Only with `stream_options.include_usage`: null, then the counts on a last "
-        "chunk with empty `choices`.",
-    )
 
 
 class ScoreResponse(BaseModel):

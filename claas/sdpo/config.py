@@ -19,37 +19,43 @@ DivergenceMode = Literal["topk_gjs", "scalar_kl"]
 DIVERGENCE_MODES: tuple[DivergenceMode, ...] = get_args(DivergenceMode)
 FEEDBACK_MAX_CHARS = 8000
 # Text that is not blank has a character outside both Python's and ECMA-262's whitespace, so the
-# OpenAPI schema's pattern and `feedback_text` agree on every string.
+# OpenAPI schema's pattern and `short_text` agree on every string.
 NOT_BLANK = (
     r"[^\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
 )
 
 
-def feedback_text(value: str) -> str:
-    """The one check of a feedback message: not blank, at most FEEDBACK_MAX_CHARS."""
+def short_text(value: str, name: str, when_empty: str, when_long: str) -> str:
+    """The one check of a feedback message or an example: not blank, at most
+    FEEDBACK_MAX_CHARS; each error names the field and says what to do."""
     if not re.search(NOT_BLANK, value):
-        raise ValueError("feedback is empty; say what should change in the answer")
+        raise ValueError(f"{name} is empty; {when_empty}")
     if len(value) > FEEDBACK_MAX_CHARS:
         raise ValueError(
-            f"feedback is {len(value)} characters, over the limit of {FEEDBACK_MAX_CHARS}; "
-            "say what should change in fewer words"
+            f"{name} is {len(value)} characters, over the limit of {FEEDBACK_MAX_CHARS}; "
+            f"{when_long}"
         )
     return value
 
 
-FeedbackText = Annotated[
-    str,
-    AfterValidator(utf8_text),
-    AfterValidator(feedback_text),
-    Field(max_length=FEEDBACK_MAX_CHARS, json_schema_extra={"pattern": NOT_BLANK}),
-]
+def feedback_text(value: str) -> str:
+    return short_text(
+        value,
+        "feedback",
+        "say what should change in the answer",
+        "say what should change in fewer words",
+    )
 
-ExampleText = Annotated[
-    str,
-    AfterValidator(utf8_text),
-    AfterValidator(feedback_text),  # the same checks: not blank, at most FEEDBACK_MAX_CHARS
-    Field(max_length=FEEDBACK_MAX_CHARS, json_schema_extra={"pattern": NOT_BLANK}),
-]
+
+def example_text(value: str) -> str:
+    return short_text(
+        value, "example", "give the answer you wanted, or leave example out", "give a shorter one"
+    )
+
+
+_SHORT_TEXT = Field(max_length=FEEDBACK_MAX_CHARS, json_schema_extra={"pattern": NOT_BLANK})
+FeedbackText = Annotated[str, AfterValidator(utf8_text), AfterValidator(feedback_text), _SHORT_TEXT]
+ExampleText = Annotated[str, AfterValidator(utf8_text), AfterValidator(example_text), _SHORT_TEXT]
 
 # The learning-rate rule. Tinker's LoRA rule of thumb scales a learning rate with the model's
 # hidden size H as (2000 / H) ** P, with P = 0.781 for Llama-family models and 0.0775 for Qwen

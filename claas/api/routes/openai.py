@@ -75,10 +75,8 @@ class ClientGone(ClaasError):
 log = logging.getLogger("claas.http")
 
 _SERVING_RESPONSES: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "The completion; with stream=true, server-sent events.",
-        "content": {"text/event-stream": {"schema": {"type": "string"}}},
-    },
+    # the text/event-stream events are documented by claas.api.openapi
+    200: {"description": "The completion; with stream=true, server-sent events."},
     **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
 }
 
@@ -426,7 +424,6 @@ def _stream(runtime: Runtime, request: _Streamed, slot: GenerationSlot) -> Strea
     queue: asyncio.Queue[tuple[int, str] | None] = asyncio.Queue()
     chunk_id = new_completion_id("chatcmpl" if request.chat else "cmpl")
     created = int(time.time())
-    usage_field = {"usage": None} if request.include_usage else {}
 
     def event(payload: dict[str, Any]) -> str:
         return f"data: {json.dumps(payload)}\n\n"
@@ -438,9 +435,8 @@ def _stream(runtime: Runtime, request: _Streamed, slot: GenerationSlot) -> Strea
             "created": created,
             "model": request.target.name,
             "choices": choices,
-            **usage_field,
         }
-        if usage is not None:
+        if request.include_usage:  # null on every chunk but the counts' own
             fields["usage"] = usage
         model = ChatCompletionChunk if request.chat else TextCompletionChunk
         return event(model.model_validate(fields).model_dump(exclude_unset=True))
@@ -448,7 +444,7 @@ def _stream(runtime: Runtime, request: _Streamed, slot: GenerationSlot) -> Strea
     def choice(
         index: int,
         text: str | None,
-        finish: Literal["stop", "length"] | None = None,
+        finish: types.StopReason | None = None,
         logprobs: ChoiceLogprobs | CompletionLogprobs | None = None,
         first: bool = False,
     ) -> ChatChunkChoice | TextChunkChoice:
@@ -495,10 +491,7 @@ def _stream(runtime: Runtime, request: _Streamed, slot: GenerationSlot) -> Strea
                     yield chunk([choice(item[0], item[1])])
             completion = task.result()
             for done in completion.choices:
-                finish: Literal["stop", "length"] = (
-                    "stop" if done.finish_reason == "stop" else "length"
-                )
-                yield chunk([choice(done.index, None, finish, logprobs_of(done))])
+                yield chunk([choice(done.index, None, done.finish_reason, logprobs_of(done))])
             if request.include_usage:
                 yield chunk([], _usage(completion))
         except ClaasError as error:
