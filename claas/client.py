@@ -67,6 +67,8 @@ __all__ = [
     "FeedbackTimeout",
     "FeedbackView",
     "Health",
+    "MemoryForgotten",
+    "MemoryItem",
     "NotFoundError",
     "PermissionDeniedError",
     "RateLimitError",
@@ -230,6 +232,24 @@ class AdapterDeleted(_Answer):
     versions_removed: int
 
 
+class MemoryItem(_Answer):
+    """One lesson an adapter remembers (the server's `MemoryView`): replayed by later feedback."""
+
+    id: str
+    lora_id: str
+    feedback_id: str
+    messages: list[dict[str, Any]]
+    prompt_format: Literal["chat", "text"]
+    feedback: str
+    example: str | None
+    created_at: float
+
+
+class MemoryForgotten(_Answer):
+    lora_id: str
+    forgotten: int
+
+
 class FeedbackAccepted(_Answer):
     """A feedback request admitted to the queue; it is trained in arrival order."""
 
@@ -362,6 +382,23 @@ def _archive(lora_id: str, version: int | None) -> _Request[bytes]:
     params: dict[str, str | int | float] = {} if version is None else {"version": version}
     path = f"{_adapter_path(lora_id)}/export"
     return _Request("GET", path, lambda response: response.content, params=params)
+
+
+def _memory(lora_id: str, limit: int, offset: int) -> _Request[list[MemoryItem]]:
+    def parse(response: httpx.Response) -> list[MemoryItem]:
+        return [MemoryItem.model_validate(m) for m in response.json()["data"]]
+
+    params: dict[str, str | int | float] = {"limit": limit, "offset": offset}
+    return _Request("GET", f"{_adapter_path(lora_id)}/memory", parse, params=params)
+
+
+def _forget(lora_id: str, memory_id: str | None) -> _Request[MemoryForgotten]:
+    path = f"{_adapter_path(lora_id)}/memory"
+    if memory_id is not None:
+        if not memory_id:
+            raise ValueError("give a memory item's id, or None to forget them all")
+        path += f"/{quote(memory_id, safe='')}"
+    return _Request("DELETE", path, _as(MemoryForgotten))
 
 
 def _unpack(archive: bytes, directory: str | os.PathLike[str]) -> Path:
@@ -546,6 +583,16 @@ class AdaptersAPI:
         """Delete the adapter, all its versions and its feedback requests."""
         return self._client._call(_Request("DELETE", _adapter_path(lora_id), _as(AdapterDeleted)))
 
+    def memory(self, lora_id: str, limit: int = 50, offset: int = 0) -> builtins.list[MemoryItem]:
+        """What the adapter remembers of its feedback (replayed by later requests), newest
+        first."""
+        return self._client._call(_memory(lora_id, limit, offset))
+
+    def forget(self, lora_id: str, memory_id: str | None = None) -> MemoryForgotten:
+        """Forget one remembered lesson, or (`memory_id` None) all of them; no later request
+        replays it. What the weights learned stays: roll back or delete to undo that."""
+        return self._client._call(_forget(lora_id, memory_id))
+
     def archive(self, lora_id: str, version: int | None = None) -> bytes:
         """A version (default: the current one) as a zip of its PEFT directory."""
         return self._client._call(_archive(lora_id, version))
@@ -680,6 +727,14 @@ class AsyncAdaptersAPI:
     async def delete(self, lora_id: str) -> AdapterDeleted:
         request = _Request("DELETE", _adapter_path(lora_id), _as(AdapterDeleted))
         return await self._client._call(request)
+
+    async def memory(
+        self, lora_id: str, limit: int = 50, offset: int = 0
+    ) -> builtins.list[MemoryItem]:
+        return await self._client._call(_memory(lora_id, limit, offset))
+
+    async def forget(self, lora_id: str, memory_id: str | None = None) -> MemoryForgotten:
+        return await self._client._call(_forget(lora_id, memory_id))
 
     async def archive(self, lora_id: str, version: int | None = None) -> bytes:
         return await self._client._call(_archive(lora_id, version))

@@ -82,6 +82,10 @@ class FeedbackNotFound(NotFound):
     pass
 
 
+class MemoryNotFound(NotFound):
+    pass
+
+
 class CheckpointNotFound(NotFound):
     """A checkpoint path that does not exist or lies outside the storage dir."""
 

@@ -11,6 +11,14 @@ and training config that queued up while a step was running are coalesced into o
 already registered its version in the store, so the next chat is served by it: the engine
 returns the trained checkpoint, and `train_and_register` makes it the adapter's next version.
 
+**Memory.** When a request has trained, what it taught (each sample's conversation up to the
+answer, its feedback and example) is kept as the adapter's memory, in the same transaction that
+marks it done (at most `memory_items` per adapter, the oldest forgotten first). Each later request
+re-teaches `TrainingConfig.replay` items of it, chosen by `choose_replay`, on fresh answers from
+the version being trained, each with its own feedback in the teacher's prompt: on-policy replay,
+so a new preference does not push out what earlier feedback taught. Memory is deleted with its
+adapter, and users list and forget items through the API.
+
     queue = FeedbackQueue(store, engine, max_coalesce=8, purge_interval=600)
     queue.start()  # and, every purge_interval seconds, expired rollouts are purged
     request = await queue.admit(items, owner=None)  # None: no owner scoping (the admin)
@@ -21,8 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import random
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -46,11 +57,13 @@ from claas.ids import (
     validate_lora_id,
     visible_to,
 )
-from claas.records import PENDING, AdapterVersion, FeedbackRequest, Rollout
+from claas.records import PENDING, AdapterVersion, FeedbackRequest, MemoryItem, Rollout
 from claas.sdpo.config import (
     ExampleText,
     FeedbackSample,
     FeedbackText,
+    Lesson,
+    ReplayChoice,
     TrainedCheckpoint,
     TrainFrom,
     TrainingConfig,
@@ -137,8 +150,10 @@ class FeedbackQueue:
         max_pending_per_owner: int | None = None,
         on_version: Callable[[AdapterVersion], Awaitable[None]] | None = None,
         purge_interval: float | None = None,
+        memory_items: int = 256,
     ) -> None:
         self.store = store
+        self.memory_items = memory_items  # kept per adapter for replay; 0: none kept or replayed
         self.engine = engine
         self.max_coalesce = max_coalesce
         self.max_pending_per_owner = max_pending_per_owner
@@ -370,9 +385,26 @@ class FeedbackQueue:
         started = time.perf_counter()
         try:
             samples = [sample for _, request_samples in ready for sample in request_samples]
+            replay = self._replay(head, samples, config)
             version, trained = await train_and_register(
-                self.engine, self.store, samples, config, feedback_id=head.id
+                self.engine, self.store, samples, config, feedback_id=head.id, replay=replay
             )
+            learned = [
+                MemoryItem(
+                    id=f"mem-{uuid.uuid4().hex}",
+                    lora_id=sample.lora_id,
+                    feedback_id=request.id,
+                    messages=sample.messages,
+                    prompt_tokens=sample.prompt_tokens,
+                    prompt_format=sample.prompt_format,
+                    feedback=sample.feedback,
+                    example=sample.example,
+                    created_at=time.time(),
+                )
+                for request, request_samples in ready
+                for sample in request_samples
+                if self.memory_items
+            ]
             metrics = {
                 **trained.metrics,
                 "timings": trained.timings,
@@ -381,7 +413,9 @@ class FeedbackQueue:
                 "coalesced": len(ready),
                 "coalesced_ids": ids,
             }
-            marked = self._mark(self.store.mark_done, ids, version.version, metrics)
+            marked = self._mark(
+                self.store.mark_done, ids, version.version, metrics, learned, self.memory_items
+            )
             self._log_finished(
                 requests,
                 "done" if marked else "deleted",
@@ -411,6 +445,28 @@ class FeedbackQueue:
             if self.on_trained is not None:
                 self.on_trained(head, time.perf_counter() - started)
             await self.notify()
+
+    def _replay(
+        self, head: FeedbackRequest, samples: Sequence[FeedbackSample], config: TrainingConfig
+    ) -> list[Lesson]:
+        """The memory items this batch re-teaches (`choose_replay`), seeded by the request."""
+        if not (self.memory_items and config.replay):
+            return []
+        memory = self.store.memory(head.lora_id)
+        chosen = choose_replay(
+            memory, samples, config.replay, config.replay_choice, random.Random(head.id)
+        )
+        return [
+            Lesson(
+                lora_id=item.lora_id,
+                messages=item.messages,
+                prompt_tokens=item.prompt_tokens,
+                feedback=item.feedback,
+                example=item.example,
+                prompt_format=item.prompt_format,
+            )
+            for item in chosen
+        ]
 
     @staticmethod
     def _log_finished(
@@ -500,12 +556,53 @@ class FeedbackQueue:
         )
 
 
+def choose_replay(
+    memory: Sequence[MemoryItem],
+    batch: Sequence[Lesson],
+    count: int,
+    choice: ReplayChoice,
+    rng: random.Random,
+) -> list[MemoryItem]:
+    """At most `count` items of `memory` (newest first) to re-teach beside `batch`.
+
+    Lessons the batch teaches anyway are left out. `preferences` rehearses what *other* feedback
+    taught: one item per feedback text not in the batch, the most recently taught texts first
+    and, once each has one, round again; `recent` takes the newest items; `spread` takes items
+    evenly over the memory's history, oldest to newest. Within a feedback text, and where the
+    spread falls between items, the choice is `rng`'s.
+    """
+    taught = {(repr(s.messages), s.feedback) for s in batch}
+    pool = [m for m in memory if (repr(m.messages), m.feedback) not in taught]
+    if count <= 0 or not pool:
+        return []
+    if choice == "recent":
+        return pool[:count]
+    if choice == "spread":
+        oldest_first = pool[::-1]
+        if len(oldest_first) <= count:
+            return oldest_first
+        edges = [round(i * len(oldest_first) / count) for i in range(count + 1)]
+        return [oldest_first[rng.randrange(a, b)] for a, b in itertools.pairwise(edges)]
+    current = {s.feedback for s in batch}
+    groups: dict[str, list[MemoryItem]] = {}
+    for item in pool:  # newest first, so the groups are in order of their latest teaching
+        if item.feedback not in current:
+            groups.setdefault(item.feedback, []).append(item)
+    for items in groups.values():
+        rng.shuffle(items)
+    chosen: list[MemoryItem] = []
+    for rank in range(max((len(g) for g in groups.values()), default=0)):
+        chosen += [items[rank] for items in groups.values() if rank < len(items)]
+    return chosen[:count]
+
+
 async def train_and_register(
     engine: SDPOEngine,
     store: Store,
     samples: Sequence[FeedbackSample],
     config: TrainingConfig,
     feedback_id: str | None = None,
+    replay: Sequence[Lesson] = (),
 ) -> tuple[AdapterVersion, TrainedCheckpoint]:
     """Train the adapter's current version on `samples` and register the result as the next.
 
@@ -523,7 +620,7 @@ async def train_and_register(
     start = TrainFrom(
         version=current.version, state_path=current.state_path, sampler_path=current.sampler_path
     )
-    trained = await engine.distill(samples, config, start)
+    trained = await engine.distill(samples, config, start, replay)
     try:
         version = store.add_version(
             lora_id,

@@ -14,7 +14,13 @@ from typing import Annotated
 
 from pydantic import Field, WithJsonSchema
 
-from claas.errors import FeedbackNotFound, Forbidden, InvalidLoraId, RolloutNotFound
+from claas.errors import (
+    FeedbackNotFound,
+    Forbidden,
+    InvalidLoraId,
+    MemoryNotFound,
+    RolloutNotFound,
+)
 
 LORA_ID_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 LORA_ID_PATTERN = f"^{LORA_ID_PART.pattern}/{LORA_ID_PART.pattern}$"  # for the OpenAPI schema
@@ -86,6 +92,14 @@ def rollout_missing(rollout_id: str) -> RolloutNotFound:
     return RolloutNotFound(
         f"rollout {rollout_id!r} has expired or never existed; chat again and give feedback "
         "on the new completion id"
+    )
+
+
+def memory_missing(memory_id: str) -> MemoryNotFound:
+    """The one answer for a memory id that is unknown, forgotten, or another adapter's."""
+    return MemoryNotFound(
+        f"memory item {memory_id!r} does not exist on this adapter; list them with "
+        "GET /v1/adapters/{owner}/{name}/memory"
     )
 
 

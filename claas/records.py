@@ -1,4 +1,5 @@
-"""The records claas keeps: adapters, their versions, rollouts, feedback requests, eval runs.
+"""The records claas keeps: adapters, their versions, rollouts, feedback requests, memory, eval
+runs.
 
 Immutable pydantic models, as `claas.store` reads them from SQLite; the layers above pass them
 around without importing the store.
@@ -71,6 +72,22 @@ class FeedbackRequest(_Frozen):
     metrics: dict[str, Any]
     version: int | None  # the adapter version this request produced
     coalesced_into: str | None  # the id of the request whose training step carried this one
+
+
+class MemoryItem(_Frozen):
+    """One lesson an adapter was taught: a prompt (the conversation up to the answer) and the
+    feedback on it, replayed by later feedback requests on fresh answers. The answer itself is
+    not kept: replay draws a new one from the version being trained."""
+
+    id: str
+    lora_id: str
+    feedback_id: str  # the request that taught it last
+    messages: list[dict[str, Any]]
+    prompt_tokens: list[int]
+    prompt_format: Literal["chat", "text"]
+    feedback: str
+    example: str | None
+    created_at: float
 
 
 class EvalRun(_Frozen):

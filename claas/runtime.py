@@ -109,6 +109,7 @@ class Runtime:
                 max_pending_per_owner=settings.max_pending_feedback_per_owner,
                 on_version=inference.load_version if inference is not None else None,
                 purge_interval=settings.purge_interval_seconds,
+                memory_items=settings.memory_items,
             ),
             host=host,
             inference=inference,

@@ -101,6 +101,14 @@ class Settings(BaseSettings):
     purge_interval_seconds: float = Field(
         600.0, gt=0, description="How often expired rollouts are purged while serving."
     )
+    memory_items: int = Field(
+        256,
+        ge=0,
+        le=100_000,
+        description="Lessons (prompt + feedback) each adapter remembers for replay, oldest "
+        "forgotten first; 0 keeps none and replays none. Listed and forgotten under "
+        "/v1/adapters/{owner}/{name}/memory, deleted with the adapter.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Level of the JSON log lines (stderr): claas's and uvicorn's."
     )

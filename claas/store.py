@@ -9,6 +9,9 @@ It holds five kinds of record:
   importance ratios of a later training step need;
 - **feedback requests**: the durable training queue, with each request's status
   (queued → running → done | failed) in arrival order;
+- **memory**: what each adapter was taught, one item per prompt and feedback text (the
+  conversation up to the answer, its prompt tokens, the feedback and example; never the
+  answer), written with the request that taught it and replayed by later requests;
 - **eval runs**: an eval's config and results (which always name their `divergence_mode`).
 
 Adapter weights are not here: they live on disk in PEFT format. The atomicity rule: a new
@@ -49,7 +52,9 @@ from claas.errors import (
 )
 from claas.ids import (
     feedback_missing,
+    memory_missing,
     rollout_missing,
+    text_hash,
     validate_lora_id,
 )
 from claas.records import (
@@ -58,11 +63,13 @@ from claas.records import (
     EvalRun,
     FeedbackRequest,
     FeedbackStatus,
+    MemoryItem,
     Rollout,
 )
 from claas.sdpo.config import DIVERGENCE_MODES
 
-SCHEMA_VERSION = 1
+# 2 added the memory table; a version-1 database gains it in place (CREATE IF NOT EXISTS).
+SCHEMA_VERSION = 2
 
 
 _SCHEMA = """
@@ -120,6 +127,20 @@ CREATE TABLE IF NOT EXISTS feedback (
     coalesced_into TEXT
 );
 CREATE INDEX IF NOT EXISTS feedback_by_adapter ON feedback (lora_id, status, seq);
+CREATE TABLE IF NOT EXISTS memory (
+    id TEXT PRIMARY KEY,
+    lora_id TEXT NOT NULL REFERENCES adapters(lora_id) ON DELETE CASCADE,
+    lesson_hash TEXT NOT NULL,
+    feedback_id TEXT NOT NULL,
+    messages TEXT NOT NULL,
+    prompt_tokens TEXT NOT NULL,
+    prompt_format TEXT NOT NULL,
+    feedback TEXT NOT NULL,
+    example TEXT,
+    created_at REAL NOT NULL,
+    UNIQUE (lora_id, lesson_hash)
+);
+CREATE INDEX IF NOT EXISTS memory_by_adapter ON memory (lora_id, created_at);
 CREATE TABLE IF NOT EXISTS eval_runs (
     id TEXT PRIMARY KEY,
     lora_id TEXT NOT NULL,
@@ -148,11 +169,12 @@ _JSON_COLUMNS = frozenset(
 
 
 def _fields(row: sqlite3.Row) -> dict[str, Any]:
-    """A row as model fields: JSON columns decoded, the internal `seq` dropped."""
+    """A row as model fields: JSON columns decoded, the internal `seq` and `lesson_hash`
+    dropped."""
     return {
         key: json.loads(row[key]) if key in _JSON_COLUMNS else row[key]
         for key in row.keys()  # noqa: SIM118 - sqlite3.Row is not a mapping
-        if key != "seq"
+        if key not in ("seq", "lesson_hash")
     }
 
 
@@ -207,8 +229,12 @@ class Store:
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
         """One write transaction; IMMEDIATE takes the write lock up front, so reads inside it
-        (max(version), existence checks) cannot go stale before the write."""
+        (max(version), existence checks) cannot go stale before the write. Inside another (the
+        lock is reentrant) it joins the outer transaction, which commits or rolls back both."""
         with self._lock:
+            if self._db.in_transaction:  # nested: part of the outer one, which commits
+                yield self._db
+                return
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
@@ -301,7 +327,8 @@ class Store:
         return int(row[0])
 
     def delete_adapter(self, lora_id: str) -> list[AdapterVersion]:
-        """Delete the adapter with its versions, rollouts, feedback requests and eval runs.
+        """Delete the adapter with its versions, rollouts, feedback requests, memory and eval
+        runs.
 
         Returns the versions removed, so the caller can delete their checkpoint files. Its
         rollouts go too: an adapter re-created under the same name must not train on answers
@@ -311,6 +338,7 @@ class Store:
             versions = self.list_versions(lora_id)  # raises AdapterNotFound
             db.execute("DELETE FROM rollouts WHERE lora_id = ?", (lora_id,))
             db.execute("DELETE FROM feedback WHERE lora_id = ?", (lora_id,))
+            db.execute("DELETE FROM memory WHERE lora_id = ?", (lora_id,))
             db.execute("DELETE FROM eval_runs WHERE lora_id = ?", (lora_id,))
             db.execute("DELETE FROM adapters WHERE lora_id = ?", (lora_id,))  # cascades versions
         return versions
@@ -610,14 +638,24 @@ class Store:
                 )
             db.execute("UPDATE feedback SET coalesced_into = ? WHERE id = ?", (into, feedback_id))
 
-    def mark_done(self, ids: str | Sequence[str], version: int, metrics: dict[str, Any]) -> None:
-        """Finish the requests (a leader and its coalesced followers) with the version made."""
-        self._set_status(
-            ids,
-            "done",
-            "finished_at = ?, version = ?, metrics = ?, error = NULL",
-            [time.time(), version, json.dumps(metrics)],
-        )
+    def mark_done(
+        self,
+        ids: str | Sequence[str],
+        version: int,
+        metrics: dict[str, Any],
+        learned: Sequence[MemoryItem] = (),
+        memory_limit: int | None = None,
+    ) -> None:
+        """Finish the requests (a leader and its coalesced followers) with the version made,
+        and remember what they taught in the same transaction (`remember`)."""
+        with self._transaction():
+            self._set_status(
+                ids,
+                "done",
+                "finished_at = ?, version = ?, metrics = ?, error = NULL",
+                [time.time(), version, json.dumps(metrics)],
+            )
+            self.remember(learned, memory_limit)
 
     def mark_failed(
         self, ids: str | Sequence[str], error: str, metrics: dict[str, Any] | None = None
@@ -679,6 +717,72 @@ class Store:
                     f"feedback requests {missing} do not exist (was the adapter deleted?); "
                     "nothing was marked"
                 )
+
+    # -- memory -----------------------------------------------------------------------------
+    def remember(self, items: Sequence[MemoryItem], limit: int | None = None) -> None:
+        """Keep taught lessons. The same prompt taught with the same feedback again is one item
+        (its example, request and time are the newest); beyond `limit` items per adapter the
+        oldest are forgotten."""
+        if not items:
+            return
+        with self._transaction() as db:
+            for item in items:
+                db.execute(
+                    "INSERT INTO memory (id, lora_id, lesson_hash, feedback_id, messages, "
+                    "prompt_tokens, prompt_format, feedback, example, created_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+                    "ON CONFLICT (lora_id, lesson_hash) DO UPDATE SET "
+                    "feedback_id = excluded.feedback_id, example = excluded.example, "
+                    "created_at = excluded.created_at",
+                    (
+                        item.id,
+                        validate_lora_id(item.lora_id),
+                        text_hash(json.dumps([item.messages, item.feedback], sort_keys=True)),
+                        item.feedback_id,
+                        json.dumps(item.messages),
+                        json.dumps(item.prompt_tokens),
+                        item.prompt_format,
+                        item.feedback,
+                        item.example,
+                        item.created_at,
+                    ),
+                )
+            if limit is not None:
+                for lora_id in {item.lora_id for item in items}:
+                    db.execute(
+                        "DELETE FROM memory WHERE lora_id = ? AND id NOT IN (SELECT id FROM "
+                        "memory WHERE lora_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?)",
+                        (lora_id, lora_id, limit),
+                    )
+
+    def memory(self, lora_id: str, limit: int = -1, offset: int = 0) -> list[MemoryItem]:
+        """The adapter's memory, newest first (`limit` -1: all of it)."""
+        validate_lora_id(lora_id)
+        rows = self._all(
+            "SELECT * FROM memory WHERE lora_id = ? ORDER BY created_at DESC, rowid DESC "
+            "LIMIT ? OFFSET ?",
+            (lora_id, limit, offset),
+        )
+        return [MemoryItem(**_fields(r)) for r in rows]
+
+    def count_memory(self, lora_id: str) -> int:
+        row = self._one("SELECT COUNT(*) FROM memory WHERE lora_id = ?", (lora_id,))
+        assert row is not None  # COUNT(*) always returns a row
+        return int(row[0])
+
+    def forget(self, lora_id: str, memory_id: str | None = None) -> int:
+        """Delete one memory item of the adapter (MemoryNotFound if it has none by that id), or
+        with `memory_id` None all of them; returns how many."""
+        validate_lora_id(lora_id)
+        with self._transaction() as db:
+            if memory_id is None:
+                return int(db.execute("DELETE FROM memory WHERE lora_id = ?", (lora_id,)).rowcount)
+            cursor = db.execute(
+                "DELETE FROM memory WHERE lora_id = ? AND id = ?", (lora_id, memory_id)
+            )
+            if cursor.rowcount == 0:
+                raise memory_missing(memory_id)
+            return 1
 
     # -- eval runs --------------------------------------------------------------------------
     def add_eval_run(

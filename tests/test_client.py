@@ -146,6 +146,13 @@ def test_adapters_and_feedback_sync(alice: Client) -> None:
     assert alice.feedback.status(done.feedback_id) == done
     assert [f.feedback_id for f in alice.feedback.log("alice/sync")] == [done.feedback_id]
 
+    remembered = alice.adapters.memory("alice/sync")
+    assert [(m.feedback, m.feedback_id) for m in remembered] == [("Shorter.", done.feedback_id)]
+    assert alice.adapters.forget("alice/sync", remembered[0].id).forgotten == 1
+    with pytest.raises(NotFoundError, match="GET /v1/adapters"):
+        alice.adapters.forget("alice/sync", remembered[0].id)
+    assert alice.adapters.memory("alice/sync") == []
+
     detail = alice.adapters.get("alice/sync")
     assert detail.current_version == 2
     assert detail.versions[1].feedback_id == done.feedback_id
@@ -209,6 +216,9 @@ def test_async_client(server: LiveServer, tmp_path: Path) -> None:
             assert again.version == 3
             log = await claas.feedback.log("bob/async", limit=1)
             assert [f.feedback_id for f in log] == [again.feedback_id]  # newest first, one page
+            remembered = await claas.adapters.memory("bob/async")
+            assert [m.feedback for m in remembered] == ["Shorter."]  # taught twice, kept once
+            assert (await claas.adapters.forget("bob/async")).forgotten == 1
             assert (await claas.adapters.get("bob/async")).current_version == 3
             assert (await claas.adapters.rollback("bob/async", 2)).current_version == 2
             directory = await claas.adapters.export("bob/async", tmp_path / "v1", version=1)

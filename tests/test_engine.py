@@ -30,12 +30,13 @@ from claas.errors import Conflict, ContextTooLong, InvalidFeedback
 from claas.feedback import train_and_register
 from claas.models import LoadedModel, tiny_llama
 from claas.sdpo import datums, divergence
-from claas.sdpo.config import TrainedCheckpoint
+from claas.sdpo.config import Lesson, TrainedCheckpoint, TrainFrom
 from claas.sdpo.engine import FeedbackSample, SDPOEngine, TrainingConfig, default_learning_rate
 from claas.sdpo.prompts import (
     EXAMPLE_INTRO,
     EXAMPLE_OUTRO,
     chat_prompt_tokens,
+    rollout_teacher_prompt_tokens,
     teacher_prompt_tokens,
 )
 from claas.services.local import LocalServiceClient, LocalTrainingClient
@@ -763,3 +764,65 @@ def test_the_default_learning_rate_follows_the_hidden_size() -> None:
     assert default_learning_rate(None) == default_learning_rate(4096, "llama")
     # Qwen's exponent is flatter: a larger rate than a Llama of the same width
     assert default_learning_rate(4096, "qwen3") == pytest.approx(3.59e-5, rel=0.02)
+
+
+def test_fresh_answers_fill_the_batch_from_the_version_trained_seeded(harness: Harness) -> None:
+    """samples_per_request: the version trained from answers the batch's prompts again (at the
+    config's temperature, seeded by version and place), each trained with the same feedback; a
+    replayed lesson gets its own answer, with its own feedback in its teacher prompt."""
+    sample = harness.sample_for("Tell me about the sea.", max_tokens=8, seed=1)
+    lesson = Lesson(
+        lora_id=LORA,
+        messages=[{"role": "user", "content": "Who are you?"}],
+        prompt_tokens=chat_prompt_tokens(
+            harness.tokenizer, [{"role": "user", "content": "Who are you?"}]
+        ),
+        feedback="Your name is Kuro.",
+    )
+    config = TrainingConfig(steps_per_batch=1, samples_per_request=3, sample_temperature=1.0)
+    current = harness.store.latest_version(LORA)
+    assert current is not None
+    start = TrainFrom(
+        version=current.version, state_path=current.state_path, sampler_path=current.sampler_path
+    )
+    first = harness.run(harness.engine.distill([sample], config, start, [lesson]))
+    again = harness.run(harness.engine.distill([sample], config, start, [lesson]))
+    assert first.teacher_texts == again.teacher_texts  # seeded: the same answers
+    metrics = first.metrics
+    assert (metrics["rollouts"], metrics["fresh_samples"], metrics["replayed"]) == (1, 2, 1)
+    assert metrics["samples"] == 4 and first.timings["sampling"] > 0
+    texts = first.teacher_texts
+    assert all("Tell me about the sea." in t and FEEDBACK in t for t in texts[:3])
+    assert len(set(texts[:3])) == 3  # three different answers to the one prompt
+    assert "Who are you?" in texts[3] and "Your name is Kuro." in texts[3]
+    assert FEEDBACK not in texts[3]  # the lesson keeps its own feedback
+    cooler = TrainingConfig(steps_per_batch=1, samples_per_request=3, sample_temperature=0.0)
+    greedy = harness.run(harness.engine.distill([sample], cooler, start)).teacher_texts
+    assert greedy[1] == greedy[2] != texts[1]  # the temperature reaches the sampler
+
+
+def test_a_self_example_is_the_teachers_greedy_answer_under_the_feedback(harness: Harness) -> None:
+    """The teacher answers greedily under the feedback, and that answer is shown to it as the
+    example; a blank answer (the tiny model's newlines) is no example."""
+    sample = harness.sample_for("Who are you?", max_tokens=6)
+    config = TrainingConfig(steps_per_batch=1, self_example=True)
+    blank = harness.distill([sample], config)  # the unperturbed tiny model says "\n" * 6
+    assert EXAMPLE_INTRO not in blank.teacher_texts[0] and blank.timings["self_example"] > 0
+    perturb_latest(harness, scale=0.5)
+    trained = harness.distill([sample], config)
+    teacher = trained.teacher_texts[0]
+    assert teacher.index(FEEDBACK) < teacher.index(EXAMPLE_INTRO) < teacher.index(EXAMPLE_OUTRO)
+    shown = teacher[
+        teacher.index(EXAMPLE_INTRO) + len(EXAMPLE_INTRO) : teacher.index(EXAMPLE_OUTRO)
+    ]
+    prompt = rollout_teacher_prompt_tokens(harness.tokenizer, sample.messages, "chat", FEEDBACK)
+    version = harness.store.get_version(LORA, harness.version - 1)  # the version trained from
+    sampler = harness.service.create_sampling_client(model_path=version.sampler_path).result()
+    params = types.SamplingParams(max_tokens=len(sample.response_tokens), temperature=0.0)
+    greedy = sampler.sample(types.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
+    assert (
+        shown.strip() == harness.tokenizer.decode(greedy.tokens, skip_special_tokens=True).strip()
+    )
+    given = sample.model_copy(update={"example": "I'm Kuro."})
+    kept = harness.distill([given], config).teacher_texts[0]
+    assert "I'm Kuro." in kept  # the user's example wins

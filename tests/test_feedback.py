@@ -21,7 +21,13 @@ from claas.errors import InvalidFeedback
 from claas.feedback import FeedbackItem, FeedbackQueue
 from claas.ids import text_hash
 from claas.records import FeedbackRequest
-from claas.sdpo.config import FeedbackSample, TrainedCheckpoint, TrainFrom, TrainingConfig
+from claas.sdpo.config import (
+    FeedbackSample,
+    Lesson,
+    TrainedCheckpoint,
+    TrainFrom,
+    TrainingConfig,
+)
 from claas.sdpo.engine import SDPOEngine
 from claas.store import Store
 
@@ -43,6 +49,7 @@ class Batch:
     feedback: list[str]
     start_version: int
     config: TrainingConfig
+    replayed: list[str]  # the replayed lessons' feedback
 
 
 class StandInRestClient:
@@ -101,7 +108,11 @@ class StandInEngine:
         return list(samples)
 
     async def distill(
-        self, samples: Sequence[FeedbackSample], config: TrainingConfig, start: TrainFrom
+        self,
+        samples: Sequence[FeedbackSample],
+        config: TrainingConfig,
+        start: TrainFrom,
+        replay: Sequence[Lesson] = (),
     ) -> TrainedCheckpoint:
         lora_id = samples[0].lora_id
         feedback = [s.feedback for s in samples]
@@ -110,7 +121,8 @@ class StandInEngine:
             self.most_at_once.get(lora_id, 0), self._in_flight[lora_id]
         )
         try:
-            self.batches.append(Batch(lora_id, feedback, start.version, config))
+            replayed = [lesson.feedback for lesson in replay]
+            self.batches.append(Batch(lora_id, feedback, start.version, config, replayed))
             n = len(self.batches)
             async with self._progress:
                 self._progress.notify_all()
@@ -217,6 +229,10 @@ def test_one_adapter_trains_in_arrival_order_one_step_at_a_time_each_on_the_next
 
         assert [b.feedback for b in engine.batches] == [[f"r{i}"] for i in range(6)]
         assert [b.start_version for b in engine.batches] == [1, 2, 3, 4, 5, 6]
+        # memory: each request replays the two most recently taught other feedback texts
+        assert [b.replayed for b in engine.batches] == [
+            [f"r{j}" for j in range(i - 1, max(i - 3, -1), -1)] for i in range(6)
+        ]
         assert engine.most_at_once[ALICE] == 1
         assert [(r.status, r.version, r.coalesced_into) for r in done] == [
             ("done", 2 + i, None) for i in range(6)

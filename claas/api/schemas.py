@@ -15,7 +15,7 @@ from claas.adapters import AdapterSpec
 from claas.errors import UnsupportedParameter
 from claas.feedback import FeedbackItem
 from claas.ids import LORA_ID_PATTERN, Int64
-from claas.records import Adapter, AdapterVersion, FeedbackStatus
+from claas.records import Adapter, AdapterVersion, FeedbackStatus, MemoryItem
 from claas.records import FeedbackRequest as FeedbackRecord
 from claas.sdpo.prompts import MAX_TEXT_CHARS, Utf8Text
 
@@ -509,6 +509,39 @@ class FeedbackLog(BaseModel):
     data: list[FeedbackView]
     limit: int
     offset: int
+
+
+class MemoryView(BaseModel):
+    """One lesson the adapter remembers: what it was taught, on which prompt, by which request.
+    Later feedback requests replay it on fresh answers (the answer itself is not kept)."""
+
+    id: str
+    lora_id: str
+    feedback_id: str
+    messages: list[dict[str, Any]]
+    prompt_format: Literal["chat", "text"]
+    feedback: str
+    example: str | None
+    created_at: float
+
+    @classmethod
+    def of(cls, item: MemoryItem) -> MemoryView:
+        return cls.model_validate(item.model_dump(exclude={"prompt_tokens"}))
+
+
+class MemoryPage(BaseModel):
+    """One page of an adapter's memory, newest first; `total` counts all of it."""
+
+    lora_id: str
+    data: list[MemoryView]
+    total: int
+    limit: int
+    offset: int
+
+
+class MemoryForgotten(BaseModel):
+    lora_id: str
+    forgotten: int
 
 
 class AdapterView(Adapter):

@@ -16,6 +16,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 from claas.sdpo.prompts import HindsightStyle, utf8_text
 
 DivergenceMode = Literal["topk_gjs", "scalar_kl"]
+ReplayChoice = Literal["preferences", "recent", "spread"]
 DIVERGENCE_MODES: tuple[DivergenceMode, ...] = get_args(DivergenceMode)
 FEEDBACK_MAX_CHARS = 8000
 # Text that is not blank has a character outside both Python's and ECMA-262's whitespace, so the
@@ -103,7 +104,13 @@ class TrainingConfig(BaseModel):
         le=1.0,
         description="None: scaled to the base model's hidden size (default_learning_rate)",
     )
-    steps_per_batch: int = Field(4, ge=1, le=64)
+    steps_per_batch: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="optimizer steps on the batch, each re-scoring the current student; 8 makes "
+        "one request visible on SmolLM2-135M (benchmarks/defaults.md)",
+    )
     is_clip: float = Field(5.0, ge=1.0, le=1e4)
     max_grad_norm: float = Field(1.0, ge=0.0, le=1e6, description="0 disables clipping")
     kl_reg_weight: float = Field(0.0, ge=0.0, le=1e3)
@@ -125,6 +132,35 @@ class TrainingConfig(BaseModel):
         "batch: they carry what the student never samples (a new name, say). Off by default: "
         "on SmolLM2-135M they cost capability (benchmarks/defaults.md)",
     )
+    samples_per_request: int = Field(
+        1,
+        ge=1,
+        le=16,
+        description="a request with fewer answers gets fresh answers from the version being "
+        "trained to the same prompts, trained with the same feedback (the feedback is about the "
+        "behaviour, not one answer). 1 (off): on SmolLM2-135M fresh answers cost more than "
+        "they teach (benchmarks/defaults.md)",
+    )
+    sample_temperature: float = Field(
+        1.0, ge=0.0, le=2.0, description="temperature of fresh and replayed answers (seeded)"
+    )
+    replay: int = Field(
+        2,
+        ge=0,
+        le=16,
+        description="items of the adapter's memory of earlier feedback re-taught with each "
+        "request, on fresh answers from the version being trained; 0: off",
+    )
+    replay_choice: ReplayChoice = Field(
+        "preferences",
+        description="which memory items: preferences (one each of the most recently taught "
+        "other feedback texts), recent (the newest items), spread (evenly over the memory)",
+    )
+    self_example: bool = Field(
+        False,
+        description="show the teacher its own greedy answer under the feedback as the example "
+        "(a self-demonstration), where the user gave none",
+    )
 
     @model_validator(mode="after")
     def _demonstrations_need_topk(self) -> TrainingConfig:
@@ -140,16 +176,15 @@ class TrainingConfig(BaseModel):
         return "topk_gjs" if self.use_topk_divergence else "scalar_kl"
 
 
-class FeedbackSample(BaseModel):
-    """One rollout plus the user's feedback on it."""
+class Lesson(BaseModel):
+    """A prompt and the feedback it was taught with, without an answer: a memory item to
+    replay. The engine draws its answers fresh from the version it trains."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     lora_id: str
     messages: list[dict[str, Any]] = Field(min_length=1)
     prompt_tokens: list[int] = Field(min_length=1)
-    response_tokens: list[int]
-    behavior_logprobs: list[float]
     feedback: FeedbackText
     example: ExampleText | None = Field(
         None,
@@ -158,6 +193,13 @@ class FeedbackSample(BaseModel):
     prompt_format: Literal["chat", "text"] = Field(
         "chat", description="text: the prompt was raw text (messages[-1] holds it), not chat"
     )
+
+
+class FeedbackSample(Lesson):
+    """One rollout plus the user's feedback on it."""
+
+    response_tokens: list[int]
+    behavior_logprobs: list[float]
 
 
 class StepMetrics(BaseModel):

@@ -17,15 +17,19 @@ The engine is written once against the Tinker client API and runs unchanged on t
 
 1. validates the samples (one adapter, aligned lengths, a non-empty response, a teacher prompt
    that fits the context);
-2. adds `teacher_demonstrations` greedy answers of the teacher to the batch, then scores
+2. fills the batch up to `samples_per_request` with fresh answers of the version trained from
+   to the same prompts, and answers each replayed lesson (an earlier feedback from the adapter's
+   memory, `claas.feedback`) the same way, with its own feedback in its teacher prompt; with
+   `self_example`, the teacher's greedy answer under the feedback becomes each sample's example;
+3. adds `teacher_demonstrations` greedy answers of the teacher to the batch, then scores
    teacher prompt + unchanged response on the teacher once: in top-K mode one
    `sample(max_tokens=1, include_prompt_logprobs=True, topk_prompt_logprobs=K)`, in scalar mode
    `compute_logprobs`; with `kl_reg_weight > 0` also the student prompt on the base;
-3. runs `steps_per_batch` steps, each one `forward_backward_custom` with `SDPOLoss` and an
+4. runs `steps_per_batch` steps, each one `forward_backward_custom` with `SDPOLoss` and an
    `optim_step`, pipelined: the loss reads the *current* student's log-probs at the teacher's ids
    and at each sampled token from the step's own forward, and turns them into the loss terms of
    `claas.sdpo.datums` (on the local service the scores cost no pass of their own);
-4. saves state (with optimizer) and sampler weights, and returns them as a `TrainedCheckpoint`;
+5. saves state (with optimizer) and sampler weights, and returns them as a `TrainedCheckpoint`;
    the feedback queue registers it as the adapter's next version (`claas.feedback`).
 
 The divergence-specific parts (what is scored, the loss terms, the datum) are the strategies of
@@ -52,7 +56,9 @@ from claas.errors import ContextTooLong, InvalidFeedback
 from claas.ids import validate_lora_id
 from claas.sdpo import datums
 from claas.sdpo.config import (
+    FEEDBACK_MAX_CHARS,
     FeedbackSample,
+    Lesson,
     StepMetrics,
     TrainedCheckpoint,
     TrainFrom,
@@ -173,12 +179,17 @@ class SDPOEngine:
 
     # -- the request ------------------------------------------------------------------------
     async def distill(
-        self, samples: Sequence[FeedbackSample], config: TrainingConfig, start: TrainFrom
+        self,
+        samples: Sequence[FeedbackSample],
+        config: TrainingConfig,
+        start: TrainFrom,
+        replay: Sequence[Lesson] = (),
     ) -> TrainedCheckpoint:
-        """Train the adapter version `start` on one feedback batch; return the new checkpoint."""
+        """Train the adapter version `start` on one feedback batch, and on fresh answers to
+        `replay`'s earlier lessons; return the new checkpoint."""
         if config.use_topk_divergence:
-            return await self._distill(TopKGJS(config), samples, config, start)
-        return await self._distill(ScalarKL(config), samples, config, start)
+            return await self._distill(TopKGJS(config), samples, config, start, replay)
+        return await self._distill(ScalarKL(config), samples, config, start, replay)
 
     async def _distill(
         self,
@@ -186,16 +197,28 @@ class SDPOEngine:
         samples: Sequence[FeedbackSample],
         config: TrainingConfig,
         start: TrainFrom,
+        replay: Sequence[Lesson],
     ) -> TrainedCheckpoint:
         timings: dict[str, float] = {}
         with timed(timings, "validate"):
-            prepared = await self.check(samples, config)
+            self._validate(samples)  # the batch, fresh answers included, is checked below
             base = await self.base_sampler()
             tokenizer = await self.tokenizer()
+        with timed(timings, "sampling"):
+            # The version trained from answers fresh and replayed prompts (the student), and
+            # is the teacher unless the config names the base.
+            student = await self.service.create_sampling_client(model_path=start.sampler_path)
+            teacher = student if config.teacher == "adapter" else base
+            fresh: list[FeedbackSample]
+            replayed: list[FeedbackSample]
+            fresh, replayed = await self._fresh_samples(student, samples, replay, config, start)
+            batch = [*samples, *fresh, *replayed]
+        if config.self_example:
+            with timed(timings, "self_example"):
+                batch = await self._self_examples(teacher, tokenizer, batch, config)
+        with timed(timings, "validate"):
+            prepared = await self.check(batch, config)
         with timed(timings, "demonstrations"):
-            teacher = base
-            if config.teacher == "adapter":  # the version trained from, as a sampler
-                teacher = await self.service.create_sampling_client(model_path=start.sampler_path)
             prepared += await self._demonstrations(teacher, prepared, config)
         with timed(timings, "teacher_scoring"):
             scored = await self._score(strategy, teacher, base, prepared, config)
@@ -228,7 +251,12 @@ class SDPOEngine:
             state_path=state.path,
             sampler_path=sampler.path,
             divergence_mode=strategy.mode,
-            metrics=self._request_metrics(scored, steps, after, config),
+            metrics={
+                **self._request_metrics(scored, steps, after, config),
+                "rollouts": len(samples),
+                "fresh_samples": len(fresh),
+                "replayed": len(replayed),
+            },
             steps=steps,
             teacher_texts=[tokenizer.decode(p.teacher_prompt + p.response) for p in prepared],
             timings=timings,
@@ -302,6 +330,101 @@ class SDPOEngine:
             teacher_prompt=teacher_prompt,
             behavior=np.asarray(sample.behavior_logprobs, dtype=np.float64),
         )
+
+    async def _fresh_samples(
+        self,
+        student: SamplingClient,
+        samples: Sequence[FeedbackSample],
+        replay: Sequence[Lesson],
+        config: TrainingConfig,
+        start: TrainFrom,
+    ) -> tuple[list[FeedbackSample], list[FeedbackSample]]:
+        """Answers of the version trained from: to the batch's prompts in turn, until the batch
+        holds `samples_per_request` (its feedback is about the behaviour, so a new answer to the
+        same prompt is as good a sample as the user's), and one to each replayed lesson, which
+        keeps its own feedback. Seeded by the version and the place in the batch, and no longer
+        than the batch's longest answer. An answer that is only a stop token teaches nothing but
+        ending at once and is dropped."""
+        lessons: list[Lesson] = [
+            samples[i % len(samples)] for i in range(config.samples_per_request - len(samples))
+        ]
+        lessons += replay
+        if not lessons:
+            return [], []
+        longest = max(len(s.response_tokens) for s in samples)
+        calls = []
+        for index, lesson in enumerate(lessons):
+            room = self.max_context - len(lesson.prompt_tokens) - 1
+            params = types.SamplingParams(
+                max_tokens=max(1, min(longest, room)),
+                temperature=config.sample_temperature,
+                seed=(start.version * 1_000_003 + index) % 2**31,
+            )
+            prompt = types.ModelInput.from_ints(lesson.prompt_tokens)
+            calls.append(student.sample(prompt, 1, params))
+        answers: list[FeedbackSample | None] = []
+        for lesson, result in zip(lessons, await asyncio.gather(*calls), strict=True):
+            sequence = result.sequences[0]
+            tokens = [int(t) for t in sequence.tokens]
+            if not tokens or (len(tokens) == 1 and sequence.stop_reason == "stop"):
+                answers.append(None)
+                continue
+            logprobs = sequence.logprobs or [0.0] * len(tokens)
+            answers.append(
+                FeedbackSample(
+                    **lesson.model_dump(include=set(Lesson.model_fields)),
+                    response_tokens=tokens,
+                    behavior_logprobs=[min(float(v), 0.0) for v in logprobs],
+                )
+            )
+        split = len(lessons) - len(replay)
+        return (
+            [a for a in answers[:split] if a is not None],
+            [a for a in answers[split:] if a is not None],
+        )
+
+    async def _self_examples(
+        self,
+        teacher: SamplingClient,
+        tokenizer: PreTrainedTokenizerBase,
+        batch: Sequence[FeedbackSample],
+        config: TrainingConfig,
+    ) -> list[FeedbackSample]:
+        """Where the user gave no example, the teacher's own greedy answer under the feedback
+        becomes it (a self-demonstration): one answer per distinct prompt and feedback, no
+        longer than the batch's longest answer."""
+        wanted: dict[tuple[str, str], FeedbackSample] = {}
+        for sample in batch:
+            if sample.example is None:
+                wanted.setdefault(_lesson_key(sample), sample)
+        if not wanted:
+            return list(batch)
+        longest = max(len(s.response_tokens) for s in batch)
+        calls = []
+        for sample in wanted.values():
+            prompt = await asyncio.to_thread(
+                rollout_teacher_prompt_tokens,
+                tokenizer,
+                sample.messages,
+                sample.prompt_format,
+                sample.feedback,
+                config.feedback_repetitions,
+                config.hindsight,
+            )
+            room = self.max_context - len(prompt) - 1
+            params = types.SamplingParams(max_tokens=max(1, min(longest, room)), temperature=0.0)
+            calls.append(teacher.sample(types.ModelInput.from_ints(prompt), 1, params))
+        examples: dict[tuple[str, str], str] = {}
+        for key, result in zip(wanted, await asyncio.gather(*calls), strict=True):
+            text = tokenizer.decode(result.sequences[0].tokens, skip_special_tokens=True).strip()
+            if text:
+                examples[key] = text[:FEEDBACK_MAX_CHARS]
+        return [
+            s.model_copy(update={"example": examples[_lesson_key(s)]})
+            if s.example is None and _lesson_key(s) in examples
+            else s
+            for s in batch
+        ]
 
     async def _demonstrations(
         self, teacher: SamplingClient, prepared: list[Prepared], config: TrainingConfig
@@ -462,6 +585,10 @@ class SDPOEngine:
             if values:
                 metrics[key] = float(np.mean(values))
         return metrics
+
+
+def _lesson_key(lesson: Lesson) -> tuple[str, str]:
+    return (repr(lesson.messages), lesson.feedback)
 
 
 __all__ = [

@@ -15,10 +15,14 @@ from claas.adapters import AdapterSpec
 from claas.api.deps import Caller, RuntimeDep
 from claas.api.errors import error_responses
 from claas.api.schemas import (
+    MAX_OFFSET,
     AdapterCreate,
     AdapterDeleted,
     AdapterList,
     AdapterView,
+    MemoryForgotten,
+    MemoryPage,
+    MemoryView,
     RollbackBody,
 )
 from claas.ids import LORA_ID_PART
@@ -114,6 +118,57 @@ async def export(
         media_type="application/zip",
         headers={"content-disposition": f'attachment; filename="{filename}"'},
     )
+
+
+@router.get("/adapters/{owner}/{name}/memory", responses=_ADAPTER_RESPONSES)
+async def memory(
+    owner: OwnerPart,
+    name: NamePart,
+    runtime: RuntimeDep,
+    caller: Caller,
+    limit: int = Query(50, ge=1, le=500),
+    offset: int = Query(0, ge=0, le=MAX_OFFSET),
+) -> MemoryPage:
+    """What the adapter remembers of its feedback, newest first: each lesson's conversation up
+    to the answer, the feedback and the example. Feedback requests replay it."""
+    lora_id = _lora(owner, name)
+    caller.check(lora_id)
+    runtime.store.get_adapter(lora_id)
+    items = runtime.store.memory(lora_id, limit=limit, offset=offset)
+    return MemoryPage(
+        lora_id=lora_id,
+        data=[MemoryView.of(item) for item in items],
+        total=runtime.store.count_memory(lora_id),
+        limit=limit,
+        offset=offset,
+    )
+
+
+@router.delete("/adapters/{owner}/{name}/memory", responses=_ADAPTER_RESPONSES)
+async def forget_all(
+    owner: OwnerPart, name: NamePart, runtime: RuntimeDep, caller: Caller
+) -> MemoryForgotten:
+    """Forget everything the adapter remembers; what it learned stays in its weights (roll
+    back or delete the adapter to undo that)."""
+    lora_id = _lora(owner, name)
+    caller.check(lora_id)
+    runtime.store.get_adapter(lora_id)
+    return MemoryForgotten(lora_id=lora_id, forgotten=runtime.store.forget(lora_id))
+
+
+@router.delete("/adapters/{owner}/{name}/memory/{memory_id}", responses=_ADAPTER_RESPONSES)
+async def forget(
+    owner: OwnerPart,
+    name: NamePart,
+    runtime: RuntimeDep,
+    caller: Caller,
+    memory_id: str = Path(max_length=100, description="the `id` of a memory item"),
+) -> MemoryForgotten:
+    """Forget one lesson: no later request replays it."""
+    lora_id = _lora(owner, name)
+    caller.check(lora_id)
+    runtime.store.get_adapter(lora_id)
+    return MemoryForgotten(lora_id=lora_id, forgotten=runtime.store.forget(lora_id, memory_id))
 
 
 def _lora(owner: str, name: str) -> str:
