@@ -760,12 +760,12 @@ def test_adapter_lifecycle_over_http(server: LiveServer) -> None:
 def test_real_model_answers_shorter_after_feedback_at_the_defaults(
     smol: LoadedModel, tmp_path: Path, model_cache: Path
 ) -> None:
-    """The README's scenario with the default training config: the answer changes after one
-    request, and after two it is shorter and ends by itself instead of at max_tokens.
+    """The README's scenario with the default training config: after ONE request the answer
+    ends by itself, in at most 0.6x the tokens of the first (which was cut at max_tokens).
 
     The adapter is created as the README does (default rank and alpha), with a fixed LoRA
-    init seed: without one the init is random, and how much shorter the answer gets varied
-    from run to run (about 20 tokens usually, 58 once). Only the direction is asserted."""
+    init seed: without one the init is random, and how much shorter the answer gets varies
+    from run to run. Only the direction is asserted, at #22's 0.6x."""
     own = LoadedModel(smol.name, copy.deepcopy(smol.model), smol.tokenizer, smol.device)
     live = make_server(tmp_path, model_cache, loaded=own)
     try:
@@ -773,7 +773,7 @@ def test_real_model_answers_shorter_after_feedback_at_the_defaults(
         assert created.status_code == 201, created.text
         question = [{"role": "user", "content": "Explain how a rainbow forms."}]
         answers = [chat(live, "alice/real", messages=question, max_tokens=64).json()]
-        for _ in range(2):
+        for _ in range(1):
             item = {
                 "completion_id": answers[-1]["id"],
                 "feedback": "Way too long. Answer in one short sentence.",
@@ -787,7 +787,7 @@ def test_real_model_answers_shorter_after_feedback_at_the_defaults(
         assert texts[1] != texts[0], texts
         assert answers[0]["choices"][0]["finish_reason"] == "length"
         assert answers[-1]["choices"][0]["finish_reason"] == "stop", texts
-        assert lengths[-1] < lengths[0], (lengths, texts)
+        assert lengths[-1] <= 0.6 * lengths[0], (lengths, texts)
     finally:
         live.close()
 
