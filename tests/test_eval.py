@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -21,11 +22,24 @@ from pydantic import ValidationError
 from claas.cli import main
 from claas.eval.capability import is_correct, load_capability_set
 from claas.eval.client import ClaasClient
-from claas.eval.collapse import distinct_n, entropy_estimate, self_rouge_l
-from claas.eval.config import EvalConfig, EvalConfigError, dump_config, load_config
+from claas.eval.collapse import (
+    distinct_n,
+    entropy_estimate,
+    repetition,
+    repetition_rate,
+    self_rouge_l,
+)
+from claas.eval.config import (
+    AlertThresholds,
+    EvalConfig,
+    EvalConfigError,
+    dump_config,
+    load_config,
+)
 from claas.eval.preferences import Preference, load_preference, shipped_preferences
-from claas.eval.report import PLOTS
-from claas.eval.runner import run_eval
+from claas.eval.report import PLOTS, alerts, compliance_of, format_seconds
+from claas.eval.runner import check_stages, run_eval, with_examples
+from claas.eval.seeds import KEY_COLUMNS, SeedsReport, Spread
 from claas.eval.server import InProcessServer
 from claas.eval.verifiers import build_verifier
 from claas.models import tiny_llama
@@ -100,6 +114,31 @@ def test_config_errors_say_what_to_fix(overrides: list[str], says: str) -> None:
     with pytest.raises(EvalConfigError) as raised:
         load_config(None, overrides)
     assert says in str(raised.value)
+
+
+def test_examples_by_preference_name() -> None:
+    config = load_config(None, ["examples.identity=I'm Kuro, your assistant."])
+    assert config.examples == {"identity": "I'm Kuro, your assistant."}
+    with pytest.raises(EvalConfigError, match=r"examples\.identity: Value error, example is empty"):
+        load_config(None, ["examples.identity=' '"])
+    concise, identity = load_preference("concise"), load_preference("identity")
+    assert identity.example is None
+    taught = with_examples([concise, identity], {"identity": "I'm Kuro."})
+    assert [p.example for p in taught] == [None, "I'm Kuro."]
+    with pytest.raises(EvalConfigError, match=r"examples name 'identiy', which this run does not"):
+        with_examples([concise, identity], {"identiy": "I'm Kuro."})
+
+
+def test_a_preference_repeats_only_in_a_continual_run() -> None:
+    concise, identity = load_preference("concise"), load_preference("identity")
+    stages = [concise, identity, concise]
+    names = ["concise", "identity", "concise"]
+    check_stages(EvalConfig(preferences=names, continual=True), stages)
+    with pytest.raises(EvalConfigError, match=r"concise more than once; .* set continual=true"):
+        check_stages(EvalConfig(preferences=names), stages)
+    other = identity.model_copy(update={"name": "concise"})
+    with pytest.raises(EvalConfigError, match="two different preferences named 'concise'"):
+        check_stages(EvalConfig(preferences=names, continual=True), [concise, identity, other])
 
 
 def test_config_file_errors(tmp_path: Path) -> None:
@@ -230,6 +269,44 @@ def test_collapse_indicators() -> None:
     assert distinct_n(["a"], 2) is None
 
 
+def test_repetition_rate() -> None:
+    assert repetition_rate("lazy lazy lazy lazy lazy lazy") == pytest.approx(3 / 4)
+    assert repetition_rate("Lazy lazy LAZY lazy") == pytest.approx(1 / 2)  # lower-cased
+    assert repetition_rate("a b c a b c") == pytest.approx(1 / 4)  # "a b c" comes back once
+    # A normal sentence: one 3-gram of its 11 ("sat on the") comes back.
+    text = "The cat sat on the mat and the dog sat on the rug."
+    assert repetition_rate(text) == pytest.approx(1 / 11)
+    assert repetition_rate("a b c a b c", n=2) == pytest.approx(2 / 5)
+    assert repetition_rate("one two three") == 0.0  # fewer than n + 1 words
+    assert repetition_rate("") == 0.0
+    assert repetition(["lazy lazy lazy lazy lazy lazy", "a b c d"]) == {
+        "repetition_max": pytest.approx(3 / 4),
+        "repetition_mean": pytest.approx(3 / 8),
+    }
+    assert repetition([]) == {}
+
+
+def test_repetition_alerts_on_a_degenerate_step() -> None:
+    lines: list[Any] = [
+        {"preference": "concise", "step": 0, "metrics": {"repetition_mean": 0.6}},  # baseline
+        # One answer of many in a loop, as the base model does by itself now and then.
+        {
+            "preference": "concise",
+            "step": 1,
+            "metrics": {"repetition_mean": 0.02, "repetition_max": 0.7},
+        },
+        {
+            "preference": "concise",
+            "step": 2,
+            "metrics": {"repetition_mean": 0.4, "repetition_max": 0.9},
+        },
+    ]
+    found = alerts(lines, AlertThresholds())
+    assert [(a["step"], a["metric"], a["value"]) for a in found] == [(2, "repetition_mean", 0.4)]
+    assert found[0]["message"] == "repetition_mean 0.4 is above 0.25"
+    assert alerts(lines, AlertThresholds(max_repetition=0.5)) == []
+
+
 # ---------------------------------------------------------------------------------------------
 # Whole runs on the tiny model
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +317,10 @@ def live(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterato
     # A fresh tiny model, not the session's: the server's adapters change the model it serves.
     data_dir = tmp_path_factory.mktemp("eval-server")
     loaded = tiny_llama(model_cache, seed=0)
-    with InProcessServer(Settings(data_dir=data_dir), loaded=loaded) as url:
+    concurrency = EvalConfig().concurrency  # as `claas eval` starts it: no 429 for the eval
+    with InProcessServer(
+        Settings(data_dir=data_dir), loaded=loaded, concurrency=concurrency
+    ) as url:
         yield url
 
 
@@ -272,9 +352,14 @@ def test_a_run_writes_the_documented_files(finished_run: Path, live: str) -> Non
         assert all(not isinstance(v, dict | list) for v in row.values())  # flat rows
 
     lines = _lines(finished_run)
-    assert [(line["preference"], line["step"]) for line in lines] == [
-        (name, step) for name in ("concise", "no_emoji") for step in range(3)
+    assert [(line["preference"], line["stage"], line["step"]) for line in lines] == [
+        (name, stage, step)
+        for stage, name in enumerate(("concise", "no_emoji"))
+        for step in range(3)
     ]
+    assert summary["stages"] == ["concise", "no_emoji"]
+    assert all(line["seconds"] > 0 for line in lines)
+    assert summary["run_seconds"] == pytest.approx(sum(line["seconds"] for line in lines))
     for line in lines:
         assert all(
             isinstance(v, int | float) and not isinstance(v, bool) for v in line["metrics"].values()
@@ -288,6 +373,8 @@ def test_a_run_writes_the_documented_files(finished_run: Path, live: str) -> Non
             "self_rouge_l",
             "distinct_1",
             "distinct_2",
+            "repetition_max",
+            "repetition_mean",
         } <= set(line["metrics"])
         assert len(line["probes"]) == QUICK["probe_limit"]
         assert all(set(p) >= {"prompt", "response", "score"} for p in line["probes"])
@@ -308,12 +395,38 @@ def test_a_run_writes_the_documented_files(finished_run: Path, live: str) -> Non
     assert f"run_id: {run_id}" in config and "steps_per_batch: 1" in config
 
 
+def test_chats_over_the_servers_generation_limit_wait_for_a_slot(live: str) -> None:
+    client = ClaasClient(live, None)
+    # Without the openai client's own retries, every 429 reaches the eval client's wait.
+    client.chat_client = client.chat_client.with_options(max_retries=0)
+    limit = EvalConfig().concurrency  # the live server's limit per owner
+    try:
+        client.create_adapter("eval/slots", {"rank": 4})
+        with ThreadPoolExecutor(2 * limit) as pool:
+            answers = list(
+                pool.map(
+                    lambda i: client.chat(
+                        "eval/slots", f"Count to {i}.", max_tokens=8, temperature=1.0, seed=i
+                    ),
+                    range(2 * limit),
+                )
+            )
+    finally:
+        client.close()
+    assert len({answer.completion_id for answer in answers}) == 2 * limit
+
+
 def test_resume_rolls_back_an_unrecorded_step(
     finished_run: Path, live: str, tmp_path: Path
 ) -> None:
     run_dir = tmp_path / "resumed"
     shutil.copytree(finished_run, run_dir)
-    lines = (run_dir / "steps.jsonl").read_text().splitlines(keepends=True)
+    # Lines written before stages and step times were recorded: they resume all the same.
+    old = [
+        {k: v for k, v in json.loads(line).items() if k not in ("stage", "seconds")}
+        for line in (run_dir / "steps.jsonl").read_text().splitlines()
+    ]
+    lines = [json.dumps(line) + "\n" for line in old]
     # The last step trained version 3 of the adapter but its line was lost, and a kill tore
     # the line after it.
     (run_dir / "steps.jsonl").write_text("".join(lines[:-1]) + '{"preference": "no_em')
@@ -344,7 +457,10 @@ def test_resume_rolls_back_an_unrecorded_step(
     assert resumed[-1]["adapter_version"] == resumed[-1]["training"]["version"] == 5
     assert adapter is not None and adapter["current_version"] == 5
     assert [v["version"] for v in adapter["versions"]] == [1, 2, 3, 4, 5]
-    assert json.loads((run_dir / "summary.json").read_text())["status"] == "done"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "done"
+    assert resumed[-1]["stage"] == 1
+    assert summary["run_seconds"] == resumed[-1]["seconds"]  # the old lines count 0
 
     run_eval({"output_dir": str(run_dir)}, url=live, api_key=None, data_dir=tmp_path)
     assert _lines(run_dir) == resumed  # a finished run resumes to nothing
@@ -355,38 +471,213 @@ def test_resume_rolls_back_an_unrecorded_step(
         )
 
 
-def test_continual_from_the_command_line(
-    live: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+IDENTITY_EXAMPLE = "I'm Kuro, your assistant."
+CONCISE_EXAMPLE = "Rain falls when drops in a cloud grow too heavy to float."
+TINY_CONTINUAL = [
+    "num_steps=1",
+    "batch_size=2",
+    "max_tokens=8",
+    "capability_max_tokens=4",
+    "probe_limit=2",
+    "capability_limit=2",
+    "training.steps_per_batch=1",
+    "adapter.rank=4",
+    "continual=true",
+    "metrics=[compliance, margin, capability, training]",
+]
+
+
+@pytest.fixture(scope="module")
+def continual_runs(live: str, tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Two continual runs (seeds 3 and 4) of concise → identity → concise from the command
+    line: identity from a YAML file with an example of its own, concise's example from the
+    config."""
+    folder = tmp_path_factory.mktemp("continual")
+    identity = folder / "identity.yaml"
+    identity.write_text(
+        yaml.safe_dump({**load_preference("identity").model_dump(), "example": IDENTITY_EXAMPLE})
+    )
+    runs = []
+    for seed in (3, 4):
+        run_dir = folder / f"seed-{seed}"
+        overrides = [
+            *TINY_CONTINUAL,
+            f"seed={seed}",
+            f"preferences=[concise, {identity}, concise]",
+            f"examples.concise={CONCISE_EXAMPLE}",
+        ]
+        assert main(["eval", "--url", live, "--output-dir", str(run_dir), *overrides]) == 0
+        runs.append(run_dir)
+    return runs
+
+
+def test_continual_stages_bring_a_preference_back(
+    continual_runs: list[Path], live: str, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    run_dir = tmp_path / "continual"
-    quick = [f"{key}={value}" for key, value in QUICK.items() if not isinstance(value, dict)]
-    overrides = [
-        *quick,
-        "training.steps_per_batch=1",
-        "adapter.rank=4",
-        "num_steps=1",
-        "continual=true",
-        "preferences=[concise, identity]",
-        "metrics=[compliance, capability, training]",
-    ]
-    assert main(["eval", "--url", live, "--output-dir", str(run_dir), *overrides]) == 0
-    printed = capsys.readouterr().out
-    assert "baseline_compliance" in printed and f"wrote {run_dir}" in printed
+    run_dir = continual_runs[0]
     lines = _lines(run_dir)
-    assert [(line["preference"], line["step"], line["global_step"]) for line in lines] == [
-        ("concise", 0, 0),
-        ("concise", 1, 1),
-        ("identity", 0, 1),
-        ("identity", 1, 2),
+    assert [
+        (line["preference"], line["stage"], line["step"], line["global_step"]) for line in lines
+    ] == [
+        ("concise", 0, 0, 0),
+        ("concise", 0, 1, 1),
+        ("identity", 1, 0, 1),
+        ("identity", 1, 1, 2),
+        ("concise", 2, 0, 2),
+        ("concise", 2, 1, 3),
     ]
     assert len({line["lora_id"] for line in lines}) == 1
-    assert set(lines[1]["metrics"]) >= {"compliance", "compliance.concise"}
-    assert set(lines[3]["metrics"]) >= {"compliance.concise", "compliance.identity"}
-    assert "margin_per_token" not in lines[3]["metrics"]  # not asked for
-    assert [line["adapter_version"] for line in lines] == [1, 2, 2, 3]
+    assert [line["adapter_version"] for line in lines] == [1, 2, 2, 3, 3, 4]
+    # Concise's second stage goes on through its training prompts, where the first stopped.
+    prompts = load_preference("concise").training_prompts
+    assert [r["prompt"] for r in lines[1]["rollouts"]] == prompts[0:2]
+    assert [r["prompt"] for r in lines[5]["rollouts"]] == prompts[2:4]
+    # Every step measures each preference taught so far, once.
+    measured = [sorted(k for k in line["metrics"] if k.startswith("compliance.")) for line in lines]
+    assert (
+        measured
+        == [["compliance.concise"]] * 2 + [["compliance.concise", "compliance.identity"]] * 4
+    )
+    assert "entropy" not in lines[3]["metrics"]  # collapse was not asked for
+    for line in lines:
+        # Without collapse samples, a step's answers are its probes (one per measured
+        # preference, only the taught one's recorded), capability answers and rollouts.
+        recorded = [p["response"] for p in line["probes"]] + [
+            r["response"] for r in line["rollouts"]
+        ]
+        metrics = line["metrics"]
+        assert metrics["repetition_max"] >= max(map(repetition_rate, recorded))
+        assert 0 <= metrics["repetition_mean"] <= metrics["repetition_max"] <= 1
+        assert line["seconds"] > 0
+
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["continual"] is True and len(summary["lora_ids"]) == 1
-    assert {row["preference"] for row in summary["table"]} == {"concise", "identity"}
+    assert summary["stages"] == ["concise", "identity", "concise"]
+    rows = {row["preference"]: row for row in summary["table"]}
+    assert list(rows) == ["concise", "identity"]
+    concise = rows["concise"]
+    assert concise["steps"] == 2 and rows["identity"]["steps"] == 1
+    assert concise["baseline_compliance"] == lines[0]["metrics"]["compliance"]
+    assert concise["final_compliance"] == lines[-1]["metrics"]["compliance.concise"]
+    values = [c for line in lines if (c := compliance_of(line, "concise")) is not None]
+    assert concise["peak_compliance"] == max(values)
+    if concise["peak_compliance"]:
+        assert concise["retention"] == concise["final_compliance"] / concise["peak_compliance"]
+    trained = [line for line in lines if line["preference"] == "concise" and line["step"] > 0]
+    # The tiny model may get every capability question wrong: then there is no ratio at all.
+    ratios = [r for line in trained if (r := line["metrics"].get("capability_ratio")) is not None]
+    assert concise["min_capability_ratio"] == (min(ratios) if ratios else None)
+    assert all("capability_accuracy" in line["metrics"] for line in lines)
+    assert concise["repetition_max"] == max(line["metrics"]["repetition_max"] for line in trained)
+    assert summary["run_seconds"] == pytest.approx(sum(line["seconds"] for line in lines))
+
+    # A finished run resumes to nothing, and prints its summary and run time again.
+    assert main(["eval", "--url", live, "--output-dir", str(run_dir)]) == 0
+    printed = capsys.readouterr().out
+    assert "baseline_compliance" in printed and f"wrote {run_dir}" in printed
+    assert f"run time {format_seconds(summary['run_seconds'])}" in printed
+    assert _lines(run_dir) == lines
+
+
+def test_examples_reach_the_server(continual_runs: list[Path], live: str) -> None:
+    expected = {"concise": CONCISE_EXAMPLE, "identity": IDENTITY_EXAMPLE}
+    trained = [line for line in _lines(continual_runs[0]) if line["step"] > 0]
+    client = ClaasClient(live, None)
+    try:
+        for line in trained:
+            feedback_id = line["training"]["feedback_id"]
+            request = client.http.get(f"/v1/feedback/{feedback_id}").json()
+            examples = {item.get("example") for item in request["items"]}
+            assert examples == {expected[line["preference"]]}, line["preference"]
+            assert {r["example"] for r in line["rollouts"]} == {expected[line["preference"]]}
+    finally:
+        client.close()
+
+
+def test_seeds_gives_mean_and_spread(
+    continual_runs: list[Path],
+    finished_run: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    out = tmp_path / "seeds" / "seeds.json"
+    assert main(["eval", "seeds", *map(str, continual_runs), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    found = SeedsReport.model_validate_json(out.read_text())
+    summaries = [json.loads((run / "summary.json").read_text()) for run in continual_runs]
+    runs_lines = [_lines(run) for run in continual_runs]
+
+    assert [run.seed for run in found.runs] == [3, 4]
+    assert [run.run_seconds for run in found.runs] == [s["run_seconds"] for s in summaries]
+    assert found.stages == ["concise", "identity", "concise"] and found.continual
+    assert [p.preference for p in found.preferences] == ["concise", "identity"]
+
+    def spread(values: list[Any]) -> tuple[float, float, float, int]:
+        present = [v for v in values if v is not None]
+        return sum(present) / len(present), min(present), max(present), len(present)
+
+    for preference in found.preferences:
+        rows = [
+            next(r for r in s["table"] if r["preference"] == preference.preference)
+            for s in summaries
+        ]
+        for column in KEY_COLUMNS:
+            values = [row[column] for row in rows]
+            got = preference.columns[column]
+            if all(v is None for v in values):
+                assert got.runs == 0 and got.mean is None
+                continue
+            mean, low, high, runs = spread(values)
+            assert (got.mean, got.min, got.max, got.runs) == (
+                pytest.approx(mean),
+                low,
+                high,
+                runs,
+            ), column
+        # Compliance after each request: on the first line at that global step measuring it.
+        for step, got in preference.compliance_by_step.items():
+            values = [
+                next(
+                    c
+                    for line in lines
+                    if line["global_step"] == step
+                    and (c := compliance_of(line, preference.preference)) is not None
+                )
+                for lines in runs_lines
+            ]
+            assert (got.mean, got.min, got.max) == (pytest.approx(sum(values) / 2), *sorted(values))
+    # The tiny model's compliance stays 0, but its margins differ between seeds: a real spread.
+    margin = found.preferences[0].columns["margin_per_token_final"]
+    assert margin.min is not None and margin.max is not None and margin.min < margin.max
+    assert sorted(found.preferences[0].compliance_by_step) == [1, 2, 3]
+    assert sorted(found.preferences[1].compliance_by_step) == [1, 2, 3]  # from its baseline on
+
+    steps = {step.global_step: step.values for step in found.steps}
+    assert list(steps) == [0, 1, 2, 3]
+    assert set(steps[3]) - {"capability_ratio"} == {"compliance.concise", "compliance.identity"}
+    for step, values in steps.items():
+        ratios = [
+            r
+            for lines in runs_lines
+            if (
+                r := next(line for line in lines if line["global_step"] == step)["metrics"].get(
+                    "capability_ratio"
+                )
+            )
+            is not None
+        ]
+        assert values.get("capability_ratio", Spread.of([])).runs == len(ratios)
+
+    assert "seed" in printed and "min_capability_ratio" in printed
+    assert "compliance.identity" in printed and f"wrote {out}" in printed
+    run_time = format_seconds(summaries[0]["run_seconds"])
+    assert run_time in printed
+
+    # Runs of other preferences, and a single run, are refused.
+    assert main(["eval", "seeds", str(continual_runs[0]), str(finished_run)]) == 2
+    assert "pass runs of one config that differ only in seed" in capsys.readouterr().err
+    assert main(["eval", "seeds", str(continual_runs[0])]) == 2
+    assert "at least two runs" in capsys.readouterr().err
 
 
 def test_compare_prints_a_table(
@@ -413,12 +704,22 @@ def test_cli_refuses_bad_input_with_a_message(
     assert "usage: claas eval compare RUN_A RUN_B" in capsys.readouterr().err
     assert main(["eval", "compare", str(tmp_path), str(tmp_path)]) == 2
     assert "is not a claas eval run" in capsys.readouterr().err
+    repeated = ["eval", "--url", url, "--data-dir", str(tmp_path), "preferences=[concise,concise]"]
+    assert main(repeated) == 2
+    assert "concise more than once" in capsys.readouterr().err
+
+
+def test_the_in_process_server_lets_the_eval_batch(tmp_path: Path) -> None:
+    # Not started: only the settings it would serve with.
+    default = Settings(data_dir=tmp_path)
+    assert default.max_concurrent_generations_per_owner < EvalConfig().concurrency
+    server = InProcessServer(default, concurrency=EvalConfig().concurrency)
+    assert server.settings.max_concurrent_generations_per_owner == EvalConfig().concurrency
+    roomy = Settings(data_dir=tmp_path, max_concurrent_generations_per_owner=32)
+    assert InProcessServer(roomy, concurrency=8).settings.max_concurrent_generations_per_owner == 32
 
 
 def test_length_drift_is_no_alert_for_a_preference_that_changes_length() -> None:
-    from claas.eval.config import AlertThresholds
-    from claas.eval.report import alerts
-
     lines: list[Any] = [
         {"preference": "concise", "step": 1, "metrics": {"length_drift": -0.85}},
         {"preference": "identity", "step": 1, "metrics": {"length_drift": -0.85}},

@@ -36,10 +36,10 @@ class Answer:
 class ClaasClient:
     def __init__(self, url: str, api_key: str | None, timeout: float = 1800.0) -> None:
         self.url = url.rstrip("/")
+        self.timeout = timeout
         headers = {"authorization": f"Bearer {api_key}"} if api_key else {}
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
-        # Retries (with Retry-After) ride out a 429 when --concurrency is over the server's
-        # CLAAS_MAX_CONCURRENT_GENERATIONS_PER_OWNER.
+        # Retries ride out a lost connection or a 5xx; a 429 is waited out in `chat`.
         self.chat_client = openai.OpenAI(
             base_url=f"{self.url}/v1", api_key=api_key or "unused", max_retries=8, timeout=timeout
         )
@@ -59,22 +59,36 @@ class ClaasClient:
         seed: int,
         logprobs: bool = False,
     ) -> Answer:
-        try:
-            completion = self.chat_client.chat.completions.create(
-                model=model,
-                messages=[{"role": "user", "content": prompt}],
-                max_tokens=max_tokens,
-                temperature=temperature,
-                seed=seed,
-                logprobs=logprobs,
-            )
-        except openai.APIStatusError as error:
-            raise ServerError(f"chat with {model} failed: {_message(error.response)}") from None
-        except openai.APIConnectionError as error:
-            raise ServerError(
-                f"cannot reach the claas server at {self.url} ({error}); start it with "
-                "`claas serve`, or run `claas eval` without --url for an in-process server"
-            ) from None
+        # A 429 says this owner has as many generations running as the server allows
+        # (CLAAS_MAX_CONCURRENT_GENERATIONS_PER_OWNER, which the eval's concurrency may exceed):
+        # wait for a slot, as long as any request may take, instead of failing the run.
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                completion = self.chat_client.chat.completions.create(
+                    model=model,
+                    messages=[{"role": "user", "content": prompt}],
+                    max_tokens=max_tokens,
+                    temperature=temperature,
+                    seed=seed,
+                    logprobs=logprobs,
+                )
+                break
+            except openai.RateLimitError as error:
+                if time.monotonic() > deadline:
+                    raise ServerError(
+                        f"chat with {model} waited {self.timeout:.0f} s for a generation slot "
+                        f"({_message(error.response)}); lower concurrency"
+                    ) from None
+                time.sleep(_retry_after(error.response.headers))
+            except openai.APIStatusError as error:
+                message = _message(error.response)
+                raise ServerError(f"chat with {model} failed: {message}") from None
+            except openai.APIConnectionError as error:
+                raise ServerError(
+                    f"cannot reach the claas server at {self.url} ({error}); start it with "
+                    "`claas serve`, or run `claas eval` without --url for an in-process server"
+                ) from None
         choice = completion.choices[0]
         content = choice.logprobs.content if choice.logprobs is not None else None
         return Answer(
@@ -176,6 +190,14 @@ class _Response(Protocol):
     def text(self) -> str: ...
 
     def json(self) -> Any: ...
+
+
+def _retry_after(headers: Mapping[str, str]) -> float:
+    """The seconds a 429 asks to wait (1 when it does not say), within [0.1, 30]."""
+    try:
+        return min(max(float(headers.get("retry-after", "1")), 0.1), 30.0)
+    except ValueError:
+        return 1.0
 
 
 def _message(response: _Response) -> str:

@@ -12,8 +12,20 @@ Computed on several temperature-1 samples of each probe, each drawn with its own
 - **distinct_1 / distinct_2**: unique n-grams over all n-grams, pooled over the samples
   (lower-cased whitespace tokens). Repetition loops drive these down.
 
-Length drift (mean answer length against the baseline) is computed by the runner from the probe
-answers of every step, since it needs no extra samples.
+Two more need no extra samples, so the runner computes them on every step:
+
+- **repetition_max / repetition_mean**: `repetition_rate` of each answer the step sampled
+  (compliance probes, capability answers, collapse samples and the step's training rollouts):
+  the share of an answer's word 3-grams that repeat one seen earlier in the same answer. A
+  normal paragraph repeats few: SmolLM2-135M's answers to the shipped probes score 0 to 0.11.
+  But that model also loops by itself now and then (a caption that repeats one line six times:
+  0.68), mostly on the tweet and caption prompts: 8 of the 204 probe and rollout answers in
+  `benchmarks/evals` score over 0.25, and so do 2 of its 7 baselines' `repetition_max`, on 4 to
+  6 answers each. The alert (`AlertThresholds.max_repetition`, 0.25) is therefore on
+  `repetition_mean`, at most 0.11 on any line there (0.013 over the 146 answers of a fresh
+  baseline step with capability and collapse samples): it fires when looping is what the
+  model does, not when one answer of many loops; `repetition_max` shows that one.
+- **length drift**: mean probe-answer length against the baseline.
 """
 
 from __future__ import annotations
@@ -56,3 +68,29 @@ def distinct_n(texts: Sequence[str], n: int) -> float | None:
         for i in range(len(words) - n + 1)
     ]
     return len(set(grams)) / len(grams) if grams else None
+
+
+def repetition_rate(text: str, n: int = 3) -> float:
+    """The share of `text`'s word n-grams (lower-cased whitespace words) that repeat an n-gram
+    seen earlier in the same text: 0 for fresh prose, toward 1 for a loop
+    ("lazy lazy lazy lazy lazy lazy": 3 of its 4 3-grams repeat, 0.75). 0 for a text of fewer
+    than n + 1 words, where nothing can repeat."""
+    words = text.lower().split()
+    if len(words) < n + 1:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    repeats = 0
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i : i + n])
+        repeats += gram in seen
+        seen.add(gram)
+    return repeats / (len(words) - n + 1)
+
+
+def repetition(texts: Sequence[str]) -> dict[str, float]:
+    """`repetition_max` and `repetition_mean` of `repetition_rate` over `texts` (every answer
+    one step sampled); empty when there are none."""
+    rates = [repetition_rate(text) for text in texts]
+    if not rates:
+        return {}
+    return {"repetition_max": max(rates), "repetition_mean": float(np.mean(rates))}

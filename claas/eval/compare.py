@@ -23,7 +23,9 @@ from claas.eval.config import EvalConfigError
 from claas.eval.runner import read_lines
 
 
-def _load(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """A run directory's summary and step lines (a run in progress too); EvalConfigError when
+    it holds no readable summary."""
     path = run_dir / "summary.json"
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
@@ -94,7 +96,7 @@ def compare_plot(runs: list[tuple[dict[str, Any], list[dict[str, Any]]]], out: P
 
 def compare_runs(run_a: Path, run_b: Path, out: Path | None = None) -> tuple[str, Path]:
     """The comparison table as text, and the path of the plot written."""
-    a, b = _load(run_a), _load(run_b)
+    a, b = load_run(run_a), load_run(run_b)
     text = compare_table(a[0], b[0])
     plot = compare_plot([a, b], out or run_b.resolve().parent / "compare.png")
     return text, plot

@@ -3,7 +3,8 @@
     claas eval --config my_eval.yaml num_steps=20 training.learning_rate=1e-4 continual=true
 
 Overrides use dotted keys for nesting and YAML scalars for values (`true`, `1e-4`,
-`[concise,identity]`). Unknown keys are refused with the valid ones listed. `training` holds
+`[concise,identity]`, `examples.identity="I'm Kuro, your assistant."`). Unknown keys are
+refused with the valid ones listed. `training` holds
 `claas.sdpo.engine.TrainingConfig` fields and `adapter` holds `claas.adapters.AdapterSpec` fields;
 fields left unset there are not sent, so the server's own defaults apply, and the resolved
 `config.yaml` of a run keeps them unset too.
@@ -29,6 +30,7 @@ from pydantic import (
 from claas.adapters import AdapterSpec
 from claas.errors import InvalidRequest
 from claas.ids import LORA_ID_PART
+from claas.sdpo.config import ExampleText
 from claas.sdpo.engine import TrainingConfig
 
 MetricGroup = Literal["compliance", "margin", "capability", "collapse", "training"]
@@ -57,6 +59,13 @@ class AlertThresholds(BaseModel):
     max_length_drift: float = Field(
         0.75, ge=0, description="|mean length / baseline − 1| above (concise moves it on purpose)"
     )
+    max_repetition: float = Field(
+        0.25,
+        ge=0,
+        le=1,
+        description="repetition_mean above: this share of the step's word 3-grams repeat "
+        "(claas.eval.collapse)",
+    )
 
 
 class EvalConfig(BaseModel):
@@ -70,9 +79,16 @@ class EvalConfig(BaseModel):
     preferences: list[str] = Field(
         default_factory=lambda: ["concise", "identity", "no_emoji"],
         min_length=1,
-        description="shipped preference names or paths to preference YAML files",
+        description="shipped preference names or paths to preference YAML files; with "
+        "continual, each entry is a stage and a preference may come back ([concise, identity, "
+        "concise]: concise again, on its next training prompts)",
     )
-    num_steps: int = Field(10, ge=0, le=10_000, description="feedback steps per preference")
+    examples: dict[str, ExampleText] = Field(
+        default_factory=dict,
+        description="preference name → an answer the user wanted, sent with each of its "
+        "feedback items (overrides the preference's own `example`)",
+    )
+    num_steps: int = Field(10, ge=0, le=10_000, description="feedback steps per stage")
     batch_size: int = Field(4, ge=1, le=64, description="answers per feedback request")
     seed: int = Field(0, ge=0, lt=2**31, description="every sampling seed derives from it")
     training: TrainingConfig = Field(default_factory=TrainingConfig)
@@ -95,7 +111,13 @@ class EvalConfig(BaseModel):
     continual: bool = Field(False, description="teach the preferences in order, one adapter")
     owner: str = Field("eval", description="owner part of the adapter ids (your key's owner)")
     thresholds: AlertThresholds = Field(default_factory=AlertThresholds)
-    concurrency: int = Field(4, ge=1, le=64, description="chat requests in flight at once")
+    concurrency: int = Field(
+        8,
+        ge=1,
+        le=64,
+        description="requests in flight at once; a step sends all its measurements together, "
+        "so the server batches them",
+    )
     feedback_timeout: float = Field(1800.0, gt=0, description="seconds to wait for training")
 
     @field_validator("owner")

@@ -1,6 +1,11 @@
 """What one eval step measures, through the public API, on the adapter's current version.
 
-Each function turns answers from the server into flat metrics (str → number):
+Each metric group submits its requests to the measurer's thread pool and returns at once (a
+`Pending`); the runner submits every group of a step before it waits for any, so the server's
+continuous batcher decodes the step's probes, capability questions and collapse samples side by
+side instead of one group after another. Every request carries its own seed, so the results do
+not depend on `concurrency` or on the order requests are served. Each group then turns its
+answers into flat metrics (str → number) and hands back the texts it sampled:
 
 - `compliance`: the preference's verifier, mean over its held-out probes (one answer each, at the
   run's temperature, with a seed fixed per probe so that steps differ only by the adapter);
@@ -10,14 +15,18 @@ Each function turns answers from the server into flat metrics (str → number):
   the mean token log-probs, which does not reward a shorter answer for being short).
 - `capability`: accuracy on the capability set, greedy.
 - `collapse`: see `claas.eval.collapse`, on temperature-1 samples with logprobs.
+
+    pending = [measurer.compliance(model, p) for p in preferences] + [measurer.capability(...)]
+    results = [group.result() for group in pending]
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
 
 import numpy as np
 
@@ -37,8 +46,30 @@ def derive_seed(seed: int, *parts: object) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
+@dataclass(frozen=True)
+class Measured:
+    """What one metric group found: its flat metrics, and the text of every answer it sampled
+    (for `collapse.repetition_rate`, which the runner takes over the whole step)."""
+
+    metrics: dict[str, float]
+    texts: list[str]
+    probes: list[dict[str, Any]] = field(default_factory=list)  # compliance: one per probe
+
+
+class Pending(Generic[R]):
+    """A metric group's requests, already in the pool, and how to turn their results into a
+    `Measured`; `result()` waits for them."""
+
+    def __init__(self, futures: list[Future[R]], finish: Callable[[list[R]], Measured]) -> None:
+        self.futures = futures
+        self.finish = finish
+
+    def result(self) -> Measured:
+        return self.finish([future.result() for future in self.futures])
+
+
 class Measurer:
-    """Samples and scores through one client, a few requests in flight at a time."""
+    """Samples and scores through one client, `concurrency` requests in flight at a time."""
 
     def __init__(self, client: ClaasClient, config: EvalConfig) -> None:
         self.client = client
@@ -46,69 +77,94 @@ class Measurer:
         self.pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="claas-eval")
 
     def close(self) -> None:
-        self.pool.shutdown(wait=True)
+        # A failed step leaves the rest of its requests queued: they would change nothing.
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
-    def parallel(self, function: Callable[[T], R], items: Sequence[T]) -> list[R]:
-        return list(self.pool.map(function, items))
+    def submit(self, function: Callable[[T], R], items: Sequence[T]) -> list[Future[R]]:
+        return [self.pool.submit(function, item) for item in items]
 
-    def answers(
+    def submit_answers(
         self, model: str, prompts: Sequence[str], seeds: Sequence[int], **sampling: Any
-    ) -> list[Answer]:
+    ) -> list[Future[Answer]]:
         sampling = {
             "max_tokens": self.config.max_tokens,
             "temperature": self.config.temperature,
             **sampling,
         }
-        return self.parallel(
+        return self.submit(
             lambda job: self.client.chat(model, job[0], seed=job[1], **sampling),
             list(zip(prompts, seeds, strict=True)),
         )
 
-    def compliance(
-        self, model: str, preference: Preference
-    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def answers(
+        self, model: str, prompts: Sequence[str], seeds: Sequence[int], **sampling: Any
+    ) -> list[Answer]:
+        return [f.result() for f in self.submit_answers(model, prompts, seeds, **sampling)]
+
+    def compliance(self, model: str, preference: Preference) -> Pending[Answer]:
         prompts = preference.probes[: self.config.probe_limit]
         seeds = [
             derive_seed(self.config.seed, "probe", preference.name, i) for i in range(len(prompts))
         ]
-        answers = self.answers(model, prompts, seeds)
         verifier = preference.build_verifier()
-        scores = [verifier.score(a.text, a.finish_reason) for a in answers]
-        probes = [
-            {"prompt": prompt, "response": a.text, "score": score, "finish_reason": a.finish_reason}
-            for prompt, a, score in zip(prompts, answers, scores, strict=True)
-        ]
-        metrics = {
-            "compliance": float(np.mean(scores)),
-            "mean_length": float(np.mean([a.tokens for a in answers])),
-        }
-        return metrics, probes
 
-    def margin(self, model: str, preference: Preference) -> dict[str, float]:
+        def finish(answers: list[Answer]) -> Measured:
+            scores = [verifier.score(a.text, a.finish_reason) for a in answers]
+            probes = [
+                {
+                    "prompt": prompt,
+                    "response": a.text,
+                    "score": score,
+                    "finish_reason": a.finish_reason,
+                }
+                for prompt, a, score in zip(prompts, answers, scores, strict=True)
+            ]
+            metrics = {
+                "compliance": float(np.mean(scores)),
+                "mean_length": float(np.mean([a.tokens for a in answers])),
+            }
+            return Measured(metrics, [a.text for a in answers], probes)
+
+        return Pending(self.submit_answers(model, prompts, seeds), finish)
+
+    def margin(self, model: str, preference: Preference) -> Pending[list[float]]:
         jobs = [
             (p.prompt, text) for p in preference.pairs for text in (p.preferred, p.dispreferred)
         ]
-        scored = self.parallel(lambda job: self.client.score(model, job[0], job[1]), jobs)
-        sums, per_token = [], []
-        for good, bad in zip(scored[0::2], scored[1::2], strict=True):
-            sums.append(sum(good) - sum(bad))
-            per_token.append(float(np.mean(good)) - float(np.mean(bad)))
-        return {"margin_sum": float(np.mean(sums)), "margin_per_token": float(np.mean(per_token))}
 
-    def capability(self, model: str, questions: Sequence[CapabilityQuestion]) -> dict[str, float]:
+        def finish(scored: list[list[float]]) -> Measured:
+            sums, per_token = [], []
+            for good, bad in zip(scored[0::2], scored[1::2], strict=True):
+                sums.append(sum(good) - sum(bad))
+                per_token.append(float(np.mean(good)) - float(np.mean(bad)))
+            metrics = {
+                "margin_sum": float(np.mean(sums)),
+                "margin_per_token": float(np.mean(per_token)),
+            }
+            return Measured(metrics, [])  # scored, not sampled: no answers of the model's own
+
+        return Pending(self.submit(lambda job: self.client.score(model, *job), jobs), finish)
+
+    def capability(self, model: str, questions: Sequence[CapabilityQuestion]) -> Pending[Answer]:
         questions = questions[: self.config.capability_limit]
         seeds = [derive_seed(self.config.seed, "capability", i) for i in range(len(questions))]
-        answers = self.answers(
+
+        def finish(answers: list[Answer]) -> Measured:
+            right = [is_correct(a.text, q.answers) for a, q in zip(answers, questions, strict=True)]
+            return Measured(
+                {"capability_accuracy": float(np.mean(right))}, [a.text for a in answers]
+            )
+
+        futures = self.submit_answers(
             model,
             [q.question for q in questions],
             seeds,
             temperature=0.0,
             max_tokens=self.config.capability_max_tokens,
         )
-        right = [is_correct(a.text, q.answers) for a, q in zip(answers, questions, strict=True)]
-        return {"capability_accuracy": float(np.mean(right))}
+        return Pending(futures, finish)
 
-    def collapse(self, model: str, preference: Preference) -> dict[str, float]:
+    def collapse(self, model: str, preference: Preference) -> Pending[Answer]:
         probes = preference.probes[: self.config.collapse_probes]
         k = self.config.collapse_samples
         prompts = [p for p in probes for _ in range(k)]
@@ -117,15 +173,20 @@ class Measurer:
             for i in range(len(probes))
             for j in range(k)
         ]
+
+        def finish(answers: list[Answer]) -> Measured:
+            texts = [a.text for a in answers]
+            values = {
+                "entropy": collapse.entropy_estimate([a.logprobs for a in answers]),
+                "self_rouge_l": collapse.self_rouge_l(
+                    [texts[i * k : (i + 1) * k] for i in range(len(probes))]
+                ),
+                "distinct_1": collapse.distinct_n(texts, 1),
+                "distinct_2": collapse.distinct_n(texts, 2),
+            }
+            metrics = {key: value for key, value in values.items() if value is not None}
+            return Measured(metrics, texts)
+
         # Temperature 1: −mean log-prob of the model's own samples estimates its entropy.
-        answers = self.answers(model, prompts, seeds, temperature=1.0, logprobs=True)
-        texts = [a.text for a in answers]
-        values = {
-            "entropy": collapse.entropy_estimate([a.logprobs for a in answers]),
-            "self_rouge_l": collapse.self_rouge_l(
-                [texts[i * k : (i + 1) * k] for i in range(len(probes))]
-            ),
-            "distinct_1": collapse.distinct_n(texts, 1),
-            "distinct_2": collapse.distinct_n(texts, 2),
-        }
-        return {key: value for key, value in values.items() if value is not None}
+        futures = self.submit_answers(model, prompts, seeds, temperature=1.0, logprobs=True)
+        return Pending(futures, finish)

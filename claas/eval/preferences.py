@@ -3,7 +3,9 @@
 A preference names the feedback message a user would send, the prompts its rollouts are sampled
 on (`training_prompts`), held-out `probes` that compliance is measured on (never trained on: the
 two lists must be disjoint), a verifier that scores one answer, and preferred / dispreferred
-answer pairs whose log-probability margin shows the adapter moving before its samples do.
+answer pairs whose log-probability margin shows the adapter moving before its samples do. It may
+also carry an `example`, an answer the user wanted, sent with every feedback item (the teacher
+is shown it; see the feedback API): for what the model never says by itself, such as a name.
 
 Shipped preferences live next to this module (`preferences/<name>.yaml`): `concise`,
 `no_emoji`, `identity`. A user's own is named by its path:
@@ -22,7 +24,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from claas.eval.verifiers import Verifier, build_verifier
-from claas.sdpo.config import FeedbackText
+from claas.sdpo.config import ExampleText, FeedbackText
 
 MIN_PROMPTS = 12
 
@@ -49,6 +51,9 @@ class Preference(BaseModel):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
     feedback: FeedbackText
+    example: ExampleText | None = Field(
+        None, description="an answer the user wanted, sent with each feedback item"
+    )
     verifier: VerifierSpec
     probes: list[str] = Field(min_length=MIN_PROMPTS)
     training_prompts: list[str] = Field(min_length=MIN_PROMPTS)

@@ -7,6 +7,13 @@ the dashboard reading a run in progress never sees half a file.
 The contract with the dashboard (`claas.api.dashboard`): `summary.json` holds `run_id`,
 `status` (running | done | failed), `started_at`, `updated_at`, `divergence_mode`, `url`,
 `lora_ids`, `table` (one flat row per preference) and `plots` (PNG names in the directory).
+It also holds `stages` (the preference of each stage, in order), `run_seconds` (the steps' wall
+time added up, so a resumed run counts every session), `alerts` and the capability minimum.
+
+A row's `final_compliance` is the preference's compliance on the last line that measured it
+(in a continual run, the run's last line); `peak_compliance` the highest on any line;
+`retention` final / peak. `steps` counts the preference's trained steps over all its stages,
+and `steps_to_0.8`, `min_capability_ratio` and `repetition_max` are over those steps too.
 """
 
 from __future__ import annotations
@@ -35,7 +42,7 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _finite(value: Any) -> float | None:
+def finite(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, int | float):
         return None
     return float(value) if math.isfinite(value) else None
@@ -45,8 +52,8 @@ def compliance_of(line: Line, preference: str) -> float | None:
     """`preference`'s compliance as measured on this line (its own or, continual, another's)."""
     metrics = line["metrics"]
     if line["preference"] == preference:
-        return _finite(metrics.get("compliance"))
-    return _finite(metrics.get(f"compliance.{preference}"))
+        return finite(metrics.get("compliance"))
+    return finite(metrics.get(f"compliance.{preference}"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +75,7 @@ def alerts(
         ("self_rouge_l", "above", thresholds.max_self_rouge_l),
         ("distinct_2", "below", thresholds.min_distinct_2),
         ("abs_length_drift", "above", thresholds.max_length_drift),
+        ("repetition_mean", "above", thresholds.max_repetition),
     ]
     found = []
     for line in lines:
@@ -79,13 +87,15 @@ def alerts(
         for metric, side, limit in rules:
             if metric == "abs_length_drift" and line["preference"] in changes_length:
                 continue
-            value = _finite(metrics.get(metric))
+            value = finite(metrics.get(metric))
             if value is None or not (value < limit if side == "below" else value > limit):
                 continue
             found.append(
                 {
                     "preference": line["preference"],
+                    "stage": line.get("stage"),
                     "step": line["step"],
+                    "global_step": global_step_of(line),
                     "metric": metric,
                     "value": value,
                     "threshold": limit,
@@ -98,41 +108,44 @@ def alerts(
 def table(
     lines: Sequence[Line], preferences: Sequence[str], found: Sequence[dict[str, Any]]
 ) -> list[dict[str, Any]]:
-    """One flat row per preference (the dashboard renders it as is)."""
+    """One flat row per preference, over all its stages (the dashboard renders it as is)."""
     rows = []
     for name in preferences:
         own = [line for line in lines if line["preference"] == name]
         if not own:
             continue
+        trained = [line for line in own if line["step"] > 0]
         values = [v for line in lines if (v := compliance_of(line, name)) is not None]
         first, last = own[0]["metrics"], own[-1]["metrics"]
+        # Counted in this preference's trained steps, so a stage that brings it back goes on.
         reached = [
-            line["step"]
-            for line in own
+            count
+            for count, line in enumerate([own[0], *trained])
             if (c := compliance_of(line, name)) is not None and c >= COMPLIANCE_TARGET
         ]
         peak = max(values) if values else None
         final = values[-1] if values else None  # continual: at the end of the whole sequence
-        capability = [
-            v for line in own if (v := _finite(line["metrics"].get("capability_ratio"))) is not None
-        ]
+        capability = _values(own, "capability_ratio")
+        trained_capability = _values(trained, "capability_ratio")
+        repetition = _values(trained, "repetition_max")
         row: dict[str, Any] = {
             "preference": name,
             "lora_id": own[0].get("lora_id"),
-            "steps": own[-1]["step"],
-            "baseline_compliance": _finite(first.get("compliance")),
+            "steps": len(trained),
+            "baseline_compliance": finite(first.get("compliance")),
             "final_compliance": final,
             "peak_compliance": peak,
             "retention": final / peak if final is not None and peak else None,
             "steps_to_0.8": reached[0] if reached else None,
-            "margin_per_token_baseline": _finite(first.get("margin_per_token")),
-            "margin_per_token_final": _finite(last.get("margin_per_token")),
+            "margin_per_token_baseline": finite(first.get("margin_per_token")),
+            "margin_per_token_final": finite(last.get("margin_per_token")),
             "length_change_pct": _percent(last.get("mean_length"), first.get("mean_length")),
             "capability_ratio": capability[-1] if capability else None,
-            "min_capability_ratio": min(capability) if capability else None,
+            "min_capability_ratio": min(trained_capability) if trained_capability else None,
+            "repetition_max": max(repetition) if repetition else None,
             "alerts": "; ".join(
                 dict.fromkeys(
-                    f"{a['metric']}@{a['step']}" for a in found if a["preference"] == name
+                    f"{a['metric']}@{a['global_step']}" for a in found if a["preference"] == name
                 )
             ),
         }
@@ -140,8 +153,12 @@ def table(
     return rows
 
 
+def _values(lines: Iterable[Line], key: str) -> list[float]:
+    return [v for line in lines if (v := finite(line["metrics"].get(key))) is not None]
+
+
 def _percent(now: Any, before: Any) -> float | None:
-    a, b = _finite(now), _finite(before)
+    a, b = finite(now), finite(before)
     return (a / b - 1) * 100 if a is not None and b else None
 
 
@@ -150,8 +167,9 @@ def _percent(now: Any, before: Any) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _x(line: Line) -> int:
-    """Where a line sits on a plot's step axis (continual runs number steps across phases)."""
+def global_step_of(line: Line) -> int:
+    """The line's step in the whole run: where it sits on a plot's step axis (a continual run
+    numbers steps across its stages; lines older than `global_step` have only `step`)."""
     return int(line["global_step"] if "global_step" in line else line["step"])
 
 
@@ -163,9 +181,9 @@ def _series(
         if preference is not None and line["preference"] != preference:
             continue
         source = line["training"] if key.startswith("training.") else line["metrics"]
-        value = _finite((source or {}).get(key.removeprefix("training.")))
+        value = finite((source or {}).get(key.removeprefix("training.")))
         if value is not None:
-            xs.append(_x(line))
+            xs.append(global_step_of(line))
             ys.append(value)
     return xs, ys
 
@@ -173,10 +191,16 @@ def _series(
 def _panel(
     ax: Axes, lines: Sequence[Line], key: str, preferences: Sequence[str], title: str
 ) -> None:
+    """One curve per preference against the run's step; a preference taught in several stages
+    gets one segment per stage, in one colour, with no line across the stages between."""
     for name in preferences:
-        xs, ys = _series(lines, key, name)
-        if xs:
-            ax.plot(xs, ys, marker="o", markersize=3, label=name)
+        color = None
+        for stage in dict.fromkeys(line.get("stage") for line in lines):
+            xs, ys = _series((line for line in lines if line.get("stage") == stage), key, name)
+            if xs:
+                label = name if color is None else None
+                (curve,) = ax.plot(xs, ys, marker="o", markersize=3, color=color, label=label)
+                color = curve.get_color()
     _finish(ax, title)
 
 
@@ -207,7 +231,9 @@ def plot_run(run_dir: Path, lines: Sequence[Line], preferences: Sequence[str]) -
     if continual:  # every taught preference, on every step of the sequence
         for name in preferences:
             points = [
-                (_x(line), c) for line in lines if (c := compliance_of(line, name)) is not None
+                (global_step_of(line), c)
+                for line in lines
+                if (c := compliance_of(line, name)) is not None
             ]
             if points:
                 compliance.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
@@ -279,11 +305,10 @@ def summary(
     continual: bool,
     error: str | None = None,
     changes_length: Collection[str] = (),
+    stages: Sequence[str] = (),
 ) -> dict[str, Any]:
     found = alerts(lines, thresholds, changes_length)
-    ratios = [
-        v for line in lines if (v := _finite(line["metrics"].get("capability_ratio"))) is not None
-    ]
+    ratios = _values((line for line in lines if line["step"] > 0), "capability_ratio")
     body: dict[str, Any] = {
         "run_id": run_id,
         "status": status,
@@ -295,7 +320,9 @@ def summary(
         "table": table(lines, preferences, found),
         "plots": list(plots),
         "continual": continual,
+        "stages": list(stages or preferences),
         "steps_recorded": len(lines),
+        "run_seconds": run_seconds(lines),
         "alerts": found,
         "capability_min_ratio": min(ratios) if ratios else None,
         "capability_target": thresholds.min_capability_ratio,
@@ -304,6 +331,34 @@ def summary(
     if error is not None:
         body["error"] = error
     return body
+
+
+def run_seconds(lines: Iterable[Line]) -> float:
+    """The steps' wall time added up (lines written before `seconds` existed count 0)."""
+    return round(sum(finite(line.get("seconds")) or 0.0 for line in lines), 3)
+
+
+def format_seconds(seconds: float) -> str:
+    """A run time for people: "41 min 12 s", "1 h 3 min", "12 s"."""
+    whole = round(seconds)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours} h {minutes} min"
+    return f"{minutes} min {secs} s" if minutes else f"{secs} s"
+
+
+def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
+    """`rows` as a plain-text table of `columns` (floats to 3 decimals, missing as –)."""
+
+    def cell(value: Any) -> str:
+        if value is None or value == "":
+            return "–"
+        return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+    table = [list(columns)] + [[cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table)
 
 
 def write_summary(run_dir: Path, body: dict[str, Any]) -> None:

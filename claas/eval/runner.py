@@ -2,9 +2,18 @@
 
 Per preference (each on a fresh adapter, or with `continual: true` one after another on one
 adapter): measure the baseline (step 0); then, per step, sample `batch_size` answers to the next
-training prompts (cycled in order), send the preference's feedback on them with `wait=true`, and
-measure again on the held-out probes. Each step appends one line to `steps.jsonl`, then
-`summary.json` and the plots are rebuilt from those lines.
+training prompts (cycled in order), send the preference's feedback (and its `example`, if any)
+on them with `wait=true`, and measure again on the held-out probes. Each step appends one line
+to `steps.jsonl`, then `summary.json` and the plots are rebuilt from those lines.
+
+**Stages.** Each entry of `preferences` is a stage, and its lines carry its index (`stage`).
+With `continual: true` a preference may come back (`[concise, no_emoji, concise]`): the later
+stage goes on through that preference's training prompts where the earlier one stopped (new
+prompts, cycling only once all are used), so it asks "does concise come back, on prompts it was
+never taught on?"; its rollout seeds count on the same way, so a run without repeats samples
+what it did before stages existed. A continual step measures every preference taught so far.
+Ratios (entropy, length) compare against the preference's first baseline, capability against
+the adapter's.
 
 **Resuming.** Adapter ids derive from the run id (`<owner>/<run_id>-<preference>`, or
 `-continual`), and the run id is kept in `<output_dir>/config.yaml`, so re-running with the same
@@ -39,6 +48,7 @@ from tqdm import tqdm
 from claas.eval import report
 from claas.eval.capability import load_capability_set
 from claas.eval.client import Answer, ClaasClient
+from claas.eval.collapse import repetition
 from claas.eval.config import (
     EvalConfig,
     EvalConfigError,
@@ -47,7 +57,7 @@ from claas.eval.config import (
     new_run_id,
     validate_config,
 )
-from claas.eval.measure import Measurer, derive_seed
+from claas.eval.measure import Measurer, Pending, derive_seed
 from claas.eval.preferences import Preference, load_preference
 
 # Settings that change no result: a resumed run may use other values.
@@ -56,26 +66,35 @@ _RESUME_FREE = ("concurrency", "feedback_timeout", "output_dir")
 
 @dataclass(frozen=True)
 class Task:
-    """One line of steps.jsonl to produce: `preference` at `step` (0 = baseline)."""
+    """One line of steps.jsonl to produce: `preference` at `step` (0 = baseline) of `stage`."""
 
     preference: Preference
+    stage: int  # its entry's index in `preferences`
     step: int
     global_step: int
     lora_id: str
     measured: tuple[Preference, ...]  # whose compliance this step measures
+    taught_before: int  # steps of this preference in earlier stages: where its prompts go on
+
+    @property
+    def position(self) -> int:
+        """This step's number among all steps of its preference (the first stage's: `step`)."""
+        return self.taught_before + self.step
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def plan(config: EvalConfig, preferences: Sequence[Preference]) -> list[Task]:
+def plan(config: EvalConfig, stages: Sequence[Preference]) -> list[Task]:
+    """The run's lines in order, one stage (an entry of `preferences`) after another."""
     run_id = config.run_id or ""
     tasks = []
-    for index, preference in enumerate(preferences):
+    taught: dict[str, int] = {}  # preference name → its steps in the stages so far
+    for index, preference in enumerate(stages):
         if config.continual:
             lora_id = f"{config.owner}/{run_id}-continual"
-            measured = tuple(preferences[: index + 1])
+            measured = tuple(distinct(stages[: index + 1]))
             offset = index * config.num_steps
         else:
             lora_id, measured, offset = (
@@ -83,9 +102,53 @@ def plan(config: EvalConfig, preferences: Sequence[Preference]) -> list[Task]:
                 (preference,),
                 0,
             )
+        before = taught.get(preference.name, 0)
         for step in range(config.num_steps + 1):
-            tasks.append(Task(preference, step, offset + step, lora_id, measured))
+            tasks.append(Task(preference, index, step, offset + step, lora_id, measured, before))
+        taught[preference.name] = before + config.num_steps
     return tasks
+
+
+def distinct(stages: Sequence[Preference]) -> list[Preference]:
+    """Each preference once, in the order it is first taught."""
+    first: dict[str, Preference] = {}
+    for preference in stages:
+        first.setdefault(preference.name, preference)
+    return list(first.values())
+
+
+def check_stages(config: EvalConfig, stages: Sequence[Preference]) -> None:
+    """A preference may come back only in a continual run, and one name means one preference."""
+    first: dict[str, Preference] = {}
+    for entry, preference in zip(config.preferences, stages, strict=True):
+        seen = first.setdefault(preference.name, preference)
+        if seen != preference:
+            raise EvalConfigError(
+                f"preferences holds two different preferences named {preference.name!r} (the "
+                f"second is {entry!r}); give one of them another `name`"
+            )
+    repeated = sorted({p.name for p in stages if sum(q.name == p.name for q in stages) > 1})
+    if repeated and not config.continual:
+        raise EvalConfigError(
+            f"preferences name {', '.join(repeated)} more than once; without continual each "
+            "preference trains its own adapter once. To teach it again after others on one "
+            "adapter, set continual=true, or drop the repeat"
+        )
+
+
+def with_examples(stages: Sequence[Preference], examples: dict[str, str]) -> list[Preference]:
+    """The stages with `examples` (name → example) replacing each named preference's own."""
+    names = [p.name for p in distinct(stages)]
+    unknown = sorted(set(examples) - set(names))
+    if unknown:
+        raise EvalConfigError(
+            f"examples name {', '.join(map(repr, unknown))}, which this run does not teach "
+            f"({', '.join(names)}); key examples by a preference's name"
+        )
+    return [
+        p.model_copy(update={"example": examples[p.name]}) if p.name in examples else p
+        for p in stages
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,12 +225,12 @@ class EvalRun:
         self.run_dir = run_dir
         self.client = client
         self.url = url
-        self.preferences = [load_or_explain(name) for name in config.preferences]
-        names = [p.name for p in self.preferences]
-        if len(set(names)) != len(names):
-            raise EvalConfigError(f"preferences name {names}: each may appear once")
+        stages = [load_or_explain(name) for name in config.preferences]
+        check_stages(config, stages)
+        self.stages = with_examples(stages, config.examples)
+        self.preferences = distinct(self.stages)
         self.questions = load_capability_set()
-        self.tasks = plan(config, self.preferences)
+        self.tasks = plan(config, self.stages)
         self.lines_path = run_dir / "steps.jsonl"
         self.lines: list[dict[str, Any]] = []
         self.started_at = _now()
@@ -208,6 +271,7 @@ class EvalRun:
                     self._write_summary("running")
                     bar.set_postfix(
                         preference=task.preference.name,
+                        stage=task.stage,
                         step=task.step,
                         compliance=f"{line['metrics'].get('compliance', float('nan')):.2f}",
                     )
@@ -226,6 +290,10 @@ class EvalRun:
         return self.run_dir
 
     def _check_prefix(self) -> None:
+        # Lines written before stages existed have no `stage`: their preference had one stage.
+        stages_of: dict[str, list[int]] = {}
+        for index, preference in enumerate(self.stages):
+            stages_of.setdefault(preference.name, []).append(index)
         for index, line in enumerate(self.lines):
             if index >= len(self.tasks):
                 raise EvalConfigError(
@@ -233,11 +301,14 @@ class EvalRun:
                     "it belongs to another run: use a new output_dir"
                 )
             task = self.tasks[index]
-            if (line.get("preference"), line.get("step")) != (task.preference.name, task.step):
+            name = line.get("preference")
+            only = stages_of.get(str(name), [])
+            stage = line.get("stage", only[0] if len(only) == 1 else None)
+            if (name, stage, line.get("step")) != (task.preference.name, task.stage, task.step):
                 raise EvalConfigError(
-                    f"{self.lines_path} line {index + 1} is {line.get('preference')} step "
-                    f"{line.get('step')}, but this run's plan has {task.preference.name} step "
-                    f"{task.step} there; use a new output_dir"
+                    f"{self.lines_path} line {index + 1} is {name} stage {stage} step "
+                    f"{line.get('step')}, but this run's plan has {task.preference.name} stage "
+                    f"{task.stage} step {task.step} there; use a new output_dir"
                 )
 
     def _prepare_adapter(self, lora_id: str) -> None:
@@ -266,81 +337,113 @@ class EvalRun:
             self.client.rollback(lora_id, expected)
 
     def _do(self, task: Task, clock: float) -> dict[str, Any]:
-        rollouts: list[dict[str, Any]] = []
-        training: dict[str, Any] | None = None
+        started = time.monotonic()
+        trained = Trained([], None, [])
         if task.step > 0:
-            rollouts, training = self._train(task)
-        metrics, probes = self._measure(task)
+            trained = self._train(task)
+        metrics, probes = self._measure(task, trained.texts)
         adapter = self.client.get_adapter(task.lora_id) or {}
         return {
             "preference": task.preference.name,
+            "stage": task.stage,
             "step": task.step,
             "global_step": task.global_step,
             "lora_id": task.lora_id,
             "adapter_version": adapter.get("current_version"),
             "timestamp": _now(),
             "elapsed_seconds": round(time.monotonic() - clock, 3),  # since this session began
+            "seconds": round(time.monotonic() - started, 3),  # this step's wall time
             "metrics": metrics,
-            "training": training,
-            "rollouts": rollouts,
+            "training": trained.training,
+            "rollouts": trained.rollouts,
             "probes": probes,
         }
 
-    def _train(self, task: Task) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    def _train(self, task: Task) -> Trained:
         prompts = task.preference.training_prompts
         size = self.config.batch_size
-        batch = [prompts[((task.step - 1) * size + i) % len(prompts)] for i in range(size)]
+        # A stage that brings a preference back goes on where its last stage stopped.
+        start = (task.position - 1) * size
+        batch = [prompts[(start + i) % len(prompts)] for i in range(size)]
         seeds = [
-            derive_seed(self.config.seed, "rollout", task.preference.name, task.step, i)
+            derive_seed(self.config.seed, "rollout", task.preference.name, task.position, i)
             for i in range(size)
         ]
         answers = self.measurer.answers(task.lora_id, batch, seeds)
-        feedback = task.preference.feedback
+        preference = task.preference
         # An empty answer has nothing to train on (the server would refuse it): not sent.
         sent = [(p, a) for p, a in zip(batch, answers, strict=True) if a.tokens > 0]
-        rollouts = [{"prompt": p, "response": a.text, "feedback": feedback} for p, a in sent]
-        items = [self._item(a, feedback) for _, a in sent]
+        shown = {"example": preference.example} if preference.example is not None else {}
+        rollouts = [
+            {"prompt": p, "response": a.text, "feedback": preference.feedback, **shown}
+            for p, a in sent
+        ]
+        texts = [a.text for a in answers]
+        items = [self._item(a, preference) for _, a in sent]
         if not items:
-            return rollouts, None
+            return Trained(rollouts, None, texts)
         status = self.client.feedback(items, self.config.feedback_timeout)
         training = _training_metrics(status)
         mode = training.get("divergence_mode")
         if isinstance(mode, str):
             self.divergence_mode = mode
-        return rollouts, training if self.config.wants("training") else None
+        return Trained(rollouts, training if self.config.wants("training") else None, texts)
 
-    def _item(self, answer: Answer, feedback: str) -> dict[str, Any]:
-        item: dict[str, Any] = {"completion_id": answer.completion_id, "feedback": feedback}
+    def _item(self, answer: Answer, preference: Preference) -> dict[str, Any]:
+        item: dict[str, Any] = {
+            "completion_id": answer.completion_id,
+            "feedback": preference.feedback,
+        }
+        if preference.example is not None:
+            item["example"] = preference.example
         training = self.config.training.model_dump(mode="json", exclude_unset=True)
         if training:
             item["training"] = training
         return item
 
-    def _measure(self, task: Task) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        config, model = self.config, task.lora_id
+    def _measure(
+        self, task: Task, sampled: list[str]
+    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+        """Every measurement of the step, submitted together, then collected in a fixed order.
+
+        `sampled` holds the texts the step has sampled already (its rollouts), for repetition.
+        """
+        config, model, measurer = self.config, task.lora_id, self.measurer
         due = task.step in (0, config.num_steps)
+        compliance: dict[str, Pending[Any]] = {}
+        groups: list[Pending[Any]] = []
+        if config.wants("compliance"):
+            compliance = {p.name: measurer.compliance(model, p) for p in task.measured}
+        if config.wants("margin"):
+            groups.append(measurer.margin(model, task.preference))
+        if config.wants("capability") and (due or task.step % config.capability_steps == 0):
+            groups.append(measurer.capability(model, self.questions))
+        if config.wants("collapse") and (due or task.step % config.collapse_steps == 0):
+            groups.append(measurer.collapse(model, task.preference))
+
         metrics: dict[str, float] = {}
         probes: list[dict[str, Any]] = []
-        if config.wants("compliance"):
-            for preference in task.measured:
-                values, answers = self.measurer.compliance(model, preference)
-                if preference is task.preference:
-                    metrics.update(values)
-                    probes = answers
-                if config.continual:
-                    metrics[f"compliance.{preference.name}"] = values["compliance"]
-        if config.wants("margin"):
-            metrics.update(self.measurer.margin(model, task.preference))
-        if config.wants("capability") and (due or task.step % config.capability_steps == 0):
-            metrics.update(self.measurer.capability(model, self.questions))
-        if config.wants("collapse") and (due or task.step % config.collapse_steps == 0):
-            metrics.update(self.measurer.collapse(model, task.preference))
+        texts = list(sampled)
+        for name, pending in compliance.items():
+            found = pending.result()
+            if name == task.preference.name:
+                metrics.update(found.metrics)
+                probes = found.probes
+            if config.continual:
+                metrics[f"compliance.{name}"] = found.metrics["compliance"]
+            texts += found.texts
+        for pending in groups:
+            found = pending.result()
+            metrics.update(found.metrics)
+            texts += found.texts
+        metrics.update(repetition(texts))
         self._relative(task, metrics)
         return metrics, probes
 
     def _relative(self, task: Task, metrics: dict[str, float]) -> None:
         """Ratios against baselines: capability against the adapter's first line, entropy and
-        length against this preference's step 0 (this line, at step 0)."""
+        length against this preference's first baseline (this line, at its first step 0): a
+        stage that brings it back carries on from its drift so far instead of hiding it."""
         adapter_lines = [line for line in self.lines if line["lora_id"] == task.lora_id]
         own = [line for line in adapter_lines if line["preference"] == task.preference.name]
         first = adapter_lines[0]["metrics"] if adapter_lines else metrics
@@ -366,6 +469,7 @@ class EvalRun:
             lora_ids=self.lora_ids,
             lines=self.lines,
             preferences=[p.name for p in self.preferences],
+            stages=[p.name for p in self.stages],
             thresholds=self.config.thresholds,
             plots=[p for p in plots if (self.run_dir / p).exists()],
             continual=self.config.continual,
@@ -373,6 +477,16 @@ class EvalRun:
             changes_length={p.name for p in self.preferences if p.changes_length},
         )
         report.write_summary(self.run_dir, body)
+
+
+@dataclass(frozen=True)
+class Trained:
+    """A step's training half: its rollouts as recorded, the engine's metrics (None when not
+    asked for or nothing was sent), and the text of every answer sampled."""
+
+    rollouts: list[dict[str, Any]]
+    training: dict[str, Any] | None
+    texts: list[str]
 
 
 def _training_metrics(status: dict[str, Any]) -> dict[str, Any]:
@@ -401,6 +515,13 @@ def run_eval(
 ) -> Path:
     """Run (or resume) an eval against the server at `url`; returns the run directory."""
     config, run_dir = resolve(raw, data_dir)
+    return run_resolved(config, run_dir, url=url, api_key=api_key, label=label)
+
+
+def run_resolved(
+    config: EvalConfig, run_dir: Path, *, url: str, api_key: str | None, label: str | None = None
+) -> Path:
+    """`run_eval` for a config `resolve` has made (the caller needed it before the server)."""
     print(
         f"claas eval: run {config.run_id} in {run_dir} against {label or url} "
         f"(if stopped, resume with --output-dir {run_dir})",

@@ -3,7 +3,9 @@
 The same app `claas serve` runs (`create_app(Runtime.build(settings))`), under uvicorn in a
 background thread on 127.0.0.1 with a free port, so the eval still goes through the public HTTP
 API exactly as it would against a remote server. API keys are switched off: it listens on
-loopback only and lives as long as the eval.
+loopback only and lives as long as the eval. Its limit on one owner's generations at once
+(`max_concurrent_generations_per_owner`) is raised to the eval's `concurrency`: the eval is its
+only client, and a step's requests would otherwise wait out 429s instead of being batched.
 """
 
 from __future__ import annotations
@@ -23,9 +25,18 @@ from claas.settings import Settings
 class InProcessServer:
     """`with InProcessServer(settings) as url:` serves claas at `url` until the block ends."""
 
-    def __init__(self, settings: Settings, loaded: LoadedModel | None = None) -> None:
+    def __init__(
+        self, settings: Settings, loaded: LoadedModel | None = None, concurrency: int = 1
+    ) -> None:
+        generations = max(settings.max_concurrent_generations_per_owner, concurrency)
         self.settings = settings.model_copy(
-            update={"host": "127.0.0.1", "port": 0, "api_keys": {}, "admin_key": None}
+            update={
+                "host": "127.0.0.1",
+                "port": 0,
+                "api_keys": {},
+                "admin_key": None,
+                "max_concurrent_generations_per_owner": generations,
+            }
         )
         self.loaded = loaded
         self.runtime: Runtime | None = None
