@@ -386,7 +386,8 @@ def _chat_feedback(claas: Client, completion_id: str | None, text: str, timeout:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    """An automated feedback loop against a server (or an in-process one); or compare two runs."""
+    """An automated feedback loop against a server (or an in-process one); or compare two runs,
+    or take the mean and spread of runs under several seeds."""
     from claas.eval.command import eval_command
 
     return eval_command(args, _settings(args))
@@ -515,8 +516,10 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "eval",
         parents=[common],
-        help="teach preferences by feedback and measure them; `eval compare A B` compares runs",
-        description="claas eval [options] [KEY=VALUE ...]  |  claas eval compare RUN_A RUN_B",
+        help="teach preferences by feedback and measure them; `eval compare A B` compares runs; "
+        "`eval seeds A B ...` gives their mean and spread",
+        description="claas eval [options] [KEY=VALUE ...]  |  claas eval compare RUN_A RUN_B  |  "
+        "claas eval seeds RUN_A RUN_B ... [--out FILE.json]",
     )
     add_eval_arguments(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
