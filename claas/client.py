@@ -33,6 +33,7 @@ import asyncio
 import builtins
 import io
 import os
+import re
 import time
 import zipfile
 from collections.abc import Callable, Sequence
@@ -46,7 +47,7 @@ import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from claas.errors import InvalidLoraId
-from claas.ids import parse_lora_id
+from claas.ids import MEMORY_ID_PATTERN, parse_lora_id
 from claas.records import Adapter, AdapterVersion, FeedbackStatus
 
 if TYPE_CHECKING:
@@ -395,9 +396,12 @@ def _memory(lora_id: str, limit: int, offset: int) -> _Request[list[MemoryItem]]
 def _forget(lora_id: str, memory_id: str | None) -> _Request[MemoryForgotten]:
     path = f"{_adapter_path(lora_id)}/memory"
     if memory_id is not None:
-        if not memory_id:
-            raise ValueError("give a memory item's id, or None to forget them all")
-        path += f"/{quote(memory_id, safe='')}"
+        if not re.fullmatch(MEMORY_ID_PATTERN, memory_id):  # never a path of its own ("..")
+            raise ValueError(
+                f"{memory_id!r} is not a memory item's id (mem-…, from .memory()); give one, "
+                "or None to forget them all"
+            )
+        path += f"/{memory_id}"
     return _Request("DELETE", path, _as(MemoryForgotten))
 
 

@@ -13,11 +13,12 @@ returns the trained checkpoint, and `train_and_register` makes it the adapter's 
 
 **Memory.** When a request has trained, what it taught (each sample's conversation up to the
 answer, its feedback and example) is kept as the adapter's memory, in the same transaction that
-marks it done (at most `memory_items` per adapter, the oldest forgotten first). Each later request
-re-teaches `TrainingConfig.replay` items of it, chosen by `choose_replay`, on fresh answers from
-the version being trained, each with its own feedback in the teacher's prompt: on-policy replay,
-so a new preference does not push out what earlier feedback taught. Memory is deleted with its
-adapter, and users list and forget items through the API.
+marks it done (at most `memory_items` per adapter, the oldest forgotten first). Each later batch
+(one request, or the requests coalesced with it) re-teaches `TrainingConfig.replay` items of it,
+chosen by `choose_replay`, on fresh answers from the version being trained, each with its own
+feedback in the teacher's prompt: on-policy replay, so a new preference does not push out what
+earlier feedback taught. Memory is deleted with its adapter, what later versions taught is
+forgotten when the adapter is rolled back, and users list and forget items through the API.
 
     queue = FeedbackQueue(store, engine, max_coalesce=8, purge_interval=600)
     queue.start()  # and, every purge_interval seconds, expired rollouts are purged
@@ -385,7 +386,7 @@ class FeedbackQueue:
         started = time.perf_counter()
         try:
             samples = [sample for _, request_samples in ready for sample in request_samples]
-            replay = self._replay(head, samples, config)
+            replay = await asyncio.to_thread(self._replay, head, samples, config)
             version, trained = await train_and_register(
                 self.engine, self.store, samples, config, feedback_id=head.id, replay=replay
             )
@@ -571,8 +572,8 @@ def choose_replay(
     evenly over the memory's history, oldest to newest. Within a feedback text, and where the
     spread falls between items, the choice is `rng`'s.
     """
-    taught = {(repr(s.messages), s.feedback) for s in batch}
-    pool = [m for m in memory if (repr(m.messages), m.feedback) not in taught]
+    taught = {(s.prompt_format, repr(s.messages), s.feedback) for s in batch}
+    pool = [m for m in memory if (m.prompt_format, repr(m.messages), m.feedback) not in taught]
     if count <= 0 or not pool:
         return []
     if choice == "recent":

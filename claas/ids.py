@@ -95,6 +95,9 @@ def rollout_missing(rollout_id: str) -> RolloutNotFound:
     )
 
 
+MEMORY_ID_PATTERN = r"^mem-[0-9a-f]{32}$"  # what `FeedbackQueue` names a memory item
+
+
 def memory_missing(memory_id: str) -> MemoryNotFound:
     """The one answer for a memory id that is unknown, forgotten, or another adapter's."""
     return MemoryNotFound(

@@ -191,6 +191,7 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         # Reentrant, so a write transaction can use the read helpers while it holds the lock.
         self._lock = threading.RLock()
+        self._depth = 0  # write transactions open on the lock's holder (nested ones join)
         self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
         try:
             self._db.row_factory = sqlite3.Row
@@ -232,16 +233,24 @@ class Store:
         (max(version), existence checks) cannot go stale before the write. Inside another (the
         lock is reentrant) it joins the outer transaction, which commits or rolls back both."""
         with self._lock:
-            if self._db.in_transaction:  # nested: part of the outer one, which commits
-                yield self._db
+            if self._depth:  # nested: part of the outer one, which commits or rolls back
+                self._depth += 1
+                try:
+                    yield self._db
+                finally:
+                    self._depth -= 1
                 return
             self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            finally:
+                self._depth = 0
 
     def _one(self, sql: str, args: Sequence[Any] = ()) -> sqlite3.Row | None:
         with self._lock:
@@ -438,9 +447,19 @@ class Store:
             return self.get_version(lora_id, adapter.current_version)
 
     def rollback(self, lora_id: str, version: int) -> Adapter:
-        """Serve and train from an existing `version` again; later versions are kept."""
+        """Serve and train from an existing `version` again; later versions are kept.
+
+        Lessons last taught by the requests that made later versions are forgotten with them,
+        so replay does not teach again what the rollback undid."""
         with self._transaction() as db:
             self.get_version(lora_id, version)
+            db.execute(
+                "DELETE FROM memory WHERE lora_id = ? AND feedback_id IN ("
+                "  SELECT f.id FROM feedback f JOIN adapter_versions v"
+                "    ON v.lora_id = f.lora_id AND v.feedback_id = COALESCE(f.coalesced_into, f.id)"
+                "  WHERE f.lora_id = ? AND v.version > ?)",
+                (lora_id, lora_id, version),
+            )
             db.execute(
                 "UPDATE adapters SET current_version = ? WHERE lora_id = ?", (version, lora_id)
             )
@@ -737,7 +756,11 @@ class Store:
                     (
                         item.id,
                         validate_lora_id(item.lora_id),
-                        text_hash(json.dumps([item.messages, item.feedback], sort_keys=True)),
+                        text_hash(
+                            json.dumps(
+                                [item.prompt_format, item.messages, item.feedback], sort_keys=True
+                            )
+                        ),
                         item.feedback_id,
                         json.dumps(item.messages),
                         json.dumps(item.prompt_tokens),

@@ -152,6 +152,10 @@ def test_adapters_and_feedback_sync(alice: Client) -> None:
     with pytest.raises(NotFoundError, match="GET /v1/adapters"):
         alice.adapters.forget("alice/sync", remembered[0].id)
     assert alice.adapters.memory("alice/sync") == []
+    for not_an_id in ("..", ".", "", "mem-1/../.."):  # never sent: ".." would name the adapter
+        with pytest.raises(ValueError, match="not a memory item's id"):
+            alice.adapters.forget("alice/sync", not_an_id)
+    assert alice.adapters.get("alice/sync").current_version == 2
 
     detail = alice.adapters.get("alice/sync")
     assert detail.current_version == 2

@@ -769,36 +769,48 @@ def test_the_default_learning_rate_follows_the_hidden_size() -> None:
 def test_fresh_answers_fill_the_batch_from_the_version_trained_seeded(harness: Harness) -> None:
     """samples_per_request: the version trained from answers the batch's prompts again (at the
     config's temperature, seeded by version and place), each trained with the same feedback; a
-    replayed lesson gets its own answer, with its own feedback in its teacher prompt."""
+    replayed lesson gets its own answer, with its own feedback in its teacher prompt, and its
+    text is not reported with the batch's (it belongs to the memory); a lesson whose teacher
+    prompt cannot fit is left out, not the user's batch."""
     sample = harness.sample_for("Tell me about the sea.", max_tokens=8, seed=1)
-    lesson = Lesson(
-        lora_id=LORA,
-        messages=[{"role": "user", "content": "Who are you?"}],
-        prompt_tokens=chat_prompt_tokens(
-            harness.tokenizer, [{"role": "user", "content": "Who are you?"}]
-        ),
-        feedback="Your name is Kuro.",
-    )
+
+    def lesson(content: str) -> Lesson:
+        messages = [{"role": "user", "content": content}]
+        return Lesson(
+            lora_id=LORA,
+            messages=messages,
+            prompt_tokens=chat_prompt_tokens(harness.tokenizer, messages),
+            feedback="Your name is Kuro.",
+        )
+
+    words = harness.engine.max_context
+    while len((too_long := lesson("sea " * words)).prompt_tokens) > harness.engine.max_context - 4:
+        words -= len(too_long.prompt_tokens) - (harness.engine.max_context - 4)
+    # the student's prompt fits (4 tokens to spare), its teacher's (with the feedback) does not
     config = TrainingConfig(steps_per_batch=1, samples_per_request=3, sample_temperature=1.0)
     current = harness.store.latest_version(LORA)
     assert current is not None
     start = TrainFrom(
         version=current.version, state_path=current.state_path, sampler_path=current.sampler_path
     )
-    first = harness.run(harness.engine.distill([sample], config, start, [lesson]))
-    again = harness.run(harness.engine.distill([sample], config, start, [lesson]))
+    replay = [lesson("Who are you?"), too_long]
+    first = harness.run(harness.engine.distill([sample], config, start, replay))
+    again = harness.run(harness.engine.distill([sample], config, start, replay))
     assert first.teacher_texts == again.teacher_texts  # seeded: the same answers
     metrics = first.metrics
     assert (metrics["rollouts"], metrics["fresh_samples"], metrics["replayed"]) == (1, 2, 1)
-    assert metrics["samples"] == 4 and first.timings["sampling"] > 0
+    assert metrics["samples"] == 4 and metrics["extra_dropped"] == 1
     texts = first.teacher_texts
-    assert all("Tell me about the sea." in t and FEEDBACK in t for t in texts[:3])
-    assert len(set(texts[:3])) == 3  # three different answers to the one prompt
-    assert "Who are you?" in texts[3] and "Your name is Kuro." in texts[3]
-    assert FEEDBACK not in texts[3]  # the lesson keeps its own feedback
+    assert len(texts) == 3 and all("Tell me about the sea." in t and FEEDBACK in t for t in texts)
+    assert len(set(texts)) == 3  # three different answers to the one prompt
+    (replayed,) = first.replayed_texts
+    assert "Who are you?" in replayed and "Your name is Kuro." in replayed
+    assert FEEDBACK not in replayed  # the lesson keeps its own feedback
     cooler = TrainingConfig(steps_per_batch=1, samples_per_request=3, sample_temperature=0.0)
     greedy = harness.run(harness.engine.distill([sample], cooler, start)).teacher_texts
     assert greedy[1] == greedy[2] != texts[1]  # the temperature reaches the sampler
+    alone = harness.distill([sample], TrainingConfig(steps_per_batch=1))
+    assert "sampling" not in alone.timings and alone.metrics["fresh_samples"] == 0
 
 
 def test_a_self_example_is_the_teachers_greedy_answer_under_the_feedback(harness: Harness) -> None:
@@ -807,7 +819,7 @@ def test_a_self_example_is_the_teachers_greedy_answer_under_the_feedback(harness
     sample = harness.sample_for("Who are you?", max_tokens=6)
     config = TrainingConfig(steps_per_batch=1, self_example=True)
     blank = harness.distill([sample], config)  # the unperturbed tiny model says "\n" * 6
-    assert EXAMPLE_INTRO not in blank.teacher_texts[0] and blank.timings["self_example"] > 0
+    assert EXAMPLE_INTRO not in blank.teacher_texts[0] and "self_example" in blank.timings
     perturb_latest(harness, scale=0.5)
     trained = harness.distill([sample], config)
     teacher = trained.teacher_texts[0]

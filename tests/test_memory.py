@@ -187,8 +187,9 @@ def test_memory_is_kept_replayed_listed_and_forgotten_by_its_owner_only(keyed: L
     assert first["metrics"]["fresh_samples"] == 0  # samples_per_request 1 by default
     second = teach(keyed, "alice/mem", "Who are you?", "Your name is Kuro.")
     assert second["metrics"]["replayed"] == 1
-    replayed_text = [t for t in second["metrics"]["teacher_texts"] if "Shorter." in t]
-    assert replayed_text and "Tell me about rain." in replayed_text[0]  # its own feedback
+    # a replayed lesson's text stays in the memory, not in the feedback record: forgetting it
+    # leaves no copy behind
+    assert not [t for t in second["metrics"]["teacher_texts"] if "Shorter." in t]
 
     page = keyed.client.get("/v1/adapters/alice/mem/memory", headers=ALICE).json()
     assert page["total"] == 2
@@ -204,10 +205,13 @@ def test_memory_is_kept_replayed_listed_and_forgotten_by_its_owner_only(keyed: L
         ("DELETE", f"/v1/adapters/alice/mem/memory/{page['data'][0]['id']}"),
     ):
         assert keyed.client.request(method, path, headers=BOB).status_code == 403
+    unknown = "mem-" + "0" * 32
     status, message = error_of(
-        keyed.client.delete("/v1/adapters/alice/mem/memory/mem-nope", headers=ALICE)
+        keyed.client.delete(f"/v1/adapters/alice/mem/memory/{unknown}", headers=ALICE)
     )
     assert status == 404 and "GET /v1/adapters" in message
+    malformed = keyed.client.delete("/v1/adapters/alice/mem/memory/mem-nope", headers=ALICE)
+    assert malformed.status_code == 422
     assert keyed.client.get("/v1/adapters/alice/none/memory", headers=ALICE).status_code == 404
 
     forgotten = keyed.client.delete(
@@ -224,6 +228,20 @@ def test_memory_is_kept_replayed_listed_and_forgotten_by_its_owner_only(keyed: L
     assert keyed.runtime.store.count_memory("alice/mem") == 1
     assert keyed.client.delete("/v1/adapters/alice/mem", headers=ALICE).status_code == 200
     assert keyed.runtime.store.count_memory("alice/mem") == 0
+
+
+def test_a_rollback_forgets_what_the_later_versions_taught(keyed: LiveServer) -> None:
+    create(keyed, "alice/back", headers=ALICE)
+    teach(keyed, "alice/back", "Tell me about rain.", "Shorter.")  # v2
+    teach(keyed, "alice/back", "Who are you?", "Your name is Kuro.")  # v3
+    rolled = keyed.client.post(
+        "/v1/adapters/alice/back/rollback", json={"version": 2}, headers=ALICE
+    )
+    assert rolled.status_code == 200, rolled.text
+    page = keyed.client.get("/v1/adapters/alice/back/memory", headers=ALICE).json()
+    assert [m["feedback"] for m in page["data"]] == ["Shorter."]
+    done = teach(keyed, "alice/back", "Hi", "Be nice.")
+    assert done["metrics"]["replayed"] == 1  # "Shorter." only: Kuro went with v3
 
 
 def test_memory_off_keeps_and_replays_nothing(tmp_path: Path, model_cache: Path) -> None:

@@ -136,10 +136,10 @@ class TrainingConfig(BaseModel):
         1,
         ge=1,
         le=16,
-        description="a request with fewer answers gets fresh answers from the version being "
-        "trained to the same prompts, trained with the same feedback (the feedback is about the "
-        "behaviour, not one answer). 1 (off): on SmolLM2-135M fresh answers cost more than "
-        "they teach (benchmarks/defaults.md)",
+        description="a batch (a request, or the requests coalesced with it) with fewer answers "
+        "gets fresh answers from the version being trained to the same prompts, trained with "
+        "the same feedback (the feedback is about the behaviour, not one answer). 1 (off): "
+        "on SmolLM2-135M fresh answers cost more than they teach (benchmarks/defaults.md)",
     )
     sample_temperature: float = Field(
         1.0, ge=0.0, le=2.0, description="temperature of fresh and replayed answers (seeded)"
@@ -149,7 +149,7 @@ class TrainingConfig(BaseModel):
         ge=0,
         le=16,
         description="items of the adapter's memory of earlier feedback re-taught with each "
-        "request, on fresh answers from the version being trained; 0: off",
+        "batch, on fresh answers from the version being trained; 0: off",
     )
     replay_choice: ReplayChoice = Field(
         "preferences",
@@ -244,5 +244,6 @@ class TrainedCheckpoint(BaseModel):
     divergence_mode: DivergenceMode
     metrics: dict[str, float | int | str]
     steps: list[StepMetrics]
-    teacher_texts: list[str]
+    teacher_texts: list[str]  # the batch's own samples (and demonstrations): what is reported
+    replayed_texts: list[str] = []  # replayed lessons': kept in memory only, never reported
     timings: dict[str, float]

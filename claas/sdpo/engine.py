@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Generic
 
@@ -204,20 +204,41 @@ class SDPOEngine:
             self._validate(samples)  # the batch, fresh answers included, is checked below
             base = await self.base_sampler()
             tokenizer = await self.tokenizer()
-        with timed(timings, "sampling"):
-            # The version trained from answers fresh and replayed prompts (the student), and
-            # is the teacher unless the config names the base.
+        fresh: list[FeedbackSample | None] = []
+        replayed: list[FeedbackSample | None] = []
+        wants_answers = bool(replay) or config.samples_per_request > len(samples)
+        student: SamplingClient | None = None
+        if config.teacher == "adapter" or wants_answers:  # the version trained from
             student = await self.service.create_sampling_client(model_path=start.sampler_path)
-            teacher = student if config.teacher == "adapter" else base
-            fresh: list[FeedbackSample]
-            replayed: list[FeedbackSample]
-            fresh, replayed = await self._fresh_samples(student, samples, replay, config, start)
-            batch = [*samples, *fresh, *replayed]
+        teacher = student if config.teacher == "adapter" and student is not None else base
+        if wants_answers:
+            assert student is not None
+            with timed(timings, "sampling"):
+                fresh, replayed = await self._fresh_samples(
+                    student, tokenizer, samples, replay, config, start
+                )
+        drawn: tuple[list[FeedbackSample], list[FeedbackSample]] = (
+            [s for s in fresh if s is not None],
+            [s for s in replayed if s is not None],
+        )
+        batch = [*samples, *drawn[0], *drawn[1]]
         if config.self_example:
             with timed(timings, "self_example"):
                 batch = await self._self_examples(teacher, tokenizer, batch, config)
         with timed(timings, "validate"):
-            prepared = await self.check(batch, config)
+            # The user's own answers must fit (they were checked at admission); an answer the
+            # engine added (fresh, replayed) that does not is dropped instead of failing them.
+            own = len(samples)
+            prepared = await self.check(batch[:own], config)
+            extras = await asyncio.to_thread(
+                lambda: [self._prepare_extra(tokenizer, s, config) for s in batch[own:]]
+            )
+            dropped = sum(p is None for p in extras) + len(fresh) + len(replayed) - len(extras)
+            fresh_kept = [p for p in extras[: len(drawn[0])] if p is not None]
+            replayed_kept = [p for p in extras[len(drawn[0]) :] if p is not None]
+            prepared += fresh_kept
+            replay_at = len(prepared)  # the replayed lessons' texts are not reported
+            prepared += replayed_kept
         with timed(timings, "demonstrations"):
             prepared += await self._demonstrations(teacher, prepared, config)
         with timed(timings, "teacher_scoring"):
@@ -254,11 +275,17 @@ class SDPOEngine:
             metrics={
                 **self._request_metrics(scored, steps, after, config),
                 "rollouts": len(samples),
-                "fresh_samples": len(fresh),
-                "replayed": len(replayed),
+                "fresh_samples": len(fresh_kept),
+                "replayed": len(replayed_kept),
+                "extra_dropped": dropped,
             },
             steps=steps,
-            teacher_texts=[tokenizer.decode(p.teacher_prompt + p.response) for p in prepared],
+            teacher_texts=[
+                tokenizer.decode(p.teacher_prompt + p.response)
+                for i, p in enumerate(prepared)
+                if not replay_at <= i < replay_at + len(replayed_kept)
+            ],
+            replayed_texts=[tokenizer.decode(p.teacher_prompt + p.response) for p in replayed_kept],
             timings=timings,
         )
 
@@ -331,20 +358,33 @@ class SDPOEngine:
             behavior=np.asarray(sample.behavior_logprobs, dtype=np.float64),
         )
 
+    def _prepare_extra(
+        self, tokenizer: PreTrainedTokenizerBase, sample: FeedbackSample, config: TrainingConfig
+    ) -> Prepared | None:
+        """`_prepare` for an answer the engine added: None if it cannot be trained on (its
+        teacher prompt does not fit, say), so that it is left out, not the user's batch."""
+        try:
+            self._validate([sample])
+            return self._prepare(tokenizer, sample, config)
+        except (InvalidFeedback, ContextTooLong):
+            return None
+
     async def _fresh_samples(
         self,
         student: SamplingClient,
+        tokenizer: PreTrainedTokenizerBase,
         samples: Sequence[FeedbackSample],
         replay: Sequence[Lesson],
         config: TrainingConfig,
         start: TrainFrom,
-    ) -> tuple[list[FeedbackSample], list[FeedbackSample]]:
+    ) -> tuple[list[FeedbackSample | None], list[FeedbackSample | None]]:
         """Answers of the version trained from: to the batch's prompts in turn, until the batch
         holds `samples_per_request` (its feedback is about the behaviour, so a new answer to the
         same prompt is as good a sample as the user's), and one to each replayed lesson, which
         keeps its own feedback. Seeded by the version and the place in the batch, and no longer
         than the batch's longest answer. An answer that is only a stop token teaches nothing but
-        ending at once and is dropped."""
+        ending at once, and a lesson without room for one token after its teacher's prompt
+        cannot be trained: both are None, left out."""
         lessons: list[Lesson] = [
             samples[i % len(samples)] for i in range(config.samples_per_request - len(samples))
         ]
@@ -352,11 +392,20 @@ class SDPOEngine:
         if not lessons:
             return [], []
         longest = max(len(s.response_tokens) for s in samples)
-        calls = []
-        for index, lesson in enumerate(lessons):
-            room = self.max_context - len(lesson.prompt_tokens) - 1
+        teacher_prompts = await asyncio.to_thread(
+            lambda: [self._teacher_length(tokenizer, lesson, config) for lesson in lessons]
+        )
+        calls: list[Awaitable[types.SampleResponse | None]] = []
+        for index, (lesson, teacher_length) in enumerate(
+            zip(lessons, teacher_prompts, strict=True)
+        ):
+            # Room for the answer after the longer prompt: the teacher scores it after its own.
+            room = self.max_context - max(len(lesson.prompt_tokens), teacher_length) - 1
+            if room < 1:  # not even one token fits after the teacher's prompt: left out
+                calls.append(_nothing())
+                continue
             params = types.SamplingParams(
-                max_tokens=max(1, min(longest, room)),
+                max_tokens=min(longest, room),
                 temperature=config.sample_temperature,
                 seed=(start.version * 1_000_003 + index) % 2**31,
             )
@@ -364,12 +413,20 @@ class SDPOEngine:
             calls.append(student.sample(prompt, 1, params))
         answers: list[FeedbackSample | None] = []
         for lesson, result in zip(lessons, await asyncio.gather(*calls), strict=True):
+            if result is None:
+                answers.append(None)
+                continue
             sequence = result.sequences[0]
             tokens = [int(t) for t in sequence.tokens]
             if not tokens or (len(tokens) == 1 and sequence.stop_reason == "stop"):
                 answers.append(None)
                 continue
-            logprobs = sequence.logprobs or [0.0] * len(tokens)
+            if sequence.logprobs is None or len(sequence.logprobs) != len(tokens):
+                raise RuntimeError(
+                    "the sampler returned no log-probs for a fresh answer; training needs them "
+                    "for its importance ratios"
+                )
+            logprobs = sequence.logprobs
             answers.append(
                 FeedbackSample(
                     **lesson.model_dump(include=set(Lesson.model_fields)),
@@ -378,10 +435,27 @@ class SDPOEngine:
                 )
             )
         split = len(lessons) - len(replay)
-        return (
-            [a for a in answers[:split] if a is not None],
-            [a for a in answers[split:] if a is not None],
-        )
+        return answers[:split], answers[split:]
+
+    def _teacher_length(
+        self, tokenizer: PreTrainedTokenizerBase, lesson: Lesson, config: TrainingConfig
+    ) -> int:
+        """How long the lesson's teacher prompt is (the context when it cannot be built, so
+        that the lesson gets no room and is dropped)."""
+        try:
+            return len(
+                rollout_teacher_prompt_tokens(
+                    tokenizer,
+                    lesson.messages,
+                    lesson.prompt_format,
+                    lesson.feedback,
+                    config.feedback_repetitions,
+                    config.hindsight,
+                    lesson.example,
+                )
+            )
+        except (ValueError, KeyError):
+            return self.max_context
 
     async def _self_examples(
         self,
@@ -393,7 +467,7 @@ class SDPOEngine:
         """Where the user gave no example, the teacher's own greedy answer under the feedback
         becomes it (a self-demonstration): one answer per distinct prompt and feedback, no
         longer than the batch's longest answer."""
-        wanted: dict[tuple[str, str], FeedbackSample] = {}
+        wanted: dict[tuple[str, str, str], FeedbackSample] = {}
         for sample in batch:
             if sample.example is None:
                 wanted.setdefault(_lesson_key(sample), sample)
@@ -414,17 +488,21 @@ class SDPOEngine:
             room = self.max_context - len(prompt) - 1
             params = types.SamplingParams(max_tokens=max(1, min(longest, room)), temperature=0.0)
             calls.append(teacher.sample(types.ModelInput.from_ints(prompt), 1, params))
-        examples: dict[tuple[str, str], str] = {}
+        examples: dict[tuple[str, str, str], str] = {}
         for key, result in zip(wanted, await asyncio.gather(*calls), strict=True):
             text = tokenizer.decode(result.sequences[0].tokens, skip_special_tokens=True).strip()
             if text:
                 examples[key] = text[:FEEDBACK_MAX_CHARS]
-        return [
-            s.model_copy(update={"example": examples[_lesson_key(s)]})
-            if s.example is None and _lesson_key(s) in examples
-            else s
-            for s in batch
-        ]
+
+        def with_example(sample: FeedbackSample) -> FeedbackSample:
+            example = examples.get(_lesson_key(sample))
+            if sample.example is not None or example is None:
+                return sample
+            shown = sample.model_copy(update={"example": example})
+            fits = self._teacher_length(tokenizer, shown, config) + len(sample.response_tokens)
+            return shown if fits < self.max_context else sample  # never at the batch's cost
+
+        return await asyncio.to_thread(lambda: [with_example(s) for s in batch])
 
     async def _demonstrations(
         self, teacher: SamplingClient, prepared: list[Prepared], config: TrainingConfig
@@ -587,8 +665,12 @@ class SDPOEngine:
         return metrics
 
 
-def _lesson_key(lesson: Lesson) -> tuple[str, str]:
-    return (repr(lesson.messages), lesson.feedback)
+async def _nothing() -> None:
+    """An answer not asked for, in a list of sampling calls."""
+
+
+def _lesson_key(lesson: Lesson) -> tuple[str, str, str]:
+    return (lesson.prompt_format, repr(lesson.messages), lesson.feedback)
 
 
 __all__ = [

@@ -25,7 +25,7 @@ from claas.api.schemas import (
     MemoryView,
     RollbackBody,
 )
-from claas.ids import LORA_ID_PART
+from claas.ids import LORA_ID_PART, MEMORY_ID_PATTERN
 from claas.records import Adapter
 from claas.runtime import Runtime
 
@@ -162,7 +162,7 @@ async def forget(
     name: NamePart,
     runtime: RuntimeDep,
     caller: Caller,
-    memory_id: str = Path(max_length=100, description="the `id` of a memory item"),
+    memory_id: str = Path(description="the `id` of a memory item", pattern=MEMORY_ID_PATTERN),
 ) -> MemoryForgotten:
     """Forget one lesson: no later request replays it."""
     lora_id = _lora(owner, name)

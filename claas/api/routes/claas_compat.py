@@ -17,7 +17,8 @@ The names map onto claas's:
 - `training` is claas's `TrainingConfig`: CLaaS's six fields have the same names and meaning
   (in CLaaS's Tinker engine `alpha` was the scalar loss's KL coefficient; here it is always
   the GJS weight, and `kl_coef` is the scalar one). Omitted fields take claas's defaults, except
-  `steps_per_batch`, 1 here: one CLaaS call is one optimizer step, and CLaaS's eval loops calls.
+  `steps_per_batch`, 1 here: one CLaaS call is one optimizer step, and CLaaS's eval loops calls;
+  and `replay`, 0 here: a CLaaS call trains on the answers it sends.
 - `orchestration` (vLLM sleep and wake around training) is accepted and not needed: claas samples
   from the adapter version it trains, and loads each new version for serving itself. The answer
   says so, and reports `vllm.slept` and `vllm.woke` as false.
@@ -105,8 +106,9 @@ class ClaasLoraInit(BaseModel):
 
 
 def _one_step_per_call(value: Any) -> Any:
-    """A CLaaS call is one optimizer step: `steps_per_batch` is 1 unless the body sets it."""
-    return {"steps_per_batch": 1, **value} if isinstance(value, dict) else value
+    """A CLaaS call is one optimizer step on the answers it sends: `steps_per_batch` is 1 and
+    `replay` 0 unless the body sets them."""
+    return {"steps_per_batch": 1, "replay": 0, **value} if isinstance(value, dict) else value
 
 
 ClaasTraining = Annotated[TrainingConfig, BeforeValidator(_one_step_per_call)]
@@ -126,9 +128,10 @@ class ClaasFeedbackItem(BaseModel):
     )
     feedback: FeedbackText
     training: ClaasTraining = Field(
-        default_factory=lambda: TrainingConfig(steps_per_batch=1),
+        default_factory=lambda: TrainingConfig(steps_per_batch=1, replay=0),
         description="claas's TrainingConfig; CLaaS's six fields keep their meaning, and "
-        "steps_per_batch is 1 unless set (one optimizer step per call, as in CLaaS).",
+        "steps_per_batch is 1 and replay 0 unless set (one optimizer step per call on the "
+        "answers it sends, as in CLaaS).",
     )
 
 
