@@ -393,14 +393,9 @@ class FeedbackQueue:
             learned = [
                 MemoryItem(
                     id=f"mem-{uuid.uuid4().hex}",
-                    lora_id=sample.lora_id,
                     feedback_id=request.id,
-                    messages=sample.messages,
-                    prompt_tokens=sample.prompt_tokens,
-                    prompt_format=sample.prompt_format,
-                    feedback=sample.feedback,
-                    example=sample.example,
                     created_at=time.time(),
+                    **sample.model_dump(include=set(Lesson.model_fields)),
                 )
                 for request, request_samples in ready
                 for sample in request_samples
@@ -458,14 +453,7 @@ class FeedbackQueue:
             memory, samples, config.replay, config.replay_choice, random.Random(head.id)
         )
         return [
-            Lesson(
-                lora_id=item.lora_id,
-                messages=item.messages,
-                prompt_tokens=item.prompt_tokens,
-                feedback=item.feedback,
-                example=item.example,
-                prompt_format=item.prompt_format,
-            )
+            Lesson.model_validate(item.model_dump(include=set(Lesson.model_fields)))
             for item in chosen
         ]
 

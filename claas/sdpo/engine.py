@@ -334,15 +334,7 @@ class SDPOEngine:
         self, tokenizer: PreTrainedTokenizerBase, sample: FeedbackSample, config: TrainingConfig
     ) -> Prepared:
         try:
-            teacher_prompt = rollout_teacher_prompt_tokens(
-                tokenizer,
-                sample.messages,
-                sample.prompt_format,
-                sample.feedback,
-                config.feedback_repetitions,
-                config.hindsight,
-                sample.example,
-            )
+            teacher_prompt = _teacher_prompt(tokenizer, sample, config)
         except (ValueError, KeyError) as error:
             raise InvalidFeedback(f"cannot build the teacher prompt: {error}") from error
         total = len(teacher_prompt) + len(sample.response_tokens)
@@ -443,17 +435,7 @@ class SDPOEngine:
         """How long the lesson's teacher prompt is (the context when it cannot be built, so
         that the lesson gets no room and is dropped)."""
         try:
-            return len(
-                rollout_teacher_prompt_tokens(
-                    tokenizer,
-                    lesson.messages,
-                    lesson.prompt_format,
-                    lesson.feedback,
-                    config.feedback_repetitions,
-                    config.hindsight,
-                    lesson.example,
-                )
-            )
+            return len(_teacher_prompt(tokenizer, lesson, config))
         except (ValueError, KeyError):
             return self.max_context
 
@@ -476,15 +458,7 @@ class SDPOEngine:
         longest = max(len(s.response_tokens) for s in batch)
         calls = []
         for sample in wanted.values():
-            prompt = await asyncio.to_thread(
-                rollout_teacher_prompt_tokens,
-                tokenizer,
-                sample.messages,
-                sample.prompt_format,
-                sample.feedback,
-                config.feedback_repetitions,
-                config.hindsight,
-            )
+            prompt = await asyncio.to_thread(_teacher_prompt, tokenizer, sample, config)
             room = self.max_context - len(prompt) - 1
             params = types.SamplingParams(max_tokens=max(1, min(longest, room)), temperature=0.0)
             calls.append(teacher.sample(types.ModelInput.from_ints(prompt), 1, params))
@@ -663,6 +637,21 @@ class SDPOEngine:
             if values:
                 metrics[key] = float(np.mean(values))
         return metrics
+
+
+def _teacher_prompt(
+    tokenizer: PreTrainedTokenizerBase, lesson: Lesson, config: TrainingConfig
+) -> list[int]:
+    """The teacher's prompt for a lesson (or sample): its conversation, feedback and example."""
+    return rollout_teacher_prompt_tokens(
+        tokenizer,
+        lesson.messages,
+        lesson.prompt_format,
+        lesson.feedback,
+        config.feedback_repetitions,
+        config.hindsight,
+        lesson.example,
+    )
 
 
 async def _nothing() -> None:
