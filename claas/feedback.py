@@ -68,6 +68,7 @@ from claas.sdpo.config import (
     TrainedCheckpoint,
     TrainFrom,
     TrainingConfig,
+    lesson_key,
 )
 from claas.sdpo.engine import SDPOEngine
 from claas.sdpo.prompts import MAX_TEXT_CHARS, Utf8Text
@@ -390,17 +391,20 @@ class FeedbackQueue:
             version, trained = await train_and_register(
                 self.engine, self.store, samples, config, feedback_id=head.id, replay=replay
             )
-            learned = [
-                MemoryItem(
-                    id=f"mem-{uuid.uuid4().hex}",
-                    feedback_id=request.id,
-                    created_at=time.time(),
-                    **sample.model_dump(include=set(Lesson.model_fields)),
-                )
-                for request, request_samples in ready
-                for sample in request_samples
+            learned = (
+                [
+                    MemoryItem(
+                        id=f"mem-{uuid.uuid4().hex}",
+                        feedback_id=request.id,
+                        created_at=time.time(),
+                        **sample.model_dump(include=set(Lesson.model_fields)),
+                    )
+                    for request, request_samples in ready
+                    for sample in request_samples
+                ]
                 if self.memory_items
-            ]
+                else []
+            )
             metrics = {
                 **trained.metrics,
                 "timings": trained.timings,
@@ -560,8 +564,8 @@ def choose_replay(
     evenly over the memory's history, oldest to newest. Within a feedback text, and where the
     spread falls between items, the choice is `rng`'s.
     """
-    taught = {(s.prompt_format, repr(s.messages), s.feedback) for s in batch}
-    pool = [m for m in memory if (m.prompt_format, repr(m.messages), m.feedback) not in taught]
+    taught = {lesson_key(s.prompt_format, s.messages, s.feedback) for s in batch}
+    pool = [m for m in memory if lesson_key(m.prompt_format, m.messages, m.feedback) not in taught]
     if count <= 0 or not pool:
         return []
     if choice == "recent":

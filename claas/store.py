@@ -66,7 +66,7 @@ from claas.records import (
     MemoryItem,
     Rollout,
 )
-from claas.sdpo.config import DIVERGENCE_MODES
+from claas.sdpo.config import DIVERGENCE_MODES, lesson_key
 
 # 2 added the memory table; a version-1 database gains it in place (CREATE IF NOT EXISTS).
 SCHEMA_VERSION = 2
@@ -756,11 +756,7 @@ class Store:
                     (
                         item.id,
                         validate_lora_id(item.lora_id),
-                        text_hash(
-                            json.dumps(
-                                [item.prompt_format, item.messages, item.feedback], sort_keys=True
-                            )
-                        ),
+                        text_hash(lesson_key(item.prompt_format, item.messages, item.feedback)),
                         item.feedback_id,
                         json.dumps(item.messages),
                         json.dumps(item.prompt_tokens),

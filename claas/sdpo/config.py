@@ -8,6 +8,7 @@ feedback queue registers as the adapter's next version.
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Annotated, Any, Literal, get_args
 
@@ -193,6 +194,13 @@ class Lesson(BaseModel):
     prompt_format: Literal["chat", "text"] = Field(
         "chat", description="text: the prompt was raw text (messages[-1] holds it), not chat"
     )
+
+
+def lesson_key(prompt_format: str, messages: list[dict[str, Any]], feedback: str) -> str:
+    """What makes two lessons one: the same prompt (its format and messages) taught with the
+    same feedback. The store keeps one memory item per key (hashed), replay skips a memory item
+    whose key the batch teaches anyway, and a self-example is drawn once per key."""
+    return json.dumps([prompt_format, messages, feedback], sort_keys=True)
 
 
 class FeedbackSample(Lesson):

@@ -64,6 +64,7 @@ from claas.sdpo.config import (
     TrainFrom,
     TrainingConfig,
     default_learning_rate,
+    lesson_key,
 )
 from claas.sdpo.divergence import LOGPROB_ROUNDING_TOL
 from claas.sdpo.prompts import rollout_teacher_prompt_tokens
@@ -233,9 +234,10 @@ class SDPOEngine:
             extras = await asyncio.to_thread(
                 lambda: [self._prepare_extra(tokenizer, s, config) for s in batch[own:]]
             )
-            dropped = sum(p is None for p in extras) + len(fresh) + len(replayed) - len(extras)
             fresh_kept = [p for p in extras[: len(drawn[0])] if p is not None]
             replayed_kept = [p for p in extras[len(drawn[0]) :] if p is not None]
+            # asked for, less kept: not sampled (no room, only a stop token) or not preparable
+            dropped = len(fresh) + len(replayed) - len(fresh_kept) - len(replayed_kept)
             prepared += fresh_kept
             replay_at = len(prepared)  # the replayed lessons' texts are not reported
             prepared += replayed_kept
@@ -282,8 +284,7 @@ class SDPOEngine:
             steps=steps,
             teacher_texts=[
                 tokenizer.decode(p.teacher_prompt + p.response)
-                for i, p in enumerate(prepared)
-                if not replay_at <= i < replay_at + len(replayed_kept)
+                for p in prepared[:replay_at] + prepared[replay_at + len(replayed_kept) :]
             ],
             replayed_texts=[tokenizer.decode(p.teacher_prompt + p.response) for p in replayed_kept],
             timings=timings,
@@ -449,7 +450,7 @@ class SDPOEngine:
         """Where the user gave no example, the teacher's own greedy answer under the feedback
         becomes it (a self-demonstration): one answer per distinct prompt and feedback, no
         longer than the batch's longest answer."""
-        wanted: dict[tuple[str, str, str], FeedbackSample] = {}
+        wanted: dict[str, FeedbackSample] = {}
         for sample in batch:
             if sample.example is None:
                 wanted.setdefault(_lesson_key(sample), sample)
@@ -462,7 +463,7 @@ class SDPOEngine:
             room = self.max_context - len(prompt) - 1
             params = types.SamplingParams(max_tokens=max(1, min(longest, room)), temperature=0.0)
             calls.append(teacher.sample(types.ModelInput.from_ints(prompt), 1, params))
-        examples: dict[tuple[str, str, str], str] = {}
+        examples: dict[str, str] = {}
         for key, result in zip(wanted, await asyncio.gather(*calls), strict=True):
             text = tokenizer.decode(result.sequences[0].tokens, skip_special_tokens=True).strip()
             if text:
@@ -658,8 +659,8 @@ async def _nothing() -> None:
     """An answer not asked for, in a list of sampling calls."""
 
 
-def _lesson_key(lesson: Lesson) -> tuple[str, str, str]:
-    return (lesson.prompt_format, repr(lesson.messages), lesson.feedback)
+def _lesson_key(lesson: Lesson) -> str:
+    return lesson_key(lesson.prompt_format, lesson.messages, lesson.feedback)
 
 
 __all__ = [
