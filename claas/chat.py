@@ -36,6 +36,7 @@ from claas.errors import (
     VersionNotFound,
 )
 from claas.ids import text_hash, validate_lora_id
+from claas.records import Rollout
 from claas.sdpo.prompts import Message, chat_prompt_tokens, message_text
 from claas.services.protocol import (
     ChatSamplingParams,
@@ -409,8 +410,8 @@ class ChatService:
                     on_text(choice.index, choice.text[len(decoder.sent) :])
         user_text = prompt_text if prompt_text is not None else _last_user_text(messages)
         expires = created + self.rollout_ttl_seconds
-        for choice in choices:
-            self.store.add_rollout(
+        stored = [
+            Rollout(
                 id=choice.rollout_id,
                 lora_id=target.lora_id,
                 adapter_version=target.version,
@@ -423,10 +424,19 @@ class ChatService:
                 response_text=choice.text,
                 prompt_hash=text_hash(user_text),
                 response_hash=text_hash(choice.text),
+                created_at=time.time(),
                 expires_at=expires,
                 prompt_format=prompt_format,
             )
+            for choice in choices
+        ]
+        # Off the event loop, as all database I/O in async code: a write waits for its commit.
+        await asyncio.to_thread(self._record_rollouts, stored)
         return Completion(completion_id, created, target.name, len(prompt_tokens), choices)
+
+    def _record_rollouts(self, stored: list[Rollout]) -> None:
+        for rollout in stored:
+            self.store.add_rollout(rollout)
 
     def _token_bridge(
         self,

@@ -42,12 +42,15 @@ def _settings(args: argparse.Namespace) -> Settings:
         "inference",
         "vllm_url",
         "log_level",
+        "database_url",
     )
     overrides: dict[str, Any] = {
         name: getattr(args, name) for name in names if getattr(args, name, None) is not None
     }
     if getattr(args, "insecure", False):
         overrides["insecure"] = True
+    if getattr(args, "no_train", False):
+        overrides["train"] = False
     return Settings(**overrides)
 
 
@@ -122,6 +125,39 @@ def cmd_serve(args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     return 0 if server.started else 1
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Train feedback queued in the shared database, until SIGTERM or SIGINT."""
+    import asyncio
+    import signal
+
+    from claas.logs import configure_logging
+    from claas.runtime import Runtime
+
+    settings = _settings(args).model_copy(update={"train": True})
+    configure_logging(settings.log_level)
+    runtime = Runtime.build(settings)
+
+    async def work() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stop.set)
+        runtime.queue.start()
+        print(
+            f"claas worker {runtime.queue.worker} training {runtime.base_model} "
+            f"({settings.service}) from {runtime.store.where}",
+            flush=True,
+        )
+        await stop.wait()
+        await runtime.queue.stop()
+
+    try:
+        asyncio.run(work())
+    finally:
+        runtime.close()
+    return 0
 
 
 def _announcing_server(config: Any, model: str, service: str) -> Any:
@@ -429,7 +465,40 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument(
         "--insecure", action="store_true", help="allow a non-loopback bind without API keys"
     )
+    serve.add_argument(
+        "--no-train",
+        action="store_true",
+        help="an API replica: queue feedback for `claas worker` processes, train nothing here",
+    )
+    serve.add_argument(
+        "--database-url",
+        help="the shared database, e.g. postgresql+psycopg://claas@db/claas "
+        "(default: the SQLite file in the data dir)",
+    )
     serve.set_defaults(handler=cmd_serve)
+
+    worker = sub.add_parser(
+        "worker",
+        parents=[common],
+        help="train feedback queued by API replicas (`serve --no-train`) in a shared database",
+        description="Claims queued feedback from the database (CLAAS_DATABASE_URL), trains it "
+        "on this machine's service and registers each new version under the shared "
+        "checkpoint root (CLAAS_CHECKPOINT_DIR). Any number of workers may run: each "
+        "adapter's requests still train one batch at a time, in arrival order. Stops on "
+        "SIGTERM or SIGINT; a batch it was training is trained again by another worker once "
+        "its lease (CLAAS_LEASE_SECONDS) ends.\n\n" + _settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    worker.add_argument("--service", choices=["local", "tinker"], help="training service")
+    worker.add_argument(
+        "--database-url", help="the shared database (default: the SQLite file in the data dir)"
+    )
+    worker.add_argument(
+        "--log-level",
+        choices=["debug", "info", "warning", "error"],
+        help="level of the JSON log lines on stderr (default info)",
+    )
+    worker.set_defaults(handler=cmd_worker)
 
     remote = argparse.ArgumentParser(add_help=False)
     remote.add_argument(

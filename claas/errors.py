@@ -102,12 +102,24 @@ class AdapterExists(Conflict):
     pass
 
 
+class ClaimLost(Conflict):
+    """A worker's lease on a feedback batch ended before it registered the result: another
+    worker trains the batch now, and this result is discarded."""
+
+
 class NothingToTrain(Conflict):
     """Feedback on a rollout that came from the base model, which has no adapter to train."""
 
 
 class TrainingFailed(ClaasError):
     status_code = 500
+
+
+class DatabaseUnavailable(ClaasError):
+    """The database did not answer (down, restarting, locked too long); nothing was changed.
+    Retry after the `Retry-After` seconds."""
+
+    status_code = 503
 
 
 class IncompatibleDatabase(ClaasError):

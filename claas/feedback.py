@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import logging
+import os
 import random
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -43,6 +46,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from claas.errors import (
     ClaasError,
+    ClaimLost,
+    DatabaseUnavailable,
     FeedbackNotFound,
     InvalidFeedback,
     NothingToTrain,
@@ -73,7 +78,7 @@ from claas.sdpo.config import (
 from claas.sdpo.engine import SDPOEngine
 from claas.sdpo.prompts import MAX_TEXT_CHARS, Utf8Text
 from claas.services.protocol import delete_checkpoints
-from claas.store import Store
+from claas.store import NOTICE_QUEUED, Store
 
 logger = logging.getLogger(__name__)
 
@@ -143,6 +148,14 @@ class ResolvedFeedback:
 
 
 class FeedbackQueue:
+    """Admits feedback into the store's queue and, with `train`, trains it as a worker.
+
+    The queue itself is the database: any number of processes admit requests and any number of
+    workers claim batches (`Store.claim`), each under a lease its heartbeat extends every third
+    of `lease_seconds`. A worker finds requests queued by other processes every `poll_seconds`
+    and its own at once; it trains at most `max_batches` batches at a time.
+    """
+
     def __init__(
         self,
         store: Store,
@@ -153,6 +166,13 @@ class FeedbackQueue:
         on_version: Callable[[AdapterVersion], Awaitable[None]] | None = None,
         purge_interval: float | None = None,
         memory_items: int = 256,
+        *,
+        train: bool = True,
+        worker: str | None = None,
+        lease_seconds: float = 30.0,
+        poll_seconds: float = 1.0,
+        max_batches: int = 4,
+        housekeeping: Callable[[], None] | None = None,
     ) -> None:
         self.store = store
         self.memory_items = memory_items  # kept per adapter for replay; 0: none kept or replayed
@@ -162,11 +182,28 @@ class FeedbackQueue:
         self.on_trained = on_trained
         self.on_version = on_version  # after a version is registered: e.g. load it for serving
         self.purge_interval = purge_interval  # seconds; None: purge only at start
+        self.train = train
+        self.worker = worker or default_worker_name()
+        self.lease_seconds = lease_seconds
+        self.poll_seconds = poll_seconds
+        self.max_batches = max_batches
+        self.housekeeping = housekeeping  # now and then, in a thread: e.g. sweep checkpoints
         self._wake = asyncio.Event()
         self._changed = asyncio.Condition()
-        self._running: dict[str, asyncio.Task[None]] = {}
-        self._scheduler: asyncio.Task[None] | None = None
-        self._purger: asyncio.Task[None] | None = None
+        self._running: dict[str, asyncio.Task[None]] = {}  # by the batch's head id
+        self._claimed: dict[str, list[str]] = {}  # head id -> the ids its lease covers
+        self._tasks: list[asyncio.Task[None]] = []
+        self._started = False
+        self._unlisten: Callable[[], None] | None = None  # PostgreSQL: stop the notices
+
+    def _on_notice(self, notice: str) -> None:
+        """Another process queued feedback (a worker looks now) or finished some (waiters
+        re-read their status now), without waiting for the next poll."""
+        if notice == NOTICE_QUEUED:
+            self._wake.set()
+        else:
+            self._tasks.append(asyncio.ensure_future(self.notify()))
+            self._tasks = [t for t in self._tasks if not t.done()]
 
     # -- validation, before anything is queued ---------------------------------------------
     def resolve(self, items: Sequence[FeedbackItem], owner: str | None) -> ResolvedFeedback:
@@ -230,9 +267,11 @@ class FeedbackQueue:
         An owner with `max_pending_per_owner` requests queued or running gets a 429 (None: no
         limit).
         """
-        resolved = self.resolve(items, owner)
+        resolved = await asyncio.to_thread(self.resolve, items, owner)
         adapter_owner = parse_lora_id(resolved.lora_id)[0]
-        pending = self.store.count_feedback(adapter_owner, statuses=PENDING)
+        pending = await asyncio.to_thread(
+            functools.partial(self.store.count_feedback, owner=adapter_owner, statuses=PENDING)
+        )
         if self.max_pending_per_owner is not None and pending >= self.max_pending_per_owner:
             raise TooManyRequests(
                 f"{adapter_owner!r} has {pending} feedback requests queued or running, the most "
@@ -240,64 +279,103 @@ class FeedbackQueue:
                 "finish (GET /v1/feedback/{id}) and retry",
                 headers={"Retry-After": "30"},
             )
-        samples = [self._sample(resolved.lora_id, item) for item in resolved.items]
+        samples = await asyncio.to_thread(
+            lambda: [self._sample(resolved.lora_id, item) for item in resolved.items]
+        )
         await self.engine.check(samples, resolved.training)
-        return self.submit(resolved)
-
-    def submit(self, resolved: ResolvedFeedback) -> FeedbackRequest:
-        request = self.store.enqueue_feedback(
-            resolved.lora_id, resolved.items, resolved.training.model_dump()
+        request = await asyncio.to_thread(
+            self.store.enqueue_feedback,
+            resolved.lora_id,
+            resolved.items,
+            resolved.training.model_dump(),
         )
         self._wake.set()
         return request
 
     async def wait(self, feedback_id: str, timeout: float | None = None) -> FeedbackRequest:
-        """Until the request is done or failed. FeedbackNotFound if its adapter was deleted."""
-        async with asyncio.timeout(timeout), self._changed:
-            while (request := self.store.get_feedback(feedback_id)).status not in TERMINAL:
-                await self._changed.wait()
-        return request
+        """Until the request is done or failed, whichever process trains it: woken at once by
+        this process's worker, else by re-reading its status every `poll_seconds`.
+        FeedbackNotFound if its adapter was deleted."""
+        async with asyncio.timeout(timeout):
+            while True:
+                try:
+                    request = await asyncio.to_thread(self.store.get_feedback, feedback_id)
+                except DatabaseUnavailable:  # restarting: keep waiting
+                    await asyncio.sleep(self.poll_seconds)
+                    continue
+                if request.status in TERMINAL:
+                    return request
+                async with self._changed:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), self.poll_seconds)
 
     def depth(self) -> int:
-        return self.store.queue_depth()
+        return self.store.count_feedback(statuses=("queued",))
 
     # -- the worker -------------------------------------------------------------------------
     def start(self) -> None:
-        """Resume what a previous process left, then serve the queue (call inside the loop).
-
-        Expired rollouts are purged here too, since they can no longer receive feedback, and
-        then every `purge_interval` seconds until `stop`.
+        """Begin serving (call inside the loop): purge expired rollouts now and every
+        `purge_interval` seconds; with `train`, give back claims whose lease ended (a worker,
+        or this process before a crash, died holding them) and train the queue.
         """
-        if self._scheduler is not None:
-            return  # started already
-        requeued = self.store.requeue_running()
+        if self._started:
+            return
+        self._started = True
+        requeued = self.store.reclaim() if self.train else 0
         purged = self.store.purge_expired_rollouts()
         logger.info(
             "feedback queue started: %d requests requeued, %d expired rollouts purged",
             requeued,
             purged,
-            extra={"requeued": requeued, "purged_rollouts": purged, "queued": self.depth()},
+            extra={
+                "requeued": requeued,
+                "purged_rollouts": purged,
+                "queued": self.depth(),
+                "train": self.train,
+                "worker": self.worker if self.train else None,
+            },
         )
-        self._scheduler = asyncio.create_task(self._schedule())
+        loop = asyncio.get_running_loop()
+
+        def on_notice(notice: str) -> None:  # on the listener's thread
+            loop.call_soon_threadsafe(self._on_notice, notice)
+
+        self._unlisten = self.store.listen(on_notice)
+        if self.train:
+            self._tasks += [
+                asyncio.create_task(self._work()),
+                asyncio.create_task(self._heartbeat()),
+            ]
         if self.purge_interval is not None:
-            self._purger = asyncio.create_task(self._purge_every(self.purge_interval))
+            self._tasks.append(asyncio.create_task(self._purge_every(self.purge_interval)))
         self._wake.set()
 
     async def stop(self) -> None:
-        tasks = [
-            t for t in [self._scheduler, self._purger, *self._running.values()] if t is not None
-        ]
+        """Stop the worker. Batches it was training go back to the queue, for the next worker
+        (this one restarted, or another); if the database cannot be reached, they stay claimed
+        until their lease ends."""
+        if self._unlisten is not None:
+            await asyncio.to_thread(self._unlisten)
+            self._unlisten = None
+        tasks = [*self._tasks, *self._running.values()]
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        self._scheduler = self._purger = None
+        if self.train and self._started:
+            # What this worker was training goes back to the queue now, not when the lease
+            # ends (or is marked done, if its version was registered).
+            try:
+                await asyncio.to_thread(self.store.reclaim, None, self.worker)
+            except Exception as error:  # the database is gone: the lease ends by itself
+                logger.warning("could not give back this worker's claims at stop: %s", error)
+        self._tasks, self._started = [], False
 
     async def _purge_every(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            # Off the event loop: a purge waits on SQLite's write lock, chats must not.
+            # Off the event loop: a purge waits on the database's write lock, chats must not.
             await asyncio.to_thread(self.purge_expired)
 
     def purge_expired(self) -> int | None:
@@ -319,40 +397,74 @@ class FeedbackQueue:
         )
         return purged
 
-    async def _schedule(self) -> None:
+    async def _work(self) -> None:
+        """Claim batches while there is room, train each in its own task; then sleep until
+        this process queues something, a batch ends, or `poll_seconds` pass."""
         while True:
-            await self._wake.wait()
+            try:
+                while len(self._running) < self.max_batches:
+                    batch = await asyncio.to_thread(
+                        self.store.claim, self.worker, self.lease_seconds, self.max_coalesce
+                    )
+                    if not batch:
+                        break
+                    head = batch[0].id
+                    self._claimed[head] = [request.id for request in batch]
+                    task = asyncio.create_task(self._train(batch))
+                    self._running[head] = task
+                    task.add_done_callback(functools.partial(self._finished, head))
+            except asyncio.CancelledError:
+                raise
+            except Exception:  # the database is down or restarting: try again after a poll
+                logger.exception(
+                    "claiming feedback failed; retrying in %.1f s",
+                    self.poll_seconds,
+                    extra={"retry_in_seconds": self.poll_seconds},
+                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.poll_seconds)
             self._wake.clear()
-            for lora_id in self.store.adapters_with_queued():
-                if lora_id not in self._running:
-                    self._running[lora_id] = asyncio.create_task(self._drain(lora_id))
 
-    async def _drain(self, lora_id: str) -> None:
-        """Run one adapter's queue in arrival order until it is empty."""
-        try:
-            while batch := self._next_batch(lora_id):
-                await self._train(batch)
-        except asyncio.CancelledError:
-            raise
-        except Exception:  # a bug, not a request's fault: keep serving the other adapters
-            logger.exception(
-                "feedback worker for %s stopped; it restarts on the next request", lora_id
-            )
-        finally:
-            self._running.pop(lora_id, None)
-            self._wake.set()  # anything that arrived meanwhile
+    def _finished(self, head: str, _task: asyncio.Task[None]) -> None:
+        self._running.pop(head, None)
+        self._claimed.pop(head, None)
+        self._wake.set()  # room for the next batch
 
-    def _next_batch(self, lora_id: str) -> list[FeedbackRequest]:
-        queued = self.store.queued_for(lora_id, self.max_coalesce)
-        if not queued:
-            return []
-        head = queued[0]
-        batch = [head]
-        for request in queued[1:]:  # only a contiguous run with the same config
-            if request.training != head.training:
-                break
-            batch.append(request)
-        return batch
+    async def _heartbeat(self) -> None:
+        """Every third of the lease: extend this worker's claims, give back the claims of
+        workers whose lease ended, and do the housekeeping (sweep what dead workers left)."""
+        beats = 0
+        while True:
+            await asyncio.sleep(self.lease_seconds / 3)
+            beats += 1
+            try:
+                ids = [i for claimed in list(self._claimed.values()) for i in claimed]
+                if ids:
+                    held = await asyncio.to_thread(
+                        self.store.extend_lease, self.worker, ids, self.lease_seconds
+                    )
+                    if held < len(ids):
+                        logger.warning(
+                            "worker %s lost %d of its %d claims (its lease ended); another "
+                            "worker trains them, and this worker's results are discarded",
+                            self.worker,
+                            len(ids) - held,
+                            len(ids),
+                        )
+                requeued = await asyncio.to_thread(self.store.reclaim)
+                if requeued:
+                    logger.warning(
+                        "requeued %d feedback requests whose worker's lease ended",
+                        requeued,
+                        extra={"requeued": requeued},
+                    )
+                    self._wake.set()
+                if self.housekeeping is not None and beats % 6 == 0:
+                    await asyncio.to_thread(self.housekeeping)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                logger.exception("the worker's heartbeat failed; it retries on the next beat")
 
     async def _train(self, batch: list[FeedbackRequest]) -> None:
         """Train one batch. A request that cannot be trained fails alone, before the step.
@@ -378,10 +490,7 @@ class FeedbackQueue:
             return
         head, ids = ready[0][0], [request.id for request, _ in ready]
         requests = [request for request, _ in ready]
-        if not self._mark(self.store.mark_running, ids):
-            self._log_finished(requests, "deleted")
-            await self.notify()
-            return
+        self._claimed[batch[0].id] = ids  # the failed ones need no lease any more
         for follower, _ in ready[1:]:
             self._mark(self.store.mark_coalesced, follower.id, head.id)
         started = time.perf_counter()
@@ -389,7 +498,13 @@ class FeedbackQueue:
             samples = [sample for _, request_samples in ready for sample in request_samples]
             replay = await asyncio.to_thread(self._replay, head, samples, config)
             version, trained = await train_and_register(
-                self.engine, self.store, samples, config, feedback_id=head.id, replay=replay
+                self.engine,
+                self.store,
+                samples,
+                config,
+                feedback_id=head.id,
+                replay=replay,
+                worker=self.worker,
             )
             learned = (
                 [
@@ -425,7 +540,13 @@ class FeedbackQueue:
             )
             await self._announce(version)
         except asyncio.CancelledError:
-            raise  # shutting down: the requests stay `running` and are requeued at start-up
+            raise  # shutting down: the requests stay claimed until the lease ends
+        except ClaimLost as error:  # another worker trains them now: nothing to mark
+            self._log_finished(requests, "reclaimed", error=str(error))
+        except DatabaseUnavailable as error:
+            # Not the request's fault: it stays claimed, and once the lease ends it is trained
+            # again (or found done, if its version was registered before the database went).
+            self._log_finished(requests, "interrupted", error=str(error))
         except Exception as error:
             # A domain error says what to do; anything else is a bug or a broken service, whose
             # traceback is logged.
@@ -549,6 +670,11 @@ class FeedbackQueue:
         )
 
 
+def default_worker_name() -> str:
+    """Unique per process: the host, the pid and a random suffix (a pid is reused)."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+
+
 def choose_replay(
     memory: Sequence[MemoryItem],
     batch: Sequence[Lesson],
@@ -596,12 +722,14 @@ async def train_and_register(
     config: TrainingConfig,
     feedback_id: str | None = None,
     replay: Sequence[Lesson] = (),
+    worker: str | None = None,
 ) -> tuple[AdapterVersion, TrainedCheckpoint]:
     """Train the adapter's current version on `samples` and register the result as the next.
 
     The adapter as it was when training started goes with the registration: if it was rolled
     back, or deleted and re-created, meanwhile, the store refuses the result (`Conflict`) and
-    the checkpoints just written are removed, so nothing half-registered remains.
+    the checkpoints just written are removed, so nothing half-registered remains. With
+    `worker`, the request must still be that worker's claim (`ClaimLost` otherwise).
     """
     if not samples:
         raise InvalidFeedback("no samples given; send at least one feedback item")
@@ -622,6 +750,7 @@ async def train_and_register(
             feedback_id,
             {**trained.metrics, "timings": trained.timings},
             trained_from=adapter,
+            worker=worker,
         )
     except BaseException:
         await delete_checkpoints(engine.service, [trained.state_path, trained.sampler_path])

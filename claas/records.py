@@ -1,8 +1,7 @@
-"""The records claas keeps: adapters, their versions, rollouts, feedback requests, memory, eval
-runs.
+"""The records claas keeps: adapters, their versions, rollouts, feedback requests, memory.
 
-Immutable pydantic models, as `claas.store` reads them from SQLite; the layers above pass them
-around without importing the store.
+Immutable pydantic models, as `claas.store` reads them from its database; the layers above pass
+them around without importing the store.
 """
 
 from __future__ import annotations
@@ -88,15 +87,3 @@ class MemoryItem(_Frozen):
     feedback: str
     example: str | None
     created_at: float
-
-
-class EvalRun(_Frozen):
-    id: str
-    lora_id: str
-    created_at: float
-    config: dict[str, Any]
-    results: dict[str, Any]
-
-    @property
-    def divergence_mode(self) -> str:
-        return str(self.results["divergence_mode"])

@@ -48,8 +48,9 @@ class Runtime:
     def build(cls, settings: Settings, loaded: LoadedModel | None = None) -> Runtime:
         """Load the model (or take `loaded`) and wire every part to it."""
         settings.data_dir.mkdir(parents=True, exist_ok=True)
-        store = Store(settings.data_dir / "claas.db")
+        store = Store(settings.database)
         host = None
+        housekeeping = None
         service: ServiceClient  # local or hosted: mypy checks both against the seam
         if settings.service == "tinker":
             service, base_model, tokenizer, max_context = _tinker_parts(settings)
@@ -60,8 +61,13 @@ class Runtime:
 
             if loaded is None:
                 loaded = shared_model(settings.model, settings.model_cache_dir, settings.device)
-            checkpoints = settings.data_dir / "checkpoints"
-            swept = sweep_unreferenced(checkpoints, store.checkpoint_paths())
+            checkpoints = settings.checkpoints
+            # Alone on its data dir, a process sweeps every leftover at start-up; where other
+            # processes share the database or checkpoint root, only what is old enough that
+            # no live worker can still be writing or registering it (then now and then).
+            shared = settings.database_url is not None or settings.checkpoint_dir is not None
+            grace = 2 * settings.lease_seconds if shared else None
+            swept = sweep_unreferenced(checkpoints, store.checkpoint_paths(), grace)
             if swept:
                 logger.warning(
                     "removed %d checkpoint dirs that no adapter version references (left by a "
@@ -69,6 +75,11 @@ class Runtime:
                     len(swept),
                     ", ".join(str(p.relative_to(checkpoints)) for p in swept),
                 )
+            if shared:
+
+                def housekeeping() -> None:
+                    sweep_unreferenced(checkpoints, store.checkpoint_paths(), grace)
+
             host = AdapterHost(loaded, packed_weights=settings.packed_weights)
             service = LocalServiceClient(host, checkpoints)
             base_model, tokenizer, max_context = loaded.name, loaded.tokenizer, loaded.max_context
@@ -110,6 +121,11 @@ class Runtime:
                 on_version=inference.load_version if inference is not None else None,
                 purge_interval=settings.purge_interval_seconds,
                 memory_items=settings.memory_items,
+                train=settings.train,
+                lease_seconds=settings.lease_seconds,
+                poll_seconds=settings.poll_seconds,
+                max_batches=settings.max_training_batches,
+                housekeeping=housekeeping,
             ),
             host=host,
             inference=inference,

@@ -109,6 +109,45 @@ class Settings(BaseSettings):
         "forgotten first; 0 keeps none and replays none. Listed and forgotten under "
         "/v1/adapters/{owner}/{name}/memory, deleted with the adapter.",
     )
+    # Beyond one box (README "Beyond one box"): a shared database, a shared checkpoint root,
+    # API replicas that only queue feedback, and `claas worker` processes that train it.
+    database_url: str | None = Field(
+        None,
+        description="SQLAlchemy URL of the database every process shares, e.g. "
+        "postgresql+psycopg://claas:secret@db:5432/claas; default: the SQLite file "
+        "<data_dir>/claas.db (one machine).",
+    )
+    checkpoint_dir: Path | None = Field(
+        None,
+        description="Where adapter versions are written, a filesystem every process mounts "
+        "(NFS, a ReadWriteMany volume) when they run on several machines; default: "
+        "<data_dir>/checkpoints.",
+    )
+    train: bool = Field(
+        True,
+        description="Train feedback in this process. False (`claas serve --no-train`): an API "
+        "replica that queues feedback for `claas worker` processes.",
+    )
+    lease_seconds: float = Field(
+        30.0,
+        ge=2.0,
+        le=3600.0,
+        description="How long a worker's claim on a feedback batch lasts without a heartbeat "
+        "(one every third of it); a worker that dies gives its batch back after this.",
+    )
+    poll_seconds: float = Field(
+        1.0,
+        gt=0,
+        le=60.0,
+        description="How often a worker looks for feedback queued by other processes, and a "
+        "waiting request (?wait=true) re-reads its status on SQLite (PostgreSQL notifies).",
+    )
+    max_training_batches: int = Field(
+        4,
+        ge=1,
+        le=64,
+        description="Most feedback batches (each of one adapter) one process trains at once.",
+    )
     log_level: Literal["debug", "info", "warning", "error"] = Field(
         "info", description="Level of the JSON log lines (stderr): claas's and uvicorn's."
     )
@@ -136,6 +175,15 @@ class Settings(BaseSettings):
     @property
     def model_cache_dir(self) -> Path:
         return self.data_dir / "models"
+
+    @property
+    def database(self) -> str:
+        """The database's URL: `database_url`, or the SQLite file in the data dir."""
+        return self.database_url or f"sqlite:///{self.data_dir / 'claas.db'}"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.checkpoint_dir or self.data_dir / "checkpoints"
 
     @classmethod
     def settings_customise_sources(

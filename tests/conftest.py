@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
+from postgres import PostgresCluster
 from serving import LiveServer, make_server
 
 from claas.models import LoadedModel, load_model, tiny_llama
@@ -49,3 +50,21 @@ def server(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
     live = make_server(tmp_path, model_cache, max_tokens_cap=256)
     yield live
     live.close()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresCluster]:
+    """One real PostgreSQL server for the whole run (Debian's package), stopped by its pid."""
+    cluster = PostgresCluster.start()
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A fresh database on each backend: a SQLite file, or a new database on the real
+    PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'claas.db'}"
+    cluster: PostgresCluster = request.getfixturevalue("postgres")
+    return cluster.database()

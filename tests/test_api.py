@@ -41,6 +41,7 @@ from serving import (
     save_tiny_model,
     train_once,
 )
+from sqlalchemy import text
 
 from claas.api.dashboard import feedback_rows
 from claas.models import LoadedModel
@@ -252,7 +253,7 @@ def test_training_failure_keeps_the_last_good_version(server: LiveServer) -> Non
         json={"items": [{"completion_id": answer["id"], "feedback": ("no " * 2700)[:7990]}]},
     )
     assert too_long.status_code == 422 and "context" in too_long.json()["error"]["message"]
-    assert server.runtime.store.queue_depth() == 0
+    assert server.runtime.store.count_feedback(statuses=["queued"]) == 0
     # Injected failure: the training state of the current version vanished from disk.
     version = server.runtime.store.latest_version("alice/fragile")
     assert version is not None
@@ -277,7 +278,9 @@ def _free_port() -> int:
 
 
 def _start(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "CLAAS_DATA_DIR": str(data_dir)}
+    # A short lease: the batch a killed process was training is taken back 5 s after its last
+    # heartbeat, not 30 s.
+    env = {**os.environ, "CLAAS_DATA_DIR": str(data_dir), "CLAAS_LEASE_SECONDS": "5"}
     process = subprocess.Popen(
         [
             sys.executable,
@@ -721,7 +724,7 @@ def test_bad_inputs_get_clear_errors(
         message = error_of(response)[1]
         assert fragment in message, message
     assert sorted(p.name for p in checkpoints.iterdir()) == before
-    assert live.runtime.store.queue_depth() == 0  # nothing was queued
+    assert live.runtime.store.count_feedback(statuses=["queued"]) == 0  # nothing was queued
     assert live.client.get("/v1/health").json()["status"] == "ok"
 
 
@@ -963,7 +966,7 @@ def test_a_bad_request_in_a_coalesced_batch_fails_alone(server: LiveServer) -> N
     fine = submit(answer, "third", 2)
     store = server.runtime.store
     with store._transaction() as db:  # simulates the rollout expiring while it was queued
-        db.execute("DELETE FROM rollouts WHERE id = ?", (doomed,))
+        db.execute(text("DELETE FROM rollouts WHERE id = :id"), {"id": doomed})
     results = {fid: finished(server.client, fid) for fid in (running, expired, fine)}
     assert results[running]["status"] == "done"
     assert results[expired]["status"] == "failed" and "expired" in results[expired]["error"]

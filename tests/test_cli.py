@@ -293,9 +293,8 @@ class RolloutSpy:
         self.rollouts: list[Rollout] = []
         add = store.add_rollout
 
-        def recording(**fields: Any) -> Rollout:
-            rollout = add(**fields)
-            self.rollouts.append(rollout)
+        def recording(rollout: Rollout) -> Rollout:
+            self.rollouts.append(add(rollout))
             return rollout
 
         monkeypatch.setattr(store, "add_rollout", recording)

@@ -31,6 +31,7 @@ import jsonschema
 import pytest
 import yaml
 from serving import ADMIN_KEY, OWNER_KEYS, make_server
+from sqlalchemy.engine import make_url
 
 from claas.models import convert_embedded, embedded_cache_dir, load_tokenizer
 from claas.services.tinker import API_KEY_VARIABLES
@@ -46,7 +47,8 @@ BIN = Path(sys.executable).parent
 # CLAAS_ variables claas reads that are not Settings fields: the YAML settings file
 # (claas/settings.py) and the Tinker key's own name (claas/services/tinker.py).
 CLAAS_NON_FIELDS = {"CLAAS_CONFIG"} | {v for v in API_KEY_VARIABLES if v.startswith("CLAAS_")}
-PROFILES = {"local", "vllm", "tinker"}
+PROFILES = {"local", "vllm", "tinker", "scale"}
+SINGLE = PROFILES - {"scale"}  # one claas container each
 
 
 def setting_variables() -> set[str]:
@@ -446,10 +448,11 @@ def test_compose_profiles_run_claas_three_ways(stages: dict[str, Stage]) -> None
     config = compose()
     services = config["services"]
     assert {p for s in services.values() for p in s.get("profiles", [])} == PROFILES
-    by_profile = {p: n for n, s in claas_services(config).items() for p in s["profiles"]}
-    assert set(by_profile) == PROFILES and len(by_profile) == len(claas_services(config))
+    single = {n: s for n, s in claas_services(config).items() if s["profiles"] != ["scale"]}
+    by_profile = {p: n for n, s in single.items() for p in s["profiles"]}
+    assert set(by_profile) == SINGLE and len(by_profile) == len(single)
     data_dir = stages["claas"].env()["CLAAS_DATA_DIR"]
-    for name, service in claas_services(config).items():
+    for name, service in single.items():
         assert service["env_file"] == [{"path": ".env", "required": False}], name
         assert service["ports"] == [f"8000:{stages['claas'].env()['CLAAS_PORT']}"], name
         (volume,) = service["volumes"]
@@ -470,6 +473,44 @@ def test_compose_profiles_run_claas_three_ways(stages: dict[str, Stage]) -> None
     )
     # The tinker profile keeps its adapters (remote weights) apart from the local ones.
     assert services[by_profile["tinker"]]["volumes"] != services[by_profile["local"]]["volumes"]
+
+
+def test_scale_profile_runs_replicas_and_a_worker_on_one_postgres(
+    stages: dict[str, Stage],
+) -> None:
+    """Beyond one box: PostgreSQL, two `serve --no-train` replicas behind the proxy (the only
+    published port), a worker; every claas process on the same database and data volume."""
+    config = compose({"POSTGRES_PASSWORD": "s3cret"})
+    services = {n: s for n, s in config["services"].items() if s.get("profiles") == ["scale"]}
+    assert set(services) == {"postgres", "claas-api-1", "claas-api-2", "claas-worker", "proxy"}
+    claas = {n: s for n, s in services.items() if s.get("build", {}).get("target") == "claas"}
+    assert {n: s["command"] for n, s in claas.items()} == {
+        "claas-api-1": ["serve", "--no-train"],
+        "claas-api-2": ["serve", "--no-train"],
+        "claas-worker": ["worker"],
+    }
+    postgres = services["postgres"]["environment"]
+    url = make_url(environment_of(claas["claas-worker"])["CLAAS_DATABASE_URL"])
+    assert (url.drivername, url.host, url.port, url.database) == (
+        "postgresql+psycopg",
+        "postgres",
+        5432,
+        postgres["POSTGRES_DB"],
+    )
+    assert (url.username, url.password) == (postgres["POSTGRES_USER"], "s3cret")
+    data_dir = stages["claas"].env()["CLAAS_DATA_DIR"]
+    for name, service in claas.items():
+        assert environment_of(service)["CLAAS_DATABASE_URL"] == str(
+            url.render_as_string(hide_password=False)
+        ), name
+        assert service["volumes"] == [f"claas-scale-data:{data_dir}"], name
+        assert "ports" not in service, name  # reached through the proxy only
+        assert service["depends_on"]["postgres"]["condition"] == "service_healthy", name
+    proxy = services["proxy"]["command"]
+    upstreams = [proxy[i + 1] for i, arg in enumerate(proxy) if arg == "--to"]
+    port = stages["claas"].env()["CLAAS_PORT"]
+    assert upstreams == [f"claas-api-1:{port}", f"claas-api-2:{port}"]
+    assert services["proxy"]["ports"] == [f"8000:{proxy[proxy.index('--from') + 1][1:]}"]
 
 
 def test_vllm_service_is_started_as_claas_needs(stages: dict[str, Stage]) -> None:

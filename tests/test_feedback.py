@@ -9,6 +9,7 @@ adapter busy while more requests queue up; no test depends on timing.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ import pytest
 from claas.errors import InvalidFeedback
 from claas.feedback import FeedbackItem, FeedbackQueue
 from claas.ids import text_hash
-from claas.records import FeedbackRequest
+from claas.records import FeedbackRequest, Rollout
 from claas.sdpo.config import (
     FeedbackSample,
     Lesson,
@@ -167,19 +168,22 @@ def make_adapter(store: Store, lora_id: str) -> str:
     )
     rollout_id = f"chatcmpl-{lora_id.replace('/', '-')}"
     store.add_rollout(
-        id=rollout_id,
-        lora_id=lora_id,
-        adapter_version=1,
-        model=lora_id,
-        messages=[{"role": "user", "content": "hi"}],
-        prompt_tokens=[1, 2, 3],
-        response_tokens=[4, 5],
-        behavior_logprobs=[-0.25, -1.5],
-        sampling_params={"temperature": 0.7},
-        response_text="hello there",
-        prompt_hash=text_hash("hi"),
-        response_hash=text_hash("hello there"),
-        expires_at=None,
+        Rollout(
+            id=rollout_id,
+            lora_id=lora_id,
+            adapter_version=1,
+            model=lora_id,
+            messages=[{"role": "user", "content": "hi"}],
+            prompt_tokens=[1, 2, 3],
+            response_tokens=[4, 5],
+            behavior_logprobs=[-0.25, -1.5],
+            sampling_params={"temperature": 0.7},
+            response_text="hello there",
+            prompt_hash=text_hash("hi"),
+            response_hash=text_hash("hello there"),
+            created_at=time.time(),
+            expires_at=None,
+        )
     )
     return rollout_id
 
@@ -223,7 +227,7 @@ def test_one_adapter_trains_in_arrival_order_one_step_at_a_time_each_on_the_next
             first = await queue.admit(items(rollout, "r0"), owner=None)
             await engine.started(1)  # r0 is training; the rest queue up behind it
             rest = [await queue.admit(items(rollout, f"r{i}"), owner=None) for i in range(1, 6)]
-            assert store.queue_depth(ALICE) == 5
+            assert store.count_feedback(lora_id=ALICE, statuses=["queued"]) == 5
             gate.set()
             done = await finished(queue, [first, *rest])
 
@@ -335,14 +339,18 @@ def test_a_request_the_engine_refuses_at_check_time_fails_alone_and_its_batch_tr
             # Admission runs the same check: a request refused there is never queued.
             with pytest.raises(InvalidFeedback, match=REFUSE):
                 await queue.admit(items(rollout, f"{REFUSE} at the door"), owner=None)
-            assert store.queue_depth() == 0
+            assert store.count_feedback(statuses=["queued"]) == 0
 
             gate = engine.hold(ALICE)
             head = await queue.admit(items(rollout, "r0"), owner=None)
             await engine.started(1)
             # Queued past admission (as when the engine's verdict changes while it waits).
             texts = [f"{REFUSE} r1", "r2", f"{REFUSE} r3", "r4"]
-            queued = [queue.submit(queue.resolve(items(rollout, t), owner=None)) for t in texts]
+            resolved = [queue.resolve(items(rollout, t), owner=None) for t in texts]
+            queued = [
+                store.enqueue_feedback(r.lora_id, r.items, r.training.model_dump())
+                for r in resolved
+            ]
             gate.set()
             r0, r1, r2, r3, r4 = await finished(queue, [head, *queued])
 

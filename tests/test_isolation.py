@@ -267,7 +267,7 @@ def test_deleting_an_adapter_while_it_trains_is_clean(
     while server.client.get(f"/v1/feedback/{feedback_id}").json()["status"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.02)
-    worker = server.runtime.queue._running["u/gone"]
+    worker = server.runtime.queue._running[feedback_id]
     with caplog.at_level(logging.ERROR):
         assert server.client.delete("/v1/adapters/u/gone").status_code == 200
         while not worker.done():  # the worker finishes its step, then stops

@@ -494,14 +494,17 @@ class CountingStore:
     def __init__(self) -> None:
         self.purges = 0
 
-    def requeue_running(self) -> int:
+    def reclaim(self, *_: object) -> int:
         return 0
 
-    def queue_depth(self) -> int:
+    def count_feedback(self, **_: object) -> int:
         return 0
 
-    def adapters_with_queued(self) -> list[str]:
+    def claim(self, *_: object) -> list[object]:
         return []
+
+    def listen(self, _: object) -> None:
+        return None
 
     def purge_expired_rollouts(self) -> int:
         self.purges += 1

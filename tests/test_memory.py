@@ -8,7 +8,6 @@ random Llama, two owners' keys, and real training steps.
 from __future__ import annotations
 
 import random
-import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -86,21 +85,6 @@ def test_forgetting_one_item_or_all_and_deleting_the_adapter(store: Store) -> No
     store.delete_adapter("alice/a")
     store.create_adapter("alice/a", "m", 4, 4.0, ["q_proj"])
     assert store.memory("alice/a") == []  # the re-created adapter remembers nothing
-
-
-def test_a_version_1_database_gains_the_memory_table_in_place(tmp_path: Path) -> None:
-    path = tmp_path / "old.db"
-    with Store(path) as store:
-        store.create_adapter("alice/a", "m", 4, 4.0, ["q_proj"])
-    db = sqlite3.connect(path)
-    db.execute("DROP TABLE memory")
-    db.execute("PRAGMA user_version=1")
-    db.commit()
-    db.close()
-    with Store(path) as store:
-        assert store.get_adapter("alice/a").lora_id == "alice/a"  # nothing lost
-        store.remember([item("alice/a", "p", "short", 1.0)])
-        assert store.count_memory("alice/a") == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -113,8 +113,8 @@ def test_feedback_is_trained_when_its_waiting_client_leaves(limited: LiveServer)
     item = {"completion_id": answer, "feedback": "Shorter.", "training": {"steps_per_batch": 2}}
     store = limited.runtime.store
     with send_and_leave_open(limited, "/v1/feedback?wait=true", {"items": [item]}):
-        wait_until(lambda: store.count_feedback("alice") == 1, "the request admitted")
-    (request,) = store.list_feedback("alice/long")
+        wait_until(lambda: store.count_feedback(owner="alice") == 1, "the request admitted")
+    (request,) = store.list_feedback(lora_id="alice/long")
     wait_until(lambda: store.get_feedback(request.id).status == "done", "the request trained")
     assert store.get_feedback(request.id).version == 2
 

@@ -1,8 +1,11 @@
-"""The store on a real SQLite file: ids, version numbering, the durable queue, expiry, threads."""
+"""The store on both of its backends, a real SQLite file and a real PostgreSQL (the session's
+cluster, `conftest.postgres`): ids, version numbering, the durable queue, claims and leases,
+expiry, threads, migrations."""
 
 from __future__ import annotations
 
 import re
+import shutil
 import sqlite3
 import threading
 import time
@@ -11,13 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from hypothesis import given
 from hypothesis import strategies as st
+from postgres import PostgresCluster
 from pydantic import ValidationError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from claas.errors import (
     AdapterExists,
     AdapterNotFound,
+    ClaimLost,
     Conflict,
     FeedbackNotFound,
     IncompatibleDatabase,
@@ -28,15 +35,15 @@ from claas.errors import (
 )
 from claas.ids import LORA_ID_PART, parse_lora_id, text_hash, validate_lora_id
 from claas.records import Rollout
-from claas.store import SCHEMA_VERSION, Store
+from claas.store import LEGACY_SQLITE_VERSION, Store, head_revision
 
 LORA = "alice/assistant"
 OTHER = "bob/helper"
 
 
 @pytest.fixture
-def store(tmp_path: Path) -> Iterator[Store]:
-    with Store(tmp_path / "claas.db") as opened:
+def store(database: str) -> Iterator[Store]:
+    with Store(database) as opened:
         yield opened
 
 
@@ -61,19 +68,22 @@ def add_rollout(
     lora_id: str | None = LORA,
 ) -> Rollout:
     return store.add_rollout(
-        id=rollout_id,
-        lora_id=lora_id,
-        adapter_version=1,
-        model=lora_id or "base",
-        messages=[{"role": "user", "content": prompt}],
-        prompt_tokens=[1, 2, 3],
-        response_tokens=[4, 5],
-        behavior_logprobs=[-0.25, -1.5],
-        sampling_params={"temperature": 0.7},
-        response_text=response,
-        prompt_hash=text_hash(prompt),
-        response_hash=text_hash(response),
-        expires_at=expires_at,
+        Rollout(
+            id=rollout_id,
+            lora_id=lora_id,
+            adapter_version=1,
+            model=lora_id or "base",
+            messages=[{"role": "user", "content": prompt}],
+            prompt_tokens=[1, 2, 3],
+            response_tokens=[4, 5],
+            behavior_logprobs=[-0.25, -1.5],
+            sampling_params={"temperature": 0.7},
+            response_text=response,
+            prompt_hash=text_hash(prompt),
+            response_hash=text_hash(response),
+            created_at=time.time(),
+            expires_at=expires_at,
+        )
     )
 
 
@@ -155,12 +165,10 @@ def test_longest_parts_are_accepted() -> None:
         lambda s: add_rollout(s, "r", expires_at=None, lora_id="../x"),
         lambda s: s.find_rollout("../x", "p", "r"),
         lambda s: s.enqueue_feedback("../x", [], {}),
-        lambda s: s.list_feedback("../x"),
-        lambda s: s.next_queued("../x"),
-        lambda s: s.queued_for("../x", 5),
-        lambda s: s.queue_depth("../x"),
-        lambda s: s.add_eval_run("../x", {}, {"divergence_mode": "topk_gjs"}),
-        lambda s: s.list_eval_runs("../x"),
+        lambda s: s.list_feedback(lora_id="../x"),
+        lambda s: s.count_feedback(lora_id="../x"),
+        lambda s: s.memory("../x"),
+        lambda s: s.forget("../x"),
     ],
 )
 def test_every_method_taking_a_lora_id_validates_it(
@@ -206,6 +214,7 @@ def test_versions_are_contiguous_and_monotonic_across_rollback(store: Store) -> 
 
 
 def test_add_version_moves_current_only_with_a_committed_row(tmp_path: Path) -> None:
+    """SQLite: a trigger makes the transaction's second statement fail."""
     store = Store(tmp_path / "claas.db")
     make_adapter(store)
     add_versions(store, LORA, 2)
@@ -215,7 +224,7 @@ def test_add_version_moves_current_only_with_a_committed_row(tmp_path: Path) -> 
             "CREATE TRIGGER fail_move BEFORE UPDATE OF current_version ON adapters "
             "BEGIN SELECT RAISE(ABORT, 'simulated failure'); END"
         )
-    with pytest.raises(sqlite3.Error, match="simulated failure"):
+    with pytest.raises(DBAPIError, match="simulated failure"):
         store.add_version(LORA, "s3", "w3", None, {})
     assert [v.version for v in store.list_versions(LORA)] == [1, 2]
     assert store.get_adapter(LORA).current_version == 2
@@ -232,11 +241,11 @@ def test_add_version_to_a_missing_adapter_writes_nothing(store: Store) -> None:
     assert store.list_versions(LORA) == []
 
 
-def test_eight_threads_adding_versions_get_unique_contiguous_numbers(tmp_path: Path) -> None:
-    shared = Store(tmp_path / "claas.db")
+def test_eight_threads_adding_versions_get_unique_contiguous_numbers(database: str) -> None:
+    shared = Store(database)
     make_adapter(shared)
-    # Half the threads share one Store; the other half open their own connection to the file.
-    stores = [shared] * 4 + [Store(tmp_path / "claas.db") for _ in range(4)]
+    # Half the threads share one Store; the other half open their own to the same database.
+    stores = [shared] * 4 + [Store(database) for _ in range(4)]
     per_thread = 25
     made: list[int] = []
     made_lock = threading.Lock()
@@ -268,7 +277,6 @@ def test_delete_returns_versions_and_removes_feedback(store: Store) -> None:
     mine = store.enqueue_feedback(LORA, [{"rollout_id": "r"}], {})
     theirs = store.enqueue_feedback(OTHER, [{"rollout_id": "r"}], {})
     add_rollout(store, "chatcmpl-1", expires_at=None)
-    store.add_eval_run(LORA, {}, {"divergence_mode": "scalar_kl"})
 
     removed = store.delete_adapter(LORA)
 
@@ -281,8 +289,7 @@ def test_delete_returns_versions_and_removes_feedback(store: Store) -> None:
     with pytest.raises(FeedbackNotFound):
         store.get_feedback(mine.id)
     assert store.get_feedback(theirs.id).status == "queued"
-    assert store.queue_depth() == 1
-    assert store.list_eval_runs(LORA) == []
+    assert store.count_feedback(statuses=["queued"]) == 1
     with pytest.raises(RolloutNotFound):  # a re-created namesake must not train on them
         store.get_rollout("chatcmpl-1")
     with pytest.raises(AdapterNotFound):
@@ -360,9 +367,11 @@ def test_text_hash_ignores_how_words_are_spaced(words: list[str]) -> None:
 # -- the feedback queue -----------------------------------------------------------------------
 
 
-def test_queue_serves_in_arrival_order_even_when_the_clock_goes_back(
+def test_claims_serve_in_arrival_order_even_when_the_clock_goes_back(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    make_adapter(store)
+    make_adapter(store, OTHER)
     clock = iter([1000.0, 999.0, 998.0, 997.0])
     monkeypatch.setattr("claas.store.time.time", lambda: next(clock))
     a1 = store.enqueue_feedback(LORA, [{"n": 1}], {})
@@ -373,27 +382,138 @@ def test_queue_serves_in_arrival_order_even_when_the_clock_goes_back(
 
     assert a1.id.startswith("fb-") and a1.status == "queued"
     assert store.get_feedback(a1.id) == a1
-    assert [r.id for r in store.queued_for(LORA, 10)] == [a1.id, a2.id]
-    assert [r.id for r in store.queued_for(OTHER, 1)] == [b1.id]
-    assert store.adapters_with_queued() == [LORA, OTHER]
-    assert store.next_queued().id == a1.id  # type: ignore[union-attr]
-    assert store.next_queued(OTHER).id == b1.id  # type: ignore[union-attr]
-    assert (store.queue_depth(), store.queue_depth(LORA)) == (4, 2)
+    assert store.count_feedback(statuses=["queued"]) == 4
+    assert store.count_feedback(lora_id=LORA, statuses=["queued"]) == 2
 
-    store.mark_running([a1.id])
-    assert store.next_queued().id == b1.id  # type: ignore[union-attr]
-    assert store.adapters_with_queued() == [OTHER, LORA]
-    store.mark_running([b1.id, a2.id, b2.id])
-    assert store.next_queued() is None
-    assert store.queue_depth() == 0
-    assert store.adapters_with_queued() == []
+    # The adapter whose oldest request waited longest comes first, with its run of requests.
+    first = store.claim("w1", 30, max_batch=8)
+    assert [r.id for r in first] == [a1.id, a2.id]
+    assert all(r.status == "running" for r in first)
+    assert store.get_feedback(a1.id).status == "running"
+    # LORA is busy: another worker (or the same) gets OTHER, one request at a time here.
+    assert [r.id for r in store.claim("w2", 30, max_batch=1)] == [b1.id]
+    assert store.claim("w2", 30, max_batch=8) == []  # OTHER is busy too, until b1 ends
+    store.mark_done([b1.id], 1, {})
+    assert [r.id for r in store.claim("w1", 30, max_batch=8)] == [b2.id]
+    assert store.count_feedback(statuses=["queued"]) == 0
+
+
+def test_a_batch_is_a_run_of_one_training_config(store: Store) -> None:
+    make_adapter(store)
+    ids = [
+        store.enqueue_feedback(LORA, [{"n": i}], {"learning_rate": lr}).id
+        for i, lr in enumerate([1e-4, 1e-4, 2e-4, 1e-4])
+    ]
+    assert [r.id for r in store.claim("w", 30, max_batch=8)] == ids[:2]
+    store.mark_done(ids[:2], 1, {})
+    assert [r.id for r in store.claim("w", 30, max_batch=8)] == [ids[2]]
+    store.mark_failed(ids[2], "x")
+    assert [r.id for r in store.claim("w", 30, max_batch=8)] == [ids[3]]
+
+
+def test_concurrent_workers_never_claim_one_adapter_twice(database: str) -> None:
+    """Eight workers, each with its own Store (as separate processes have), claim and finish
+    40 requests over 4 adapters at once: each request is claimed exactly once, never while
+    another request of its adapter runs, and each adapter's requests in arrival order."""
+    setup = Store(database)
+    lora_ids = [f"alice/a{i}" for i in range(4)]
+    for lora_id in lora_ids:
+        make_adapter(setup, lora_id)
+    queued = {lora_id: [] for lora_id in lora_ids}  # type: dict[str, list[str]]
+    for n in range(40):
+        lora_id = lora_ids[n % 4]
+        queued[lora_id].append(setup.enqueue_feedback(lora_id, [{"n": n}], {}).id)
+    stores = [Store(database) for _ in range(8)]
+    claimed: list[tuple[str, list[str]]] = []
+    busy: set[str] = set()
+    overlap: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(len(stores))
+
+    def work(name: str, store: Store) -> None:
+        start.wait()
+        idle = 0
+        while idle < 20:
+            batch = store.claim(name, 30, max_batch=2)
+            if not batch:
+                idle += 1
+                time.sleep(0.01)
+                continue
+            idle = 0
+            lora_id = batch[0].lora_id
+            with lock:
+                if lora_id in busy:
+                    overlap.append(lora_id)
+                busy.add(lora_id)
+                claimed.append((lora_id, [r.id for r in batch]))
+            time.sleep(0.005)
+            with lock:
+                busy.discard(lora_id)
+            store.mark_done([r.id for r in batch], 1, {})
+
+    threads = [threading.Thread(target=work, args=(f"w{i}", s)) for i, s in enumerate(stores)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert overlap == []
+    every = [i for _, ids in claimed for i in ids]
+    assert sorted(every) == sorted(i for ids in queued.values() for i in ids)  # once each
+    for lora_id in lora_ids:
+        order = [i for claimed_id, ids in claimed if claimed_id == lora_id for i in ids]
+        assert order == queued[lora_id]
+    for store in [setup, *stores]:
+        store.close()
+
+
+def test_a_lease_that_ends_gives_the_batch_back_and_the_old_worker_loses_it(
+    store: Store,
+) -> None:
+    make_adapter(store)
+    add_versions(store, LORA, 1)
+    head = store.enqueue_feedback(LORA, [{"n": 1}], {})
+    follower = store.enqueue_feedback(LORA, [{"n": 2}], {})
+    batch = store.claim("dead", 30, max_batch=8)
+    store.mark_coalesced(follower.id, head.id)
+    assert store.extend_lease("dead", [r.id for r in batch], 30) == 2
+    assert store.extend_lease("someone-else", [head.id], 30) == 0
+    assert store.reclaim() == 0  # the lease holds
+    assert store.reclaim(now=time.time() + 31) == 2  # it ended: back in the queue
+    requeued = store.get_feedback(head.id)
+    assert (requeued.status, requeued.started_at, requeued.coalesced_into) == ("queued", None, None)
+    assert store.get_feedback(follower.id).coalesced_into is None
+    again = store.claim("alive", 30, max_batch=8)
+    assert [r.id for r in again] == [head.id, follower.id]  # arrival order kept
+    # The first worker wakes up and tries to register its result: refused, nothing written.
+    with pytest.raises(ClaimLost, match="lost its claim"):
+        store.add_version(LORA, "s", "w", head.id, {}, worker="dead")
+    assert store.extend_lease("dead", [head.id], 30) == 0
+    assert [v.version for v in store.list_versions(LORA)] == [1]
+    assert store.add_version(LORA, "s", "w", head.id, {}, worker="alive").version == 2
+
+
+def test_a_restarted_worker_takes_back_its_own_claims_at_once(store: Store) -> None:
+    make_adapter(store)
+    request = store.enqueue_feedback(LORA, [{"n": 1}], {})
+    store.claim("worker-a", 300, max_batch=8)
+    assert store.reclaim(worker="worker-b") == 0
+    assert store.reclaim(worker="worker-a") == 1
+    assert store.get_feedback(request.id).status == "queued"
 
 
 def test_list_feedback_is_newest_first_and_pages(store: Store) -> None:
     ids = [store.enqueue_feedback(LORA, [{"n": i}], {}).id for i in range(5)]
     store.enqueue_feedback(OTHER, [], {})
-    assert [r.id for r in store.list_feedback(LORA)] == ids[::-1]
-    assert [r.id for r in store.list_feedback(LORA, limit=2, offset=1)] == [ids[3], ids[2]]
+    assert [r.id for r in store.list_feedback(lora_id=LORA)] == ids[::-1]
+    assert [r.id for r in store.list_feedback(lora_id=LORA, limit=2, offset=1)] == [
+        ids[3],
+        ids[2],
+    ]
+    assert [r.id for r in store.list_feedback(owner="alice")] == ids[::-1]  # by owner
+    assert len(store.list_feedback()) == 6
+    store.mark_failed(ids[0], "x")
+    assert [r.id for r in store.list_feedback(statuses=["failed"])] == [ids[0]]
+    assert store.count_feedback(owner="alice", statuses=["queued", "running"]) == 4
 
 
 def test_coalesced_requests_finish_with_their_leader(store: Store) -> None:
@@ -433,39 +553,22 @@ def test_marking_an_unknown_id_marks_nothing(store: Store) -> None:
         store.mark_coalesced("fb-missing", real.id)
 
 
-def test_requeue_running_after_a_crash_keeps_arrival_order(tmp_path: Path) -> None:
-    path = tmp_path / "claas.db"
-    first = Store(path)
+def test_reclaim_after_a_crash_keeps_arrival_order(database: str) -> None:
+    first = Store(database)
+    make_adapter(first)
     ids = [first.enqueue_feedback(LORA, [{"n": i}], {}).id for i in range(4)]
-    first.mark_running(ids[:2])
+    first.claim("dead", 30, max_batch=2)
     first.mark_coalesced(ids[1], ids[0])
-    first.mark_running(ids[2])
-    first.mark_done(ids[2], 1, {})
     first.close()  # the process dies with two requests `running`
 
-    second = Store(path)
-    assert second.queue_depth() == 1
-    assert second.requeue_running() == 2
-    queued = second.queued_for(LORA, 10)
-    assert [r.id for r in queued] == [ids[0], ids[1], ids[3]]
+    second = Store(database)
+    assert second.count_feedback(statuses=["queued"]) == 2
+    assert second.reclaim(now=time.time() + 60) == 2
+    queued = second.list_feedback(lora_id=LORA, statuses=["queued"])[::-1]
+    assert [r.id for r in queued] == ids
     assert all(r.started_at is None and r.coalesced_into is None for r in queued)
-    assert second.get_feedback(ids[2]).status == "done"
-    assert second.requeue_running() == 0
+    assert second.reclaim(now=time.time() + 60) == 0
     second.close()
-
-
-# -- eval runs, health, schema ----------------------------------------------------------------
-
-
-def test_eval_runs_carry_their_divergence_mode(store: Store) -> None:
-    make_adapter(store)
-    run = store.add_eval_run(LORA, {"prompts": 3}, {"divergence_mode": "topk_gjs", "win": 0.5})
-    assert store.list_eval_runs(LORA) == [run]
-    assert run.divergence_mode == "topk_gjs"
-    with pytest.raises(InvalidRequest, match="divergence_mode"):
-        store.add_eval_run(LORA, {}, {"win": 0.5})
-    with pytest.raises(AdapterNotFound):
-        store.add_eval_run(OTHER, {}, {"divergence_mode": "scalar_kl"})
 
 
 def test_database_settings_ping_and_close(tmp_path: Path) -> None:
@@ -475,42 +578,149 @@ def test_database_settings_ping_and_close(tmp_path: Path) -> None:
     assert not store.ping()
     with sqlite3.connect(path) as raw:
         assert raw.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+        (revision,) = raw.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert revision == head_revision()
 
 
 def test_foreign_keys_are_enforced(store: Store) -> None:
-    with pytest.raises(sqlite3.IntegrityError):
-        store._db.execute("INSERT INTO adapter_versions VALUES ('x/y', 1, 's', 'w', 0, NULL, '{}')")
+    with pytest.raises(IntegrityError), store._transaction() as db:
+        db.execute(
+            sqlalchemy.text(
+                "INSERT INTO adapter_versions VALUES ('x/y', 1, 's', 'w', 0, NULL, '{}')"
+            )
+        )
 
 
-def test_a_newer_schema_is_refused(tmp_path: Path) -> None:
+def test_a_newer_schema_is_refused(database: str) -> None:
+    Store(database).close()
+    engine = sqlalchemy.create_engine(database)
+    with engine.begin() as raw:
+        raw.execute(sqlalchemy.text("UPDATE alembic_version SET version_num = '9999'"))
+    engine.dispose()
+    with pytest.raises(IncompatibleDatabase, match=r"newer than this claas knows.*upgrade claas"):
+        Store(database)
+
+
+def test_a_newer_legacy_sqlite_schema_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "claas.db"
-    Store(path).close()
     with sqlite3.connect(path) as raw:
-        raw.execute(f"PRAGMA user_version={SCHEMA_VERSION + 1}")
+        raw.execute(f"PRAGMA user_version={LEGACY_SQLITE_VERSION + 1}")
     with pytest.raises(IncompatibleDatabase, match="upgrade claas"):
         Store(path)
 
 
-def test_requeue_does_not_train_a_registered_request_twice(tmp_path: Path) -> None:
-    """The process died after add_version but before mark_done: the request is done."""
-    path = tmp_path / "claas.db"
-    store = Store(path)
+def test_an_unsupported_database_url_is_refused() -> None:
+    with pytest.raises(InvalidRequest, match="postgresql"):
+        Store("mysql://x@y/z")
+
+
+def test_reclaim_does_not_train_a_registered_request_twice(database: str) -> None:
+    """The worker died after add_version but before mark_done: the request is done."""
+    store = Store(database)
     store.create_adapter(LORA, "base", 4, 32.0, ["q_proj"])
     store.add_version(LORA, "local://r/weights/a", "local://r/sampler_weights/a", None, {})
     head = store.enqueue_feedback(LORA, [{"rollout_id": "r"}], {})
     follower = store.enqueue_feedback(LORA, [{"rollout_id": "r"}], {})
     pending = store.enqueue_feedback(LORA, [{"rollout_id": "r"}], {})
-    store.mark_running([head.id, follower.id])
+    store.claim("dead", 30, max_batch=2)
     store.mark_coalesced(follower.id, head.id)
-    store.mark_running([pending.id])
-    store.add_version(LORA, "local://r/weights/b", "local://r/sampler_weights/b", head.id, {})
+    store.mark_running([pending.id])  # running without a lease (a release before leases)
+    store.add_version(
+        LORA, "local://r/weights/b", "local://r/sampler_weights/b", head.id, {}, worker="dead"
+    )
     store.close()
 
-    store = Store(path)
-    store.requeue_running()
+    store = Store(database)
+    assert store.reclaim() == 1  # only the one without a lease: the others' holds
+    store.reclaim(now=time.time() + 31)
     assert store.get_feedback(head.id).status == "done"
     assert store.get_feedback(head.id).version == 2
     assert store.get_feedback(follower.id).version == 2
     assert store.get_feedback(pending.id).status == "queued"  # nothing registered: retrain
     store.close()
+
+
+# -- migrations -------------------------------------------------------------------------------
+
+LEGACY = Path(__file__).parent / "data" / "claas-0.1-schema2.db"
+
+
+def test_a_database_from_the_last_release_upgrades_in_place_with_nothing_lost(
+    tmp_path: Path,
+) -> None:
+    """`tests/data/claas-0.1-schema2.db` was written by claas 0.1's store (SQLite
+    `user_version` 2, before Alembic): an adapter with two versions, a rollout, a request
+    done, one left running by a crash, one queued, a memory item and an eval run."""
+    path = tmp_path / "claas.db"
+    shutil.copy(LEGACY, path)
+    with Store(path) as store:
+        assert store.tables() == [
+            "adapter_versions",
+            "adapters",
+            "alembic_version",
+            "feedback",
+            "memory",
+            "rollouts",
+        ]  # eval_runs dropped: runs live in their output directories
+        adapter = store.get_adapter("alice/assistant")
+        assert (adapter.rank, adapter.target_modules, adapter.current_version) == (
+            8,
+            ["q_proj", "v_proj"],
+            2,
+        )
+        assert [v.state_path for v in store.list_versions("alice/assistant")] == [
+            "local://alice/weights/v1",
+            "local://alice/weights/v2",
+        ]
+        assert store.get_rollout("chatcmpl-legacy").behavior_logprobs == [-0.5]
+        requests = store.list_feedback(lora_id="alice/assistant")[::-1]
+        assert [r.status for r in requests] == ["done", "running", "queued"]
+        assert requests[0].metrics == {"loss": 0.5} and requests[0].version == 2
+        assert [m.feedback for m in store.memory("alice/assistant")] == ["shorter"]
+        # The request a crash left running has no lease: it goes back to the queue at once,
+        # ahead of the newer one, and training continues numbering after version 2.
+        assert store.reclaim() == 1
+        batch = store.claim("w", 30, max_batch=8)
+        assert [r.id for r in batch] == [requests[1].id, requests[2].id]
+        assert (
+            store.add_version("alice/assistant", "s", "w", batch[0].id, {}, worker="w").version == 3
+        )
+    with sqlite3.connect(path) as raw:
+        (revision,) = raw.execute("SELECT version_num FROM alembic_version").fetchone()
+    assert revision == head_revision()
+
+
+def test_a_version_1_database_from_the_last_release_gains_what_it_lacks(tmp_path: Path) -> None:
+    path = tmp_path / "claas.db"
+    shutil.copy(LEGACY, path)
+    with sqlite3.connect(path) as raw:  # as claas 0.1 before memory existed
+        raw.execute("DROP TABLE memory")
+        raw.execute("PRAGMA user_version=1")
+    with Store(path) as store:
+        assert store.get_adapter("alice/assistant").current_version == 2
+        assert store.count_memory("alice/assistant") == 0
+        assert "memory" in store.tables()
+
+
+def test_two_processes_migrating_one_new_postgres_at_once_both_succeed(
+    postgres: PostgresCluster,
+) -> None:
+    """Replicas start together: the migration's advisory lock lets one create the schema and
+    the other find it done."""
+    url = postgres.database()
+    errors: list[BaseException] = []
+
+    def open_store() -> None:
+        try:
+            Store(url).close()
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=open_store) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    with Store(url) as store:
+        assert "feedback" in store.tables()

@@ -632,9 +632,11 @@ def dashboard_router(runtime: Runtime) -> APIRouter:
         start = offset if offset is not None else ((page or 1) - 1) * limit
         if note is None:
             store = runtime.store
-            requests = store.feedback_page(viewer.owner, lora_id, limit=limit, offset=start)
-            total = store.count_feedback(viewer.owner, lora_id)
-            pending = store.count_feedback(viewer.owner, lora_id, PENDING)
+            requests = store.list_feedback(
+                owner=viewer.owner, lora_id=lora_id, limit=limit, offset=start
+            )
+            total = store.count_feedback(owner=viewer.owner, lora_id=lora_id)
+            pending = store.count_feedback(owner=viewer.owner, lora_id=lora_id, statuses=PENDING)
         else:
             requests, total, pending = [], 0, 0
         return pages.render(

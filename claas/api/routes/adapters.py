@@ -50,7 +50,7 @@ async def create_adapter(body: AdapterCreate, runtime: RuntimeDep, caller: Calle
 
 
 @router.get("/adapters", responses=error_responses(401, 422))
-async def list_adapters(
+def list_adapters(
     runtime: RuntimeDep, caller: Caller, prefix: str = Query("", max_length=200)
 ) -> AdapterList:
     if caller.owner is not None and not prefix.startswith(f"{caller.owner}/"):
@@ -61,7 +61,7 @@ async def list_adapters(
 
 
 @router.get("/adapters/{owner}/{name}", responses=_ADAPTER_RESPONSES)
-async def get_adapter(
+def get_adapter(
     owner: OwnerPart, name: NamePart, runtime: RuntimeDep, caller: Caller
 ) -> AdapterView:
     lora_id = _lora(owner, name)
@@ -72,7 +72,7 @@ async def get_adapter(
 @router.post(
     "/adapters/{owner}/{name}/rollback", responses=error_responses(400, 401, 403, 404, 413, 422)
 )
-async def rollback(
+def rollback(
     owner: OwnerPart, name: NamePart, body: RollbackBody, runtime: RuntimeDep, caller: Caller
 ) -> AdapterView:
     lora_id = _lora(owner, name)
@@ -121,7 +121,7 @@ async def export(
 
 
 @router.get("/adapters/{owner}/{name}/memory", responses=_ADAPTER_RESPONSES)
-async def memory(
+def memory(
     owner: OwnerPart,
     name: NamePart,
     runtime: RuntimeDep,
@@ -145,7 +145,7 @@ async def memory(
 
 
 @router.delete("/adapters/{owner}/{name}/memory", responses=_ADAPTER_RESPONSES)
-async def forget_all(
+def forget_all(
     owner: OwnerPart, name: NamePart, runtime: RuntimeDep, caller: Caller
 ) -> MemoryForgotten:
     """Forget everything the adapter remembers; what it learned stays in its weights (roll
@@ -157,7 +157,7 @@ async def forget_all(
 
 
 @router.delete("/adapters/{owner}/{name}/memory/{memory_id}", responses=_ADAPTER_RESPONSES)
-async def forget(
+def forget(
     owner: OwnerPart,
     name: NamePart,
     runtime: RuntimeDep,

@@ -7,6 +7,8 @@ shape (`requests`, not `items`) is CLaaS's feedback call, answered by `claas_com
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Query, Response
 
 from claas.api.deps import Caller, RuntimeDep
@@ -63,13 +65,13 @@ async def submit_feedback(
     try:
         done = await runtime.queue.wait(request.id, timeout)
     except TimeoutError:
-        return FeedbackView.of(runtime.store.get_feedback(request.id))
+        return FeedbackView.of(await asyncio.to_thread(runtime.store.get_feedback, request.id))
     response.status_code = 200
     return FeedbackView.of(done)
 
 
 @router.get("/feedback/{feedback_id}", responses=error_responses(401, 404, 422))
-async def feedback_status(feedback_id: str, runtime: RuntimeDep, caller: Caller) -> FeedbackView:
+def feedback_status(feedback_id: str, runtime: RuntimeDep, caller: Caller) -> FeedbackView:
     request = runtime.store.get_feedback(feedback_id)
     if not caller.sees(request.lora_id):
         raise feedback_missing(feedback_id)  # exactly as if it did not exist
@@ -77,7 +79,7 @@ async def feedback_status(feedback_id: str, runtime: RuntimeDep, caller: Caller)
 
 
 @router.get("/feedback", responses=error_responses(401, 403, 404, 422))
-async def feedback_log(
+def feedback_log(
     runtime: RuntimeDep,
     caller: Caller,
     lora_id: str = Query(..., max_length=200, json_schema_extra={"pattern": LORA_ID_PATTERN}),
@@ -86,7 +88,7 @@ async def feedback_log(
 ) -> FeedbackLog:
     caller.check(lora_id)
     runtime.store.get_adapter(lora_id)
-    requests = runtime.store.list_feedback(lora_id, limit=limit, offset=offset)
+    requests = runtime.store.list_feedback(lora_id=lora_id, limit=limit, offset=offset)
     return FeedbackLog(
         lora_id=lora_id, data=[FeedbackView.of(r) for r in requests], limit=limit, offset=offset
     )

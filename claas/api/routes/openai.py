@@ -98,7 +98,7 @@ async def model(model_id: str, runtime: RuntimeDep, caller: Caller) -> ModelCard
     """One model this key may chat with: the base model, or one of the owner's adapters."""
     if model_id == runtime.base_model:
         return _base_card(runtime)
-    target = _target(runtime, caller, model_id)
+    target = await _target(runtime, caller, model_id)
     if target.lora_id is None or "@" in model_id:
         raise AdapterNotFound(f"model {model_id!r} does not exist; GET /v1/models lists them")
     adapter = runtime.store.get_adapter(target.lora_id)
@@ -129,7 +129,7 @@ async def chat_completions(
         )
     if body.top_logprobs and not body.logprobs:
         raise InvalidRequest("top_logprobs needs logprobs: true", param="top_logprobs")
-    target = _target(runtime, caller, body.model)
+    target = await _target(runtime, caller, body.model)
     messages = [m.as_template_message() for m in body.messages]
     prompt = await tokenizing.chat(messages)
     params = _sampling_params(runtime, body, len(prompt))
@@ -170,7 +170,7 @@ async def completions(
     tokenizing: TokenizingDep,
     caller: Caller,
 ) -> TextCompletion | StreamingResponse:
-    target = _target(runtime, caller, body.model)
+    target = await _target(runtime, caller, body.model)
     prompt = await tokenizing.text(body.prompt)
     messages = [{"role": "user", "content": body.prompt}]
     params = _sampling_params(runtime, body, len(prompt), default=COMPLETION_MAX_TOKENS)
@@ -218,7 +218,7 @@ async def completions(
 async def score(
     body: ScoreRequest, runtime: RuntimeDep, tokenizing: TokenizingDep, caller: Caller
 ) -> ScoreResponse:
-    target = _target(runtime, caller, body.model)
+    target = await _target(runtime, caller, body.model)
     messages = [m.as_template_message() for m in body.messages]
     prompt = await tokenizing.chat(messages)
     tokens = await tokenizing.text(body.completion)
@@ -274,14 +274,14 @@ def _sampling_params(
     )
 
 
-def _target(runtime: Runtime, caller: Principal, model: str) -> ModelTarget:
+async def _target(runtime: Runtime, caller: Principal, model: str) -> ModelTarget:
     """Resolve `model` for this caller: another owner's name is refused before any lookup, and
     the names listed in a 404 are only the caller's own."""
     lora_id = model.partition("@")[0]
     with contextlib.suppress(InvalidRequest):  # not owner/name: resolve() explains
         caller.check(validate_lora_id(lora_id))
     try:
-        return runtime.chat.resolve(model, owner=caller.owner)
+        return await asyncio.to_thread(runtime.chat.resolve, model, owner=caller.owner)
     except ClaasError as error:
         error.param = error.param or "model"
         raise

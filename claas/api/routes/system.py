@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 from fastapi import APIRouter, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -18,7 +20,7 @@ router = APIRouter()
     },
 )
 async def health(request: Request, response: Response, runtime: RuntimeDep) -> Health:
-    database_ok = runtime.store.ping()
+    database_ok = await asyncio.to_thread(runtime.store.ping)
     model_loaded = runtime.tokenizer is not None
     ready = bool(request.app.state.ready)
     inference = await runtime.inference.health() if runtime.inference is not None else None
@@ -32,7 +34,7 @@ async def health(request: Request, response: Response, runtime: RuntimeDep) -> H
         model_loaded=model_loaded,
         ready=ready,
         database_ok=database_ok,
-        queue_depth=runtime.queue.depth() if database_ok else None,
+        queue_depth=await asyncio.to_thread(runtime.queue.depth) if database_ok else None,
         inference=inference,
     )
 

@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -195,14 +196,20 @@ def delete_checkpoint_dir(directory: Path) -> None:
             break
 
 
-def sweep_unreferenced(root: Path, referenced: set[str]) -> list[Path]:
+def sweep_unreferenced(
+    root: Path, referenced: set[str], older_than: float | None = None
+) -> list[Path]:
     """Remove what a crash leaves under `root`: staging dirs, and checkpoints no version uses.
 
     A SIGKILL between writing a version's checkpoints and committing the version leaves whole
     checkpoint dirs that nothing points at, and one during a write leaves a `.name-*` staging
-    dir. Call this at start-up, before anything writes, with every path the store references.
+    dir. With `older_than` None, call this at start-up, before anything writes, with every path
+    the store references. Where other processes write to `root` too (workers sharing it), pass
+    `older_than` seconds: only what was last modified longer ago than that goes, so a version
+    another worker is writing or about to register is left alone.
     """
     removed: list[Path] = []
+    cutoff = None if older_than is None else time.time() - older_than
     if not root.is_dir():
         return removed
     for run in sorted(p for p in root.iterdir() if p.is_dir()):
@@ -213,9 +220,19 @@ def sweep_unreferenced(root: Path, referenced: set[str]) -> list[Path]:
             for entry in sorted(kind_dir.iterdir()):
                 path = str(CheckpointPath(run.name, kind, entry.name))
                 if entry.name.startswith(".") or path not in referenced:
+                    if cutoff is not None and _modified(entry) > cutoff:
+                        continue
                     shutil.rmtree(entry, ignore_errors=True)
                     removed.append(entry)
         for directory in (run / "weights", run / "sampler_weights", run):
             with contextlib.suppress(OSError):  # not empty, or not there
                 directory.rmdir()
     return removed
+
+
+def _modified(entry: Path) -> float:
+    """The newest modification time in `entry` (a staging dir is written file by file)."""
+    try:
+        return max((p.stat().st_mtime for p in entry.rglob("*")), default=entry.stat().st_mtime)
+    except OSError:  # removed meanwhile
+        return time.time()
