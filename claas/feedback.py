@@ -279,9 +279,7 @@ class FeedbackQueue:
                 "finish (GET /v1/feedback/{id}) and retry",
                 headers={"Retry-After": "30"},
             )
-        samples = await asyncio.to_thread(
-            lambda: [self._sample(resolved.lora_id, item) for item in resolved.items]
-        )
+        samples = await asyncio.to_thread(self._samples_of, resolved.lora_id, resolved.items)
         await self.engine.check(samples, resolved.training)
         request = await asyncio.to_thread(
             self.store.enqueue_feedback,
@@ -346,6 +344,8 @@ class FeedbackQueue:
                 asyncio.create_task(self._work()),
                 asyncio.create_task(self._heartbeat()),
             ]
+            if self.housekeeping is not None:
+                self._tasks.append(asyncio.create_task(self._housekeep()))
         if self.purge_interval is not None:
             self._tasks.append(asyncio.create_task(self._purge_every(self.purge_interval)))
         self._wake.set()
@@ -433,10 +433,8 @@ class FeedbackQueue:
     async def _heartbeat(self) -> None:
         """Every third of the lease: extend this worker's claims, give back the claims of
         workers whose lease ended, and do the housekeeping (sweep what dead workers left)."""
-        beats = 0
         while True:
             await asyncio.sleep(self.lease_seconds / 3)
-            beats += 1
             try:
                 ids = [i for claimed in list(self._claimed.values()) for i in claimed]
                 if ids:
@@ -459,12 +457,20 @@ class FeedbackQueue:
                         extra={"requeued": requeued},
                     )
                     self._wake.set()
-                if self.housekeeping is not None and beats % 6 == 0:
-                    await asyncio.to_thread(self.housekeeping)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 logger.exception("the worker's heartbeat failed; it retries on the next beat")
+
+    async def _housekeep(self) -> None:
+        """Every two lease periods, in a thread: e.g. sweep what dead workers left."""
+        assert self.housekeeping is not None
+        while True:
+            await asyncio.sleep(2 * self.lease_seconds)
+            try:
+                await asyncio.to_thread(self.housekeeping)
+            except Exception:
+                logger.exception("housekeeping failed; it runs again later")
 
     async def _train(self, batch: list[FeedbackRequest]) -> None:
         """Train one batch. A request that cannot be trained fails alone, before the step.
@@ -476,11 +482,16 @@ class FeedbackQueue:
         ready: list[tuple[FeedbackRequest, list[FeedbackSample]]] = []
         for request in batch:
             try:
-                samples = [self._sample(request.lora_id, item) for item in request.items]
+                samples = await asyncio.to_thread(self._samples, request)
                 await self.engine.check(samples, config)
+            except DatabaseUnavailable as error:  # not the request's fault: the lease ends
+                self._log_finished([request], "interrupted", error=str(error))
+                return
             except ClaasError as error:
                 message = f"{type(error).__name__}: {error}"
-                marked = self._mark(self.store.mark_failed, [request.id], message)
+                marked = await self._mark(
+                    self.store.mark_failed, [request.id], message, worker=self.worker
+                )
                 self._log_finished([request], "failed" if marked else "deleted", error=message)
                 await self.notify()  # its waiters learn now, not after the batch's step
                 continue
@@ -492,20 +503,11 @@ class FeedbackQueue:
         requests = [request for request, _ in ready]
         self._claimed[batch[0].id] = ids  # the failed ones need no lease any more
         for follower, _ in ready[1:]:
-            self._mark(self.store.mark_coalesced, follower.id, head.id)
+            await self._mark(self.store.mark_coalesced, follower.id, head.id)
         started = time.perf_counter()
         try:
             samples = [sample for _, request_samples in ready for sample in request_samples]
             replay = await asyncio.to_thread(self._replay, head, samples, config)
-            version, trained = await train_and_register(
-                self.engine,
-                self.store,
-                samples,
-                config,
-                feedback_id=head.id,
-                replay=replay,
-                worker=self.worker,
-            )
             learned = (
                 [
                     MemoryItem(
@@ -520,20 +522,35 @@ class FeedbackQueue:
                 if self.memory_items
                 else []
             )
-            metrics = {
-                **trained.metrics,
-                "timings": trained.timings,
-                "steps": [s.model_dump() for s in trained.steps],
-                "teacher_texts": trained.teacher_texts,
-                "coalesced": len(ready),
-                "coalesced_ids": ids,
-            }
-            marked = self._mark(
-                self.store.mark_done, ids, version.version, metrics, learned, self.memory_items
+
+            def describe(trained: TrainedCheckpoint) -> dict[str, Any]:
+                return {
+                    **trained.metrics,
+                    "timings": trained.timings,
+                    "steps": [s.model_dump() for s in trained.steps],
+                    "teacher_texts": trained.teacher_texts,
+                    "coalesced": len(ready),
+                    "coalesced_ids": ids,
+                }
+
+            # Registering the version finishes the requests in the same transaction: done,
+            # with their metrics and what they taught.
+            version, trained = await train_and_register(
+                self.engine,
+                self.store,
+                samples,
+                config,
+                feedback_id=head.id,
+                replay=replay,
+                worker=self.worker,
+                claimed=ids,
+                describe=describe,
+                learned=learned,
+                memory_limit=self.memory_items,
             )
             self._log_finished(
                 requests,
-                "done" if marked else "deleted",
+                "done",
                 version=version,
                 trained=trained,
                 seconds=time.perf_counter() - started,
@@ -554,7 +571,7 @@ class FeedbackQueue:
             message = f"{type(error).__name__}: {error}"
             if unexpected:
                 message = f"training failed ({message}); the adapter stays on its last good version"
-            marked = self._mark(self.store.mark_failed, ids, message)
+            marked = await self._mark(self.store.mark_failed, ids, message, worker=self.worker)
             self._log_finished(
                 requests,
                 "failed" if marked else "deleted",
@@ -640,11 +657,16 @@ class FeedbackQueue:
             logger.exception("after training %s v%d", version.lora_id, version.version)
 
     @staticmethod
-    def _mark(update: Callable[..., None], *args: Any) -> bool:
-        """Record a status change; False if the requests were deleted with their adapter."""
+    async def _mark(update: Callable[..., None], *args: Any, **kwargs: Any) -> bool:
+        """Record a status change (in a thread); False if the requests were deleted with their
+        adapter, claimed by another worker meanwhile, or the database did not answer (then the
+        lease ends and the batch is trained again, or found done)."""
         try:
-            update(*args)
-        except FeedbackNotFound:
+            await asyncio.to_thread(update, *args, **kwargs)
+        except (FeedbackNotFound, ClaimLost):
+            return False
+        except DatabaseUnavailable as error:
+            logger.warning("could not record a feedback status: %s", error)
             return False
         return True
 
@@ -652,6 +674,12 @@ class FeedbackQueue:
         """Wake `wait`ers: a request finished, failed, or was deleted with its adapter."""
         async with self._changed:
             self._changed.notify_all()
+
+    def _samples(self, request: FeedbackRequest) -> list[FeedbackSample]:
+        return self._samples_of(request.lora_id, request.items)
+
+    def _samples_of(self, lora_id: str, items: Sequence[dict[str, Any]]) -> list[FeedbackSample]:
+        return [self._sample(lora_id, item) for item in items]
 
     def _sample(self, lora_id: str, item: dict[str, Any]) -> FeedbackSample:
         try:
@@ -723,19 +751,25 @@ async def train_and_register(
     feedback_id: str | None = None,
     replay: Sequence[Lesson] = (),
     worker: str | None = None,
+    claimed: Sequence[str] = (),
+    describe: Callable[[TrainedCheckpoint], dict[str, Any]] | None = None,
+    learned: Sequence[MemoryItem] = (),
+    memory_limit: int | None = None,
 ) -> tuple[AdapterVersion, TrainedCheckpoint]:
     """Train the adapter's current version on `samples` and register the result as the next.
 
     The adapter as it was when training started goes with the registration: if it was rolled
     back, or deleted and re-created, meanwhile, the store refuses the result (`Conflict`) and
     the checkpoints just written are removed, so nothing half-registered remains. With
-    `worker`, the request must still be that worker's claim (`ClaimLost` otherwise).
+    `worker`, the requests `claimed` must still be that worker's claim (`ClaimLost` otherwise),
+    and they finish in the registering transaction, with `describe(trained)` as their metrics
+    and `learned` kept in memory.
     """
     if not samples:
         raise InvalidFeedback("no samples given; send at least one feedback item")
     lora_id = validate_lora_id(samples[0].lora_id)
-    adapter = store.get_adapter(lora_id)
-    current = store.latest_version(lora_id)
+    adapter = await asyncio.to_thread(store.get_adapter, lora_id)
+    current = await asyncio.to_thread(store.latest_version, lora_id)
     if current is None:
         raise InvalidFeedback(f"adapter {lora_id} has no version to train from; re-create it")
     start = TrainFrom(
@@ -743,15 +777,26 @@ async def train_and_register(
     )
     trained = await engine.distill(samples, config, start, replay)
     try:
-        version = store.add_version(
-            lora_id,
-            trained.state_path,
-            trained.sampler_path,
-            feedback_id,
-            {**trained.metrics, "timings": trained.timings},
-            trained_from=adapter,
-            worker=worker,
+        version = await asyncio.to_thread(
+            functools.partial(
+                store.add_version,
+                lora_id,
+                trained.state_path,
+                trained.sampler_path,
+                feedback_id,
+                {**trained.metrics, "timings": trained.timings},
+                trained_from=adapter,
+                worker=worker,
+                claimed=claimed,
+                request_metrics=describe(trained) if describe is not None else None,
+                learned=learned,
+                memory_limit=memory_limit,
+            )
         )
+    except DatabaseUnavailable:
+        # The commit may have gone through before the connection was lost: keep the files
+        # (the sweep removes them later if no version references them).
+        raise
     except BaseException:
         await delete_checkpoints(engine.service, [trained.state_path, trained.sampler_path])
         raise

@@ -62,11 +62,10 @@ class Runtime:
             if loaded is None:
                 loaded = shared_model(settings.model, settings.model_cache_dir, settings.device)
             checkpoints = settings.checkpoints
-            # Alone on its data dir, a process sweeps every leftover at start-up; where other
-            # processes share the database or checkpoint root, only what is old enough that
-            # no live worker can still be writing or registering it (then now and then).
-            shared = settings.database_url is not None or settings.checkpoint_dir is not None
-            grace = 2 * settings.lease_seconds if shared else None
+            # Other processes (workers, a serve) may share the checkpoint root, even on one
+            # SQLite file: only what is old enough that no live worker can still be writing or
+            # registering it is swept, at start-up and then now and then.
+            grace = 2 * settings.lease_seconds
             swept = sweep_unreferenced(checkpoints, store.checkpoint_paths(), grace)
             if swept:
                 logger.warning(
@@ -75,10 +74,9 @@ class Runtime:
                     len(swept),
                     ", ".join(str(p.relative_to(checkpoints)) for p in swept),
                 )
-            if shared:
 
-                def housekeeping() -> None:
-                    sweep_unreferenced(checkpoints, store.checkpoint_paths(), grace)
+            def housekeeping() -> None:
+                sweep_unreferenced(checkpoints, store.checkpoint_paths(), grace)
 
             host = AdapterHost(loaded, packed_weights=settings.packed_weights)
             service = LocalServiceClient(host, checkpoints)

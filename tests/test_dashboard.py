@@ -481,10 +481,12 @@ def test_no_keys_shows_everything_and_refreshes_while_pending(server: LiveServer
     assert '<meta http-equiv="refresh"' not in page.text
     assert client.get("/dashboard/evals").status_code == 200  # no evals dir at all
 
-    # Written to the store directly (the worker is not woken), so it stays running.
+    # Written to the store directly, and claimed for an hour by a worker that is not there, so
+    # it stays running.
     store = server.runtime.store
+    store.create_adapter("dev/ghost", "tiny-llama", 4, 4.0, ["q_proj"])
     request = store.enqueue_feedback("dev/ghost", [{"rollout_id": "gone", "feedback": "hi"}], {})
-    store.mark_running(request.id)
+    store.mark_running(request.id, worker="absent", lease_seconds=3600)
     page = client.get("/dashboard")
     assert '<meta http-equiv="refresh"' in page.text and "running" in page.text
     assert "the rollout has expired" in page.text

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -244,10 +245,21 @@ def test_start_up_sweeps_checkpoints_no_version_references(
     orphan_run = root / "run-0123456789abcdef" / "sampler_weights" / "v1"
     orphan_run.mkdir(parents=True)
 
-    runtime = Runtime.build(Settings(data_dir=tmp_path / "data"), tiny_llama(model_cache, seed=0))
+    settings = Settings(data_dir=tmp_path / "data")
+    # Left long enough ago that no live worker can still be writing them (twice the lease) ...
+    old = time.time() - 2 * settings.lease_seconds - 5
+    for entry in (staging, orphan_state, orphan_run):
+        for path in [entry, *entry.rglob("*")]:
+            os.utime(path, (old, old))
+    # ... unlike a checkpoint some other process sharing the root is writing right now.
+    fresh = root / run_id / "weights" / ".v3-5678-live"
+    shutil.copytree(root / state, fresh)
+
+    runtime = Runtime.build(settings, tiny_llama(model_cache, seed=0))
     try:
         assert not staging.exists() and not orphan_state.exists()
         assert not (root / "run-0123456789abcdef").exists()
+        assert (fresh / "adapter_model.safetensors").is_file()
         for version in versions:  # what versions reference is untouched
             for key in ("state_path", "sampler_path"):
                 path = root / version[key].removeprefix("local://")

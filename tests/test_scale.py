@@ -169,6 +169,15 @@ def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgr
         assert answer.status_code == 202, answer.text
         return str(answer.json()["feedback_id"])
 
+    # `?wait=true` on a replica that trains nothing returns once a worker has trained it
+    # (woken by PostgreSQL's notice).
+    waited = httpx.post(
+        f"{a}/v1/feedback?wait=true",
+        json={"items": [{"completion_id": completion[(lora_ids[0], b)], "feedback": "hi"}]},
+        timeout=300,
+    )
+    assert waited.status_code == 200 and waited.json()["status"] == "done", waited.text
+    assert waited.json()["version"] == 2
     with ThreadPoolExecutor(16) as pool:
         sent = list(pool.map(send, range(40)))
     store = Store(cluster.env["CLAAS_DATABASE_URL"])
@@ -208,23 +217,25 @@ def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgr
     finally:
         store.close()
 
-    by_id = {r.id: r for r in final}
+    by_id = {r.id: r for r in final if r.id != waited.json()["feedback_id"]}
     assert sorted(by_id) == sorted(sent)  # nothing lost, nothing invented
     assert [r.id for r in final if r.status != "done"] == []
     # The killed worker's batch was trained exactly once, by the other worker.
     assert all(by_id[i].worker == survivor and by_id[i].version for i in killed)
     for lora_id in lora_ids:
-        mine = [r for r in final if r.lora_id == lora_id]  # in arrival order
+        mine = [r for r in final if r.lora_id == lora_id and r.id in by_id]  # arrival order
         versions = [r.version for r in mine]
         assert versions == sorted(versions), versions  # trained in arrival order
         made = sorted(set(versions))
-        assert made == list(range(2, 2 + len(made)))  # contiguous: none trained twice
+        start = 3 if lora_id == lora_ids[0] else 2
+        assert made == list(range(start, start + len(made)))  # contiguous: none trained twice
         listed = httpx.get(f"{a}/v1/adapters/{lora_id}").json()["versions"]
-        assert [v["version"] for v in listed] == [1, *made]
+        first = [2] if lora_id == lora_ids[0] else []  # the request that was waited for
+        assert [v["version"] for v in listed] == [1, *first, *made]
         heads = defaultdict(list)
         for r in mine:
             heads[r.version].append(r.coalesced_into or r.id)
-        for version in listed[1:]:  # each version is one batch, named by its head request
+        for version in listed[len(first) + 1 :]:  # each version is one batch, named by its head
             assert set(heads[version["version"]]) == {version["feedback_id"]}
 
     # What the killed worker left in the shared checkpoint root is swept by the live one.
@@ -237,3 +248,36 @@ def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgr
     ) != referenced:
         assert time.monotonic() < deadline, sorted(on_disk - referenced)
         time.sleep(0.5)
+
+
+def test_a_replica_and_a_worker_on_one_sqlite_file(tmp_path: Path, tiny_dir: Path) -> None:
+    """One machine, two processes, the default SQLite database in a shared data dir: the
+    replica queues, the worker trains, and `?wait=true` on the replica returns by polling."""
+    deployment = Cluster(tmp_path, tiny_dir, f"sqlite:///{tmp_path / 'shared.db'}")
+    try:
+        url = deployment.api("api")
+        deployment.worker("worker")
+        assert httpx.post(f"{url}/v1/adapters", json={"lora_id": "solo/a", "rank": 4}).is_success
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "solo/a", "messages": HELLO, "max_tokens": 8},
+            timeout=120,
+        ).json()["id"]
+        for version in (2, 3):
+            waited = httpx.post(
+                f"{url}/v1/feedback?wait=true",
+                json={"items": [{"completion_id": answer, "feedback": f"shorter {version}"}]},
+                timeout=300,
+            )
+            assert waited.status_code == 200, waited.text
+            assert (waited.json()["status"], waited.json()["version"]) == ("done", version)
+        # The replica serves the worker's newest version on its next chat.
+        again = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "solo/a", "messages": HELLO, "max_tokens": 4},
+            timeout=120,
+        ).json()["id"]
+        with Store(deployment.env["CLAAS_DATABASE_URL"]) as store:
+            assert store.get_rollout(again).adapter_version == 3
+    finally:
+        deployment.close()

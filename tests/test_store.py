@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -502,6 +504,8 @@ def test_a_restarted_worker_takes_back_its_own_claims_at_once(store: Store) -> N
 
 
 def test_list_feedback_is_newest_first_and_pages(store: Store) -> None:
+    make_adapter(store)
+    make_adapter(store, OTHER)
     ids = [store.enqueue_feedback(LORA, [{"n": i}], {}).id for i in range(5)]
     store.enqueue_feedback(OTHER, [], {})
     assert [r.id for r in store.list_feedback(lora_id=LORA)] == ids[::-1]
@@ -517,6 +521,8 @@ def test_list_feedback_is_newest_first_and_pages(store: Store) -> None:
 
 
 def test_coalesced_requests_finish_with_their_leader(store: Store) -> None:
+    make_adapter(store)
+    make_adapter(store, OTHER)
     leader = store.enqueue_feedback(LORA, [{"n": 1}], {"lr": 1e-4})
     follower = store.enqueue_feedback(LORA, [{"n": 2}], {"lr": 1e-4})
     store.mark_running([leader.id, follower.id])
@@ -545,6 +551,7 @@ def test_coalesced_requests_finish_with_their_leader(store: Store) -> None:
 
 
 def test_marking_an_unknown_id_marks_nothing(store: Store) -> None:
+    make_adapter(store)
     real = store.enqueue_feedback(LORA, [], {})
     with pytest.raises(FeedbackNotFound, match="fb-missing"):
         store.mark_done([real.id, "fb-missing"], 1, {})
@@ -724,3 +731,64 @@ def test_two_processes_migrating_one_new_postgres_at_once_both_succeed(
     assert errors == []
     with Store(url) as store:
         assert "feedback" in store.tables()
+
+
+def test_nothing_is_queued_for_an_adapter_that_does_not_exist(store: Store) -> None:
+    """An adapter deleted between validation and queueing: the request is refused, not left
+    queued where no claim would ever take it."""
+    with pytest.raises(AdapterNotFound, match="nothing was queued"):
+        store.enqueue_feedback(LORA, [{"n": 1}], {})
+    assert store.count_feedback() == 0
+
+
+def test_registration_finishes_the_claimed_batch_in_the_same_transaction(store: Store) -> None:
+    make_adapter(store)
+    add_versions(store, LORA, 1)
+    head = store.enqueue_feedback(LORA, [{"n": 1}], {})
+    follower = store.enqueue_feedback(LORA, [{"n": 2}], {})
+    ids = [r.id for r in store.claim("w", 30, max_batch=8)]
+    store.mark_coalesced(follower.id, head.id)
+    made = store.add_version(LORA, "s", "w", head.id, {}, worker="w", claimed=ids)
+    for request in (store.get_feedback(head.id), store.get_feedback(follower.id)):
+        assert (request.status, request.version) == ("done", made.version)
+    assert store.reclaim(now=time.time() + 60) == 0  # nothing left to give back
+
+
+def test_a_stale_worker_can_neither_register_nor_fail_what_another_worker_took(
+    store: Store,
+) -> None:
+    """Worker A's lease ends mid-step; B takes the request and registers it. A, waking up,
+    can neither register a second version nor mark B's request failed."""
+    make_adapter(store)
+    add_versions(store, LORA, 1)
+    request = store.enqueue_feedback(LORA, [{"n": 1}], {})
+    store.claim("a", 30, max_batch=8)
+    store.reclaim(now=time.time() + 31)
+    store.claim("b", 30, max_batch=8)
+    with pytest.raises(ClaimLost):
+        store.add_version(LORA, "sa", "wa", request.id, {}, worker="a", claimed=[request.id])
+    made = store.add_version(LORA, "sb", "wb", request.id, {}, worker="b", claimed=[request.id])
+    with pytest.raises(ClaimLost):
+        store.mark_failed(request.id, "A's step broke", worker="a")
+    done = store.get_feedback(request.id)
+    assert (done.status, done.version, done.error) == ("done", made.version, None)
+    assert [v.version for v in store.list_versions(LORA)] == [1, 2]
+
+
+def test_two_processes_creating_one_new_sqlite_file_at_once_both_succeed(tmp_path: Path) -> None:
+    """`claas serve` and `claas worker` started together on a fresh data dir: the migration
+    takes SQLite's write lock, so one creates the schema and the other finds it done."""
+    path = tmp_path / "fresh.db"
+    script = "import sys; from claas.store import Store; Store(sys.argv[1]).close(); print('ok')"
+    for _ in range(3):
+        path.unlink(missing_ok=True)
+        processes = [
+            subprocess.Popen(
+                [sys.executable, "-c", script, str(path)],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+            for _ in range(4)
+        ]
+        outcomes = [process.communicate(timeout=120) for process in processes]
+        assert all(out.strip() == b"ok" for out, _ in outcomes), [e[-300:] for _, e in outcomes]

@@ -151,11 +151,10 @@ def _migrate(engine: Engine, where: str) -> None:
     """
     config = _alembic_config()
     scripts = ScriptDirectory.from_config(config)
-    with engine.begin() as connection:
+    with _writing(engine), engine.begin() as connection:
         if connection.dialect.name == "postgresql":
             connection.execute(text("SELECT pg_advisory_xact_lock(7426353)"))  # 'claas'
         else:
-            connection.execute(text("SELECT 1 FROM sqlite_master LIMIT 0"))  # take the lock
             (legacy,) = connection.execute(text("PRAGMA user_version")).one()
             if legacy > LEGACY_SQLITE_VERSION:
                 raise IncompatibleDatabase(
@@ -204,6 +203,21 @@ def _sqlite_engine(url: str) -> Engine:
 
     engine.info_state = state  # type: ignore[attr-defined]
     return engine
+
+
+@contextmanager
+def _writing(engine: Engine) -> Iterator[None]:
+    """The next transaction this thread begins on `engine` is a write: on SQLite it begins
+    IMMEDIATE (the write lock up front); elsewhere nothing changes."""
+    state = getattr(engine, "info_state", None)
+    if state is None:
+        yield
+        return
+    state.write = True
+    try:
+        yield
+    finally:
+        state.write = False
 
 
 def _as_ids(ids: str | Sequence[str]) -> list[str]:
@@ -266,21 +280,12 @@ class Store:
             yield joined
             return
         self._open()
-        state = getattr(self._engine, "info_state", None)
-        if state is not None:
-            state.write = True
-        try:
-            with self._unavailable(), self._engine.begin() as connection:
-                if state is not None:
-                    state.write = False
-                self._local.connection = connection
-                try:
-                    yield connection
-                finally:
-                    self._local.connection = None
-        finally:
-            if state is not None:
-                state.write = False
+        with self._unavailable(), _writing(self._engine), self._engine.begin() as connection:
+            self._local.connection = connection
+            try:
+                yield connection
+            finally:
+                self._local.connection = None
 
     @contextmanager
     def _reading(self) -> Iterator[Connection]:
@@ -458,15 +463,23 @@ class Store:
         metrics: dict[str, Any],
         trained_from: Adapter | None = None,
         worker: str | None = None,
+        claimed: Sequence[str] = (),
+        request_metrics: dict[str, Any] | None = None,
+        learned: Sequence[MemoryItem] = (),
+        memory_limit: int | None = None,
     ) -> AdapterVersion:
         """Register a version whose files are already in place, and make it current.
 
         The number is max(existing) + 1, so numbers are never reused, even after a rollback.
         `trained_from` is the adapter as it was when training started: if it was rolled back,
         or deleted and re-created, meanwhile, the result is refused (`Conflict`) rather than
-        silently undoing that change. With `worker`, the request `feedback_id` must still be
-        claimed by it: a worker whose lease ran out (another one trains the request now) is
-        refused, so a request is trained into exactly one version.
+        silently undoing that change. With `worker`, the requests `claimed` (the batch: its
+        head `feedback_id` and the requests coalesced with it) must all still be claimed by it,
+        and they are marked `done` with the new version, their `request_metrics`, and what they
+        taught (`learned`, kept as in `remember`) in the same transaction: a worker whose lease
+        ran out (another one trains the requests now) is refused (`ClaimLost`), so a request is
+        trained into exactly one version, and a request is never seen done without its
+        metrics.
         """
         with self._transaction() as db:
             adapter = self.get_adapter(lora_id, lock=True)
@@ -478,19 +491,6 @@ class Store:
                     f"adapter {lora_id} changed while this request trained (rolled back, or "
                     "deleted and re-created); its result was discarded. Send the feedback again"
                 )
-            if worker is not None and feedback_id is not None:
-                held = db.execute(
-                    select(feedback.c.id).where(
-                        feedback.c.id == feedback_id,
-                        feedback.c.status == "running",
-                        feedback.c.worker == worker,
-                    )
-                ).first()
-                if held is None:
-                    raise ClaimLost(
-                        f"worker {worker} lost its claim on {feedback_id} (its lease ended, and "
-                        "the request went back to the queue); its result was discarded"
-                    )
             latest = db.execute(
                 select(func.coalesce(func.max(adapter_versions.c.version), 0)).where(
                     adapter_versions.c.lora_id == lora_id
@@ -511,6 +511,31 @@ class Store:
                 .where(adapters.c.lora_id == lora_id)
                 .values(current_version=version.version)
             )
+            if worker is not None:
+                batch = _as_ids(claimed) or _as_ids(feedback_id or [])
+                finished = db.execute(
+                    update(feedback)
+                    .where(
+                        feedback.c.id.in_(batch),
+                        feedback.c.status == "running",
+                        feedback.c.worker == worker,
+                    )
+                    .values(
+                        status="done",
+                        version=version.version,
+                        finished_at=version.created_at,
+                        metrics=request_metrics or {},
+                        error=None,
+                        lease_expires_at=None,
+                    )
+                )
+                if finished.rowcount != len(batch):  # the transaction rolls back: no version
+                    raise ClaimLost(
+                        f"worker {worker} lost its claim on {batch} (its lease ended, and the "
+                        "requests went back to the queue); its result was discarded"
+                    )
+                self.remember(learned, memory_limit)
+                self._notify(db, NOTICE_FINISHED)
         return version
 
     def list_versions(self, lora_id: str) -> list[AdapterVersion]:
@@ -664,9 +689,13 @@ class Store:
         with self._transaction() as db:
             # The adapter's row lock orders its requests: `seq` is taken and committed in
             # turn, so a claim never sees a later request before an earlier one.
-            db.execute(
+            found = db.execute(
                 select(adapters.c.lora_id).where(adapters.c.lora_id == lora_id).with_for_update()
-            )
+            ).first()
+            if found is None:
+                raise AdapterNotFound(
+                    f"adapter {lora_id} does not exist (was it just deleted?); nothing was queued"
+                )
             db.execute(insert(feedback).values(**request.model_dump()))
             self._notify(db, NOTICE_QUEUED)
         return request
@@ -745,6 +774,7 @@ class Store:
             candidates = db.execute(
                 select(feedback.c.lora_id)
                 .where(feedback.c.status == "queued", feedback.c.lora_id.not_in(busy))
+                .where(feedback.c.lora_id.in_(select(adapters.c.lora_id)))
                 .where(*([feedback.c.lora_id == lora_id] if lora_id is not None else []))
                 .group_by(feedback.c.lora_id)
                 .order_by(first)
@@ -829,7 +859,7 @@ class Store:
             ended = or_(ended, feedback.c.worker == worker)
         leader = func.coalesce(feedback.c.coalesced_into, feedback.c.id)
         registered = (
-            select(adapter_versions.c.version)
+            select(func.min(adapter_versions.c.version))
             .where(
                 adapter_versions.c.lora_id == feedback.c.lora_id,
                 adapter_versions.c.feedback_id == leader,
@@ -851,7 +881,7 @@ class Store:
             )
             cursor = db.execute(
                 update(feedback)
-                .where(feedback.c.status == "running", ended)
+                .where(feedback.c.status == "running", ended, registered.is_(None))
                 .values(
                     status="queued",
                     started_at=None,
@@ -880,9 +910,17 @@ class Store:
                 update(feedback).where(feedback.c.id == feedback_id).values(coalesced_into=into)
             )
 
-    def mark_running(self, ids: str | Sequence[str], worker: str | None = None) -> None:
-        """Mark requests running outside a claim (a caller that trains them itself)."""
-        self._set_status(ids, "running", started_at=time.time(), worker=worker)
+    def mark_running(
+        self,
+        ids: str | Sequence[str],
+        worker: str | None = None,
+        lease_seconds: float | None = None,
+    ) -> None:
+        """Mark requests running outside `claim`, by `worker` for `lease_seconds` (None: no
+        lease, so the next `reclaim` gives them back)."""
+        now = time.time()
+        lease = None if lease_seconds is None else now + lease_seconds
+        self._set_status(ids, "running", started_at=now, worker=worker, lease_expires_at=lease)
 
     def mark_done(
         self,
@@ -907,8 +945,35 @@ class Store:
             self.remember(learned, memory_limit)
 
     def mark_failed(
-        self, ids: str | Sequence[str], error: str, metrics: dict[str, Any] | None = None
+        self,
+        ids: str | Sequence[str],
+        error: str,
+        metrics: dict[str, Any] | None = None,
+        worker: str | None = None,
     ) -> None:
+        """Fail the requests. With `worker`, only those it still claims: a request whose claim
+        ended belongs to whichever worker took it next (`ClaimLost` if none is left)."""
+        wanted = _as_ids(ids)
+        if worker is not None:
+            with self._transaction() as db:
+                wanted = list(
+                    db.execute(
+                        select(feedback.c.id)
+                        .where(
+                            feedback.c.id.in_(wanted),
+                            feedback.c.status == "running",
+                            feedback.c.worker == worker,
+                        )
+                        .with_for_update()
+                    ).scalars()
+                )
+                if not wanted:
+                    raise ClaimLost(f"worker {worker} no longer claims {_as_ids(ids)}")
+                self._mark_failed(wanted, error, metrics)
+            return
+        self._mark_failed(wanted, error, metrics)
+
+    def _mark_failed(self, ids: list[str], error: str, metrics: dict[str, Any] | None) -> None:
         self._set_status(
             ids,
             "failed",
