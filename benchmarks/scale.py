@@ -227,9 +227,9 @@ def main() -> None:
     }
     rows = []
     with tempfile.TemporaryDirectory(prefix="claas-scale-") as tmp:
-        # One data dir for the model cache, so each deployment converts the model once.
-        rows.append(asyncio.run(one_box(Path(tmp) / "one-box", env, args)))
-        rows.append(asyncio.run(scaled(Path(tmp) / "scaled", env, args)))
+        # One data dir for both (the model cache is converted once); their databases differ.
+        rows.append(asyncio.run(one_box(Path(tmp), env, args)))
+        rows.append(asyncio.run(scaled(Path(tmp), env, args)))
     print(
         f"\n{args.users} users, {args.seconds:.0f} s of load, feedback after every "
         f"{args.feedback_every} chats ({TRAINING}), on {os.cpu_count()} cores\n"
