@@ -12,6 +12,7 @@ from there and gets the next free number.
 
 from __future__ import annotations
 
+import asyncio
 import io
 import zipfile
 from collections.abc import Awaitable, Sequence
@@ -87,7 +88,8 @@ class Adapters:
                 "smaller rank (CLAAS_MAX_LORA_RANK)"
             )
         limit = self.max_adapters_per_owner
-        if limit is not None and self.store.count_adapters(owner) >= limit:
+        owned = await asyncio.to_thread(self.store.count_adapters, owner)
+        if limit is not None and owned >= limit:
             raise QuotaExceeded(
                 f"{owner!r} already has {limit} adapters, the most this server allows "
                 "(CLAAS_MAX_ADAPTERS_PER_OWNER); delete one (DELETE /v1/adapters/owner/name) "
@@ -105,8 +107,13 @@ class Adapters:
                 f"target_modules must be a non-empty subset of {ALL_TARGETS}; "
                 f"unknown: {sorted(unknown)}"
             )
-        adapter = self.store.create_adapter(
-            lora_id, base_model, spec.rank, spec.lora_alpha, sorted(spec.target_modules)
+        adapter = await asyncio.to_thread(
+            self.store.create_adapter,
+            lora_id,
+            base_model,
+            spec.rank,
+            spec.lora_alpha,
+            sorted(spec.target_modules),
         )
         saved: list[str] = []
         try:
@@ -115,12 +122,14 @@ class Adapters:
             saved.append(state.path)
             sampler = await trainer.save_weights_for_sampler("init")
             saved.append(sampler.path)
-            self.store.add_version(lora_id, state.path, sampler.path, None, {"init": 1})
+            await asyncio.to_thread(
+                self.store.add_version, lora_id, state.path, sampler.path, None, {"init": 1}
+            )
         except BaseException:
-            self.store.delete_adapter(lora_id)
+            await asyncio.to_thread(self.store.delete_adapter, lora_id)
             await delete_checkpoints(self.service, saved)
             raise
-        return self.store.get_adapter(adapter.lora_id)
+        return await asyncio.to_thread(self.store.get_adapter, adapter.lora_id)
 
     def _create_training_client(
         self, base_model: str, spec: AdapterSpec
@@ -161,7 +170,7 @@ class Adapters:
         return self.store.rollback(lora_id, version)
 
     async def delete(self, lora_id: str) -> list[AdapterVersion]:
-        removed = self.store.delete_adapter(lora_id)
+        removed = await asyncio.to_thread(self.store.delete_adapter, lora_id)
         await delete_checkpoints(
             self.service, [p for v in removed for p in (v.state_path, v.sampler_path)]
         )

@@ -22,6 +22,7 @@ come from an HttpOnly, SameSite=Strict cookie set by the login form at `/dashboa
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import math
@@ -269,6 +270,17 @@ def _sample_view(
         except (ValueError, KeyError, TypeError) as error:
             note = f"the teacher prompt cannot be rendered: {error}"
     return SampleView(rollout_id, feedback, messages, rollout.response_text, teacher, note)
+
+
+def _feedback_page(
+    runtime: Runtime, owner: str | None, lora_id: str | None, limit: int, start: int
+) -> tuple[int, int, list[FeedbackRow]]:
+    """One page of the feedback log, its totals and its rows (blocking: run in a thread)."""
+    store = runtime.store
+    requests = store.list_feedback(owner=owner, lora_id=lora_id, limit=limit, offset=start)
+    total = store.count_feedback(owner=owner, lora_id=lora_id)
+    pending = store.count_feedback(owner=owner, lora_id=lora_id, statuses=PENDING)
+    return total, pending, feedback_rows(runtime, requests)
 
 
 def feedback_rows(runtime: Runtime, requests: Sequence[FeedbackRequest]) -> list[FeedbackRow]:
@@ -631,21 +643,18 @@ def dashboard_router(runtime: Runtime) -> APIRouter:
                 note = str(error)
         start = offset if offset is not None else ((page or 1) - 1) * limit
         if note is None:
-            store = runtime.store
-            requests = store.list_feedback(
-                owner=viewer.owner, lora_id=lora_id, limit=limit, offset=start
+            total, pending, rows = await asyncio.to_thread(
+                _feedback_page, runtime, viewer.owner, lora_id, limit, start
             )
-            total = store.count_feedback(owner=viewer.owner, lora_id=lora_id)
-            pending = store.count_feedback(owner=viewer.owner, lora_id=lora_id, statuses=PENDING)
         else:
-            requests, total, pending = [], 0, 0
+            total, pending, rows = 0, 0, []
         return pages.render(
             "feedback.html",
             viewer,
             refresh=pending > 0,
             section="feedback",
             title="Feedback",
-            rows=feedback_rows(runtime, requests),
+            rows=rows,
             pagination=Pagination(start, limit, total, lora_id),
             lora_id=lora_id or "",
             pending=pending,

@@ -241,7 +241,7 @@ async def init_lora(
     spec = AdapterSpec.model_validate({"rank": body.lora_r, **given})
     removed = 0
     try:
-        existing = runtime.adapters.get(lora_id)
+        existing = await asyncio.to_thread(runtime.adapters.get, lora_id)
     except AdapterNotFound:
         existing = None
     if existing is not None:
@@ -264,7 +264,7 @@ async def init_lora(
 
 
 @router.get("/lora", responses=error_responses(401, 422))
-async def list_loras(
+def list_loras(
     runtime: RuntimeDep,
     caller: Caller,
     prefix: str = Query("", max_length=200, description="Only ids that start with it."),
@@ -355,7 +355,7 @@ async def submit_feedback(
         try:
             request = await runtime.queue.wait(request.id, timeout)
         except TimeoutError:
-            request = runtime.store.get_feedback(request.id)
+            request = await asyncio.to_thread(runtime.store.get_feedback, request.id)
     if request.status == "failed":
         raise TrainingFailed(
             f"feedback request {request.id} failed: {request.error}. The adapter stays on its "

@@ -85,7 +85,7 @@ _STARTED = int(time.time())  # the base model's `created`: when this server star
 
 
 @router.get("/models", responses=error_responses(401))
-async def models(runtime: RuntimeDep, caller: Caller) -> ModelList:
+def models(runtime: RuntimeDep, caller: Caller) -> ModelList:
     prefix = f"{caller.owner}/" if caller.owner else ""
     return ModelList(
         data=[_base_card(runtime)]
@@ -101,7 +101,7 @@ async def model(model_id: str, runtime: RuntimeDep, caller: Caller) -> ModelCard
     target = await _target(runtime, caller, model_id)
     if target.lora_id is None or "@" in model_id:
         raise AdapterNotFound(f"model {model_id!r} does not exist; GET /v1/models lists them")
-    adapter = runtime.store.get_adapter(target.lora_id)
+    adapter = await asyncio.to_thread(runtime.store.get_adapter, target.lora_id)
     return _adapter_card(adapter.lora_id, adapter.created_at)
 
 
