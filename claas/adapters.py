@@ -88,8 +88,7 @@ class Adapters:
                 "smaller rank (CLAAS_MAX_LORA_RANK)"
             )
         limit = self.max_adapters_per_owner
-        owned = await asyncio.to_thread(self.store.count_adapters, owner)
-        if limit is not None and owned >= limit:
+        if limit is not None and await self._owned(owner) >= limit:
             raise QuotaExceeded(
                 f"{owner!r} already has {limit} adapters, the most this server allows "
                 "(CLAAS_MAX_ADAPTERS_PER_OWNER); delete one (DELETE /v1/adapters/owner/name) "
@@ -130,6 +129,9 @@ class Adapters:
             await delete_checkpoints(self.service, saved)
             raise
         return await asyncio.to_thread(self.store.get_adapter, adapter.lora_id)
+
+    async def _owned(self, owner: str) -> int:
+        return await asyncio.to_thread(self.store.count_adapters, owner)
 
     def _create_training_client(
         self, base_model: str, spec: AdapterSpec

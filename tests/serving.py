@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +65,26 @@ def make_server(
         Settings(data_dir=tmp_path / "data", **settings),
         loaded if loaded is not None else tiny_llama(model_cache, seed=0),
     )
+
+
+def wait_healthy(
+    url: str,
+    process: subprocess.Popen[bytes],
+    timeout: float,
+    output: Callable[[], str] = lambda: "claas serve exited",
+) -> None:
+    """Until the `claas serve` process at `url` answers /v1/health with 200; fails (with
+    `output()`) if it exits or `timeout` seconds pass first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert process.poll() is None, output()
+        assert time.monotonic() < deadline, output()
+        time.sleep(0.2)
 
 
 def save_tiny_model(model_cache: Path, directory: Path) -> Path:

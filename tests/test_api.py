@@ -40,6 +40,7 @@ from serving import (
     make_server,
     save_tiny_model,
     train_once,
+    wait_healthy,
 )
 from sqlalchemy import text
 
@@ -296,16 +297,8 @@ def _start(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2).status_code == 200:
-                return process
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None, "claas serve exited"
-        assert time.monotonic() < deadline
-        time.sleep(0.2)
+    wait_healthy(f"http://127.0.0.1:{port}", process, timeout=120)
+    return process
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from typing import Any
 import httpx
 import pytest
 from postgres import PostgresCluster, free_port
-from serving import HELLO, save_tiny_model
+from serving import HELLO, save_tiny_model, wait_healthy
 from sqlalchemy import select
 
 from claas.errors import DatabaseUnavailable
@@ -88,16 +88,8 @@ class Cluster:
         port = free_port()
         process = self._spawn(name, ["serve", "--no-train", "--port", str(port)])
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                    return url
-            except httpx.HTTPError:
-                pass
-            assert process.popen.poll() is None, process.output()
-            assert time.monotonic() < deadline, process.output()
-            time.sleep(0.2)
+        wait_healthy(url, process.popen, timeout=180, output=process.output)
+        return url
 
     def worker(self, name: str) -> tuple[Process, str]:
         """A started worker, and its name in the database (`host:pid:suffix`)."""
