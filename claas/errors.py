@@ -122,6 +122,16 @@ class DatabaseUnavailable(ClaasError):
     status_code = 503
 
 
+class ServiceClosed(ClaasError):
+    """The service is shutting down and takes no new work; nothing was queued. Retry after the
+    `Retry-After` seconds, when the server (or another replica) is back."""
+
+    status_code = 503
+
+    def __init__(self, message: str, retry_after: int = 5) -> None:
+        super().__init__(message, headers={"Retry-After": str(retry_after)})
+
+
 class IncompatibleDatabase(ClaasError):
     """A database written by a newer claas, whose schema this version does not know."""
 

@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict
 
 FeedbackStatus = Literal["queued", "running", "done", "failed"]
 PENDING: tuple[FeedbackStatus, ...] = ("queued", "running")  # not finished yet
+FINISHED: tuple[FeedbackStatus, ...] = ("done", "failed")  # will not change again
 
 
 class _Frozen(BaseModel):
