@@ -3,7 +3,7 @@
 On the embedded SmolLM2-135M-Instruct's shapes (the 7 projections of its 30 blocks), random
 rank-32 adapters in float32 on CPU, one decode step's LoRA terms (one input per row) are timed
 three ways, in one run:
-- ours: `batching._Stack.add_term`, the adapters stacked by rank and applied by a `bmm` pair
+- ours: `lora_term.RankStack.add_term`, the adapters stacked by rank and applied by a `bmm` pair
   (with the rows gathered into their slots when they are not in order);
 - the block-masked form it replaced: every adapter's A side by side, a per-row mask keeping each
   row's own block, then every B (two 2-D matmuls on MKL);
@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from claas.services.local import shared_model
-from claas.services.local.batching import _LoraPlan, _stack
+from claas.services.local.lora_term import LoraPlan, stack_by_rank
 from claas.settings import EMBEDDED_MODEL, Settings
 
 RANK = 32
@@ -65,7 +65,7 @@ def adapters(layers: dict[str, tuple[int, int]], count: int) -> Weights:
 def ours(
     layers: dict[str, tuple[int, int]], weights: Weights, rows: list[str | None]
 ) -> Callable[[], None]:
-    plan = _LoraPlan(_stack(weights), rows, set(weights))
+    plan = LoraPlan(stack_by_rank(weights), rows, set(weights))
     inputs = {key: torch.randn(len(rows), d_in) for key, (d_in, _) in layers.items()}
     outputs = {key: torch.zeros(len(rows), d_out) for key, (_, d_out) in layers.items()}
 

@@ -28,9 +28,10 @@ from tinker import types
 
 from claas.errors import InvalidRequest
 from claas.models import tiny_llama
-from claas.services.local import AdapterHost, LocalServiceClient, batching
-from claas.services.local.batching import DecodeJob, PackedLinears
+from claas.services.local import AdapterHost, LocalServiceClient, scheduler
 from claas.services.local.decoding import SampleStream, SamplingRule
+from claas.services.local.packed import PackedLinears
+from claas.services.local.running_batch import DecodeJob
 from claas.services.protocol import StopGeneration
 
 PRECISIONS = {torch.float64: (1.5, 1e-6), torch.float32: (0.5, 2e-4)}  # B scale, tolerance
@@ -293,7 +294,7 @@ def test_packed_weights_follow_the_setting(model_cache: Path, tmp_path: Path, pa
     try:
         sampler = service.create_sampling_client(base_model=service.base_model).result()
         run(sampler, [1, 17, 230], 1, 4, 0.0, None).result()
-        assert (host.decoder._packed_linears is not None) is packed
+        assert (host.decoder.batch.packed_weights.linears is not None) is packed
     finally:
         service.close()
         host.close()
@@ -468,7 +469,7 @@ def test_adapters_created_while_a_base_chat_decodes_do_not_reach_it(
 ) -> None:
     """The first adapter turns the model into a PEFT model with new LoRA layers, between two
     decode slices of a running chat on the base model; its later tokens stay the base model's."""
-    monkeypatch.setattr(batching, "SLICE_SECONDS", 0.0)  # one decode step per slice
+    monkeypatch.setattr(scheduler, "SLICE_SECONDS", 0.0)  # one decode step per slice
     loaded = tiny_llama(model_cache, seed=0)
     service = LocalServiceClient(loaded, tmp_path / "checkpoints")
     try:

@@ -22,7 +22,7 @@ from serving import ALICE, BOB, HELLO, OWNER_KEYS, LiveServer, chat, create, mak
 from claas.api.schemas import COMPLETION_MAX_TOKENS
 from claas.chat import GenerationSlots
 from claas.errors import TooManyRequests
-from claas.services.local.batching import ContinuousDecoder
+from claas.services.local.scheduler import ContinuousDecoder
 
 LONG = 1500  # tokens asked for by the answers nobody waits for
 

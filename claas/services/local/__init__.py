@@ -10,6 +10,11 @@ are named after the SDK's (`tinker/lib/public_interfaces/`):
 | `service_client.py` | `LocalServiceClient`, `LocalRestClient` |
 | `training_client.py` | `LocalTrainingClient`: one LoRA adapter, its AdamW state, custom losses |
 | `sampling_client.py` | `LocalSamplingClient`: sampling and prompt scoring |
+| `scheduler.py` | `ContinuousDecoder`: chats batched continuously, in slices and at yield points |
+| `running_batch.py` | `RunningBatch`: the running chats' prefill and decode forwards |
+| `kv_rows.py` | the running rows and their shared, left-padded KV cache |
+| `lora_term.py` | each row's own LoRA term in a batched forward (stacked by rank, `bmm`) |
+| `packed.py` | the base linears on oneDNN-packed weights for batched forwards |
 | `losses.py` | Tinker's `cross_entropy` and `importance_sampling`, as plain sums |
 | `host.py` | `AdapterHost`: the base model and its named LoRA adapters; `shared_model` |
 | `worker.py` | `ModelWorker`: the one thread all model work runs on, in order |

@@ -169,7 +169,7 @@ class SampleStream:
     request's rule, records it (token, the model's own log-prob, and the `topk` likeliest),
     streams it through `on_token`, and ends samples on a stop token, a stop string or
     `max_tokens`. The same request therefore gives the same tokens alone (`generate`) or among
-    other requests (`claas.services.local.batching`), up to the float rounding of its logits.
+    other requests (`claas.services.local.running_batch`), up to the float rounding of its logits.
     """
 
     def __init__(

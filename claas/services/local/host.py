@@ -25,8 +25,8 @@ from tinker.lib.public_interfaces.api_future import APIFuture
 
 from claas.errors import InvalidRequest
 from claas.models import LoadedModel, load_model
-from claas.services.local.batching import ContinuousDecoder
 from claas.services.local.checkpoints import LoadedCheckpoint
+from claas.services.local.scheduler import ContinuousDecoder
 from claas.services.local.worker import ModelWorker
 
 T = TypeVar("T")
@@ -57,6 +57,9 @@ class AdapterHost:
 
     def submit_batched(self, key: str, item: I, run: Callable[[list[I]], list[T]]) -> APIFuture[T]:
         return self.worker.submit_batched(key, item, run)
+
+    def on_worker_thread(self) -> bool:
+        return self.worker.on_worker_thread()
 
     @property
     def closed(self) -> bool:

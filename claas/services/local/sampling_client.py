@@ -3,19 +3,17 @@
 A sampler on a checkpoint or a snapshot is a named adapter the host loads on first use (and may
 evict, LRU); an `inflight` sampler reads its training client's live adapter. Requests are
 validated here (`_SampleRequest`) and run on the host's worker with the torch kernels of
-`decoding`. One-token scoring passes sent together (`_ScoreJob`) run as one padded forward.
-Responses follow Tinker's layout (`_sample_response`); beyond Tinker, `sample` takes an
-`on_token` callback for streaming.
+`decoding`. A chat joins the continuous batch of every running chat (`scheduler`); one-token
+scoring passes sent together (`_ScoreJob`) run as one padded forward. Responses follow Tinker's
+layout (`_sample_response`); beyond Tinker, `sample` takes an `on_token` callback for streaming.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import uuid
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, InvalidStateError
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
@@ -28,7 +26,6 @@ from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 from transformers import PreTrainedTokenizerBase
 
 from claas.errors import ContextTooLong, InvalidRequest
-from claas.services.local.batching import DecodeJob
 from claas.services.local.checkpoints import LoadedCheckpoint
 from claas.services.local.decoding import (
     Generation,
@@ -231,10 +228,14 @@ class LocalSamplingClient:
         ids = [s for s in stop if isinstance(s, int)]
         return ids if ids or not stop else defaults
 
-    @contextmanager
-    def _active(self) -> Iterator[Any]:
+    def _make_resident(self) -> None:
+        """A sampler on a checkpoint or snapshot: load its adapter (worker thread)."""
         if self.adapter is not None and self._loader is not None:
             self.host.ensure_sampler(self.adapter, self._loader)
+
+    @contextmanager
+    def _active(self) -> Iterator[Any]:
+        self._make_resident()
         with self.host.using(self.adapter) as model:
             yield model
 
@@ -315,32 +316,15 @@ class LocalSamplingClient:
     def _sample_batched(
         self, request: _SampleRequest, on_token: TokenCallback | None, topk: int
     ) -> APIFuture[types.SampleResponse]:
-        """A chat through the continuous batch (`batching`), with any other running chats."""
-        result: Future[types.SampleResponse] = Future()
+        """A chat through the continuous batch (`scheduler`), with any other running chats."""
 
-        def activate() -> None:
-            if self.adapter is not None and self._loader is not None:
-                self.host.ensure_sampler(self.adapter, self._loader)
-
-        # The caller may have cancelled `result` (its client went away): then nobody waits.
-        def done(generations: list[Generation]) -> None:
+        def answer(generations: list[Generation]) -> types.SampleResponse:
             sequences = _sequences(generations, topk)
-            with contextlib.suppress(InvalidStateError):
-                result.set_result(_sample_response(sequences, None, False, len(request.prompt), 0))
+            return _sample_response(sequences, None, False, len(request.prompt), 0)
 
-        def failed(error: BaseException) -> None:
-            with contextlib.suppress(InvalidStateError):
-                result.set_exception(error)
-
-        job = DecodeJob(
-            request.prompt,
-            self._stream(request, on_token, topk),
-            self.adapter,
-            activate,
-            done,
-            failed,
-        )
-        self.host.decoder.submit(job)
+        stream = self._stream(request, on_token, topk)
+        decoder = self.host.decoder
+        result = decoder.decode(request.prompt, stream, self.adapter, self._make_resident, answer)
         return AwaitableConcurrentFuture(result)
 
     def _sample(
