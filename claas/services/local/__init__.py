@@ -10,6 +10,7 @@ are named after the SDK's (`tinker/lib/public_interfaces/`):
 | `service_client.py` | `LocalServiceClient`, `LocalRestClient` |
 | `training_client.py` | `LocalTrainingClient`: one LoRA adapter, its AdamW state, custom losses |
 | `sampling_client.py` | `LocalSamplingClient`: sampling and prompt scoring |
+| `responses.py` | Tinker's `SampleResponse` layout |
 | `scheduler.py` | `ContinuousDecoder`: chats batched continuously, in slices and at yield points |
 | `running_batch.py` | `RunningBatch`: the running chats' prefill and decode forwards |
 | `kv_rows.py` | the running rows and their shared, left-padded KV cache |

@@ -5,7 +5,7 @@ evict, LRU); an `inflight` sampler reads its training client's live adapter. Req
 validated here (`_SampleRequest`) and run on the host's worker with the torch kernels of
 `decoding`. A chat joins the continuous batch of every running chat (`scheduler`); one-token
 scoring passes sent together (`_ScoreJob`) run as one padded forward. Responses follow Tinker's
-layout (`_sample_response`); beyond Tinker, `sample` takes an `on_token` callback for streaming.
+layout (`responses`); beyond Tinker, `sample` takes an `on_token` callback for streaming.
 """
 
 from __future__ import annotations
@@ -22,14 +22,12 @@ import numpy as np
 import torch
 from tinker import types
 from tinker.lib.public_interfaces.api_future import APIFuture, AwaitableConcurrentFuture
-from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 from transformers import PreTrainedTokenizerBase
 
 from claas.errors import ContextTooLong, InvalidRequest
 from claas.services.local.checkpoints import LoadedCheckpoint
 from claas.services.local.decoding import (
     Generation,
-    PromptScores,
     SampleStream,
     SamplingRule,
     apply_logit_rules,
@@ -41,6 +39,7 @@ from claas.services.local.decoding import (
 )
 from claas.services.local.host import _release_adapter
 from claas.services.local.losses import _check_ids
+from claas.services.local.responses import sample_response, sampled_sequences
 from claas.services.protocol import ChatSamplingParams, TokenCallback
 
 if TYPE_CHECKING:
@@ -276,7 +275,7 @@ class LocalSamplingClient:
                     logprobs_np=logprob[:, 0].cpu().numpy().astype(np.float32),
                 )
                 responses.append(
-                    _sample_response(
+                    sample_response(
                         [sequence],
                         scores,
                         job.include_prompt_logprobs,
@@ -319,8 +318,8 @@ class LocalSamplingClient:
         """A chat through the continuous batch (`scheduler`), with any other running chats."""
 
         def answer(generations: list[Generation]) -> types.SampleResponse:
-            sequences = _sequences(generations, topk)
-            return _sample_response(sequences, None, False, len(request.prompt), 0)
+            sequences = sampled_sequences(generations, topk)
+            return sample_response(sequences, None, False, len(request.prompt), 0)
 
         stream = self._stream(request, on_token, topk)
         decoder = self.host.decoder
@@ -349,34 +348,13 @@ class LocalSamplingClient:
             generations = generate(
                 model, logits[-1], cache, self._stream(request, on_token, topk_sample)
             )
-        return _sample_response(
-            _sequences(generations, topk_sample),
+        return sample_response(
+            sampled_sequences(generations, topk_sample),
             scores,
             include_prompt_logprobs,
             len(request.prompt),
             prompt_row,
         )
-
-
-def _sequences(generations: list[Generation], topk: int) -> list[types.SampledSequence]:
-    return [
-        types.SampledSequence(
-            stop_reason="stop" if g.stopped else "length",
-            sequence_id=f"seq-{uuid.uuid4().hex}",
-            tokens_np=np.asarray(g.tokens, dtype=np.int32),
-            logprobs_np=np.asarray(g.logprobs, dtype=np.float32),
-            topk_logprobs_np=_topk_matrices(g, topk) if topk else None,
-        )
-        for g in generations
-    ]
-
-
-def _topk_matrices(generation: Generation, k: int) -> TopkLogprobs:
-    """A generation's per-step top-k as Tinker's dense (tokens, k) matrices."""
-    k = min(k, max((len(row) for row in generation.topk_ids), default=k))
-    ids = np.asarray(generation.topk_ids, dtype=np.int32).reshape(-1, k)
-    logprobs = np.asarray(generation.topk_logprobs, dtype=np.float32).reshape(-1, k)
-    return TopkLogprobs(token_ids=ids, logprobs=logprobs)
 
 
 def _last_n_row(length: int, last_n: int | None) -> int:
@@ -417,40 +395,3 @@ class _SampleRequest:
     stop_strings: list[str]
     seed: int | None
     targets: torch.Tensor | None
-
-
-def _sample_response(
-    sequences: list[types.SampledSequence],
-    scores: PromptScores | None,
-    include_prompt_logprobs: bool,
-    length: int,
-    prompt_row: int,
-) -> types.SampleResponse:
-    """Tinker's layout: prompt position p is row p − 1 of the scores. Prompt and top-K
-    log-probs start at `prompt_row` (earlier positions: NaN / sentinel rows), targets at the
-    scores' first row (earlier: 0.0)."""
-    prompt_logprobs = topk = target = None
-    if scores is not None:
-        skip = prompt_row - scores.first_row  # rows computed only for the targets
-        start = prompt_row + 1  # the first prompt position with a prompt log-prob
-        if include_prompt_logprobs:
-            prompt_logprobs = np.full(length, np.nan, dtype=np.float32)
-            prompt_logprobs[start:] = scores.token_logprobs[skip:].cpu().numpy()
-        if scores.topk_ids is not None and scores.topk_logprobs is not None:
-            k = scores.topk_ids.shape[1]
-            ids = np.zeros((length, k), dtype=np.int32)
-            logprobs = np.full((length, k), MASK_LOGPROB, dtype=np.float32)
-            ids[start:] = scores.topk_ids[skip:].cpu().numpy()
-            logprobs[start:] = scores.topk_logprobs[skip:].cpu().numpy()
-            topk = TopkLogprobs(token_ids=ids, logprobs=logprobs)
-        if scores.target_logprobs is not None:
-            rows = scores.target_logprobs.cpu().numpy()
-            full = np.zeros((length - 1, rows.shape[1]), dtype=np.float32)
-            full[scores.first_row :] = rows
-            target = types.TensorData.from_numpy(full)
-    return types.SampleResponse(
-        sequences=sequences,
-        prompt_logprobs_np=prompt_logprobs,
-        topk_prompt_logprobs_np=topk,
-        target_prompt_logprobs=target,
-    )
