@@ -138,6 +138,12 @@ class AdapterHost:
             evicted, _ = self._samplers.popitem(last=False)
             self.remove_adapter(evicted)
 
+    def release_adapter(self, name: str) -> None:
+        """From any thread (a client's finalizer): drop the adapter on the worker; nothing to
+        do once the host is closed."""
+        with contextlib.suppress(InvalidRequest, RuntimeError):  # closed, or interpreter exiting
+            self.submit(lambda: self.remove_adapter(name))
+
     @contextmanager
     def using(self, adapter: str | None) -> Iterator[Any]:
         """Run the model with one adapter active, or with none (the base model)."""
@@ -160,12 +166,6 @@ def peft_lora_config(adapter_config: Mapping[str, Any]) -> LoraConfig:
         lora_dropout=0.0,
         bias="none",
     )
-
-
-def _release_adapter(host: AdapterHost, adapter: str) -> None:
-    """Finalizer of a client: drop its adapter on the worker (nothing to do at shutdown)."""
-    with contextlib.suppress(InvalidRequest, RuntimeError):  # closed, or interpreter exiting
-        host.submit(lambda: host.remove_adapter(adapter))
 
 
 @functools.cache

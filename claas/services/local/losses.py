@@ -54,7 +54,7 @@ def prepare_datums(
         n = len(tokens)
         if n == 0 or n > max_context:
             raise InvalidRequest(f"{where}: model_input has {n} tokens; need 1..{max_context}")
-        _check_ids(np.asarray(tokens), vocab_size, f"{where} model_input")
+        check_token_ids(np.asarray(tokens), vocab_size, f"{where} model_input")
         needed = LOSS_INPUTS[loss_fn]
         unknown = set(datum.loss_fn_inputs) - set(needed)
         missing = [key for key in needed if key not in datum.loss_fn_inputs]
@@ -72,7 +72,7 @@ def prepare_datums(
             )
         if loss_fn == "importance_sampling" and len(target_shape) != 1:
             raise InvalidRequest(f"{where}: importance_sampling needs (N,) target_tokens")
-        _check_ids(arrays["target_tokens"], vocab_size, f"{where} target_tokens")
+        check_token_ids(arrays["target_tokens"], vocab_size, f"{where} target_tokens")
         for key in needed[1:]:
             if arrays[key].shape != target_shape:
                 raise InvalidRequest(
@@ -93,7 +93,8 @@ def prepare_datums(
     return prepared
 
 
-def _check_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
+def check_token_ids(ids: np.ndarray, vocab_size: int, what: str) -> None:
+    """InvalidRequest if `ids` (a prompt, targets) names a token outside the vocabulary."""
     if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
         raise InvalidRequest(f"{what} has token ids outside [0, {vocab_size}); check the tokenizer")
 

@@ -37,8 +37,7 @@ from claas.services.local.decoding import (
     prefill,
     score_prompt,
 )
-from claas.services.local.host import _release_adapter
-from claas.services.local.losses import _check_ids
+from claas.services.local.losses import check_token_ids
 from claas.services.local.responses import sample_response, sampled_sequences
 from claas.services.protocol import ChatSamplingParams, TokenCallback
 
@@ -62,7 +61,7 @@ class LocalSamplingClient:
         self.model_path = model_path
         self._loader = loader
         if loader is not None and adapter is not None:
-            weakref.finalize(self, _release_adapter, self.host, adapter)
+            weakref.finalize(self, self.host.release_adapter, adapter)
 
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
         return self.host.loaded.tokenizer
@@ -166,7 +165,7 @@ class LocalSamplingClient:
             raise InvalidRequest(f"prompt must be token chunks ({error})") from error
         if not tokens:
             raise InvalidRequest("the prompt is empty; give at least one token")
-        _check_ids(np.asarray(tokens), len(loaded.tokenizer), "prompt")
+        check_token_ids(np.asarray(tokens), len(loaded.tokenizer), "prompt")
         if not 1 <= num_samples <= 64:
             raise InvalidRequest(f"num_samples must be in 1..64, got {num_samples}")
         if not 0 <= topk <= 1000:

@@ -32,7 +32,7 @@ from claas.services.local.checkpoints import (
     read_checkpoint,
     write_checkpoint,
 )
-from claas.services.local.host import _release_adapter, peft_lora_config
+from claas.services.local.host import peft_lora_config
 from claas.services.local.losses import (
     PreparedDatum,
     _forward_output,
@@ -78,7 +78,7 @@ class LocalTrainingClient:
         self._optimizer = torch.optim.AdamW(ordered, lr=0.0, weight_decay=0.0)
         if optimizer_state is not None:
             self._optimizer.load_state_dict(optimizer_state)
-        weakref.finalize(self, _release_adapter, self.host, self.adapter)
+        weakref.finalize(self, self.host.release_adapter, self.adapter)
 
     # -- Tinker surface ------------------------------------------------------------------------
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
