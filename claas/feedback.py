@@ -52,6 +52,7 @@ from claas.errors import (
     InvalidFeedback,
     NothingToTrain,
     RolloutNotFound,
+    ServiceClosed,
     TooManyRequests,
 )
 from claas.ids import (
@@ -484,8 +485,8 @@ class FeedbackQueue:
             try:
                 samples = await asyncio.to_thread(self._samples, request)
                 await self.engine.check(samples, config)
-            except DatabaseUnavailable as error:  # not the request's fault: the lease ends
-                self._log_finished([request], "interrupted", error=str(error))
+            except (DatabaseUnavailable, ServiceClosed) as error:  # not the request's fault
+                self._log_finished([request], "interrupted", error=str(error))  # the lease ends
                 return
             except ClaasError as error:
                 message = f"{type(error).__name__}: {error}"
@@ -560,9 +561,10 @@ class FeedbackQueue:
             raise  # shutting down: the requests stay claimed until the lease ends
         except ClaimLost as error:  # another worker trains them now: nothing to mark
             self._log_finished(requests, "reclaimed", error=str(error))
-        except DatabaseUnavailable as error:
-            # Not the request's fault: it stays claimed, and once the lease ends it is trained
-            # again (or found done, if its version was registered before the database went).
+        except (DatabaseUnavailable, ServiceClosed) as error:
+            # Not the request's fault (the database went, or the training service is shutting
+            # down): it stays claimed, and once the lease ends it is trained again (or found
+            # done, if its version was registered before the database went).
             self._log_finished(requests, "interrupted", error=str(error))
         except Exception as error:
             # A domain error says what to do; anything else is a bug or a broken service, whose

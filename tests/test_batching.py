@@ -26,7 +26,7 @@ import torch
 from serving import LiveServer, make_server
 from tinker import types
 
-from claas.errors import InvalidRequest
+from claas.errors import ServiceClosed
 from claas.models import tiny_llama
 from claas.services.local import AdapterHost, LocalServiceClient, scheduler
 from claas.services.local.decoding import SampleStream, SamplingRule
@@ -459,7 +459,7 @@ def test_a_request_whose_caller_is_gone_disturbs_no_other(
         host.close()
     layers = loaded.model.model.layers
     assert not layers[0]._forward_pre_hooks  # close took the decoder's hooks off the model
-    with pytest.raises(InvalidRequest, match="closed"):
+    with pytest.raises(ServiceClosed, match="closed"):
         host.decoder.submit(job([1, 2], False)[0])
     assert not host.decoder._pending  # refused, not left queued
 

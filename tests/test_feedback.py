@@ -18,7 +18,7 @@ from typing import cast
 
 import pytest
 
-from claas.errors import InvalidFeedback
+from claas.errors import InvalidFeedback, ServiceClosed
 from claas.feedback import FeedbackItem, FeedbackQueue
 from claas.ids import text_hash
 from claas.records import FeedbackRequest, Rollout
@@ -37,6 +37,7 @@ BOB = "bob/helper"
 GUARD = 30.0  # seconds: only so that a broken queue fails a test instead of hanging it
 REFUSE = "REFUSE"  # feedback with this marker is refused by the stand-in's `check`
 CRASH = "CRASH"  # feedback with this marker makes the stand-in's `distill` raise
+CLOSING = "CLOSING"  # feedback with this marker meets a training service that shuts down
 
 
 # -- the stand-in engine ----------------------------------------------------------------------
@@ -75,7 +76,8 @@ class StandInEngine:
 
     - `check` refuses (InvalidFeedback) any sample whose feedback contains REFUSE;
     - `distill` records (lora_id, feedback texts, start version, config), then waits while the
-      adapter is held (`hold`), then raises if a feedback contains CRASH, else returns
+      adapter is held (`hold`), then raises if a feedback contains CRASH (a RuntimeError) or
+      CLOSING (ServiceClosed), else returns
       checkpoints `local://stand-in/{n}/state` and `.../sampler` for its n-th call;
     - `most_at_once[lora_id]` is the most `distill` calls of one adapter ever in flight together;
     - `service.deleted` lists the checkpoint paths deleted through the rest client.
@@ -134,6 +136,8 @@ class StandInEngine:
                 await asyncio.sleep(0)
             if any(CRASH in text for text in feedback):
                 raise RuntimeError("the stand-in's accelerator fell over")
+            if any(CLOSING in text for text in feedback):
+                raise ServiceClosed("the stand-in's training service is closed")
         finally:
             self._in_flight[lora_id] -= 1
         trained = TrainedCheckpoint(
@@ -398,6 +402,28 @@ def test_an_engine_crash_fails_the_batch_keeps_the_last_good_version_and_the_nex
             (["after"], 1),
         ]
         assert engine.service.deleted == []  # the crash returned no checkpoint to delete
+
+    asyncio.run(body())
+
+
+def test_a_training_service_that_shuts_down_leaves_the_request_claimed_not_failed(
+    store: Store,
+) -> None:
+    """ServiceClosed is not the request's fault: it stays claimed (running, no error), to be
+    trained again once its lease ends, as when the database goes away."""
+    rollout = make_adapter(store, ALICE)
+    engine = StandInEngine()
+
+    async def body() -> None:
+        async with serving(store, engine) as queue:
+            trained = asyncio.Event()
+            queue.on_trained = lambda head, seconds: trained.set()
+            request = await queue.admit(items(rollout, f"{CLOSING} now"), owner=None)
+            async with asyncio.timeout(GUARD):
+                await trained.wait()
+            after = store.get_feedback(request.id)
+            assert (after.status, after.error, after.version) == ("running", None, None)
+            assert store.get_adapter(ALICE).current_version == 1
 
     asyncio.run(body())
 

@@ -19,7 +19,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from tinker import types
 
-from claas.errors import CheckpointNotFound, ContextTooLong, InvalidRequest
+from claas.errors import CheckpointNotFound, ContextTooLong, InvalidRequest, ServiceClosed
 from claas.models import LoadedModel, tiny_llama
 from claas.sdpo.prompts import chat_prompt_tokens
 from claas.services.local import AdapterHost, LocalServiceClient, LocalTrainingClient
@@ -720,7 +720,7 @@ def test_two_services_on_one_host_share_one_worker(model_cache: Path, tmp_path: 
         sampler.compute_logprobs(types.ModelInput.from_ints(TOKENS[:4])).result()
     finally:
         host.close()
-    with pytest.raises(InvalidRequest, match="closed"):
+    with pytest.raises(ServiceClosed, match="closed"):
         first.create_lora_training_client(first.base_model, rank=2)
 
 

@@ -23,7 +23,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 from tinker.lib.public_interfaces.api_future import APIFuture
 
-from claas.errors import InvalidRequest
+from claas.errors import InvalidRequest, ServiceClosed
 from claas.models import LoadedModel, load_model
 from claas.services.local.checkpoints import LoadedCheckpoint
 from claas.services.local.scheduler import ContinuousDecoder
@@ -141,7 +141,7 @@ class AdapterHost:
     def release_adapter(self, name: str) -> None:
         """From any thread (a client's finalizer): drop the adapter on the worker; nothing to
         do once the host is closed."""
-        with contextlib.suppress(InvalidRequest, RuntimeError):  # closed, or interpreter exiting
+        with contextlib.suppress(ServiceClosed, RuntimeError):  # closed, or interpreter exiting
             self.submit(lambda: self.remove_adapter(name))
 
     @contextmanager

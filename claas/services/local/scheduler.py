@@ -34,7 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 import torch
 
-from claas.errors import InvalidRequest
+from claas.errors import ServiceClosed
 from claas.services.local.decoding import Generation, SampleStream
 from claas.services.local.running_batch import BatchHost, DecodeJob, RunningBatch, fail_each
 
@@ -58,7 +58,7 @@ class DecoderHost(BatchHost, Protocol):
     def on_worker_thread(self) -> bool: ...
 
     def submit(self, fn: Callable[[], None], urgent: bool = False) -> object:
-        """Queue `fn` on the worker; InvalidRequest once the host is closed."""
+        """Queue `fn` on the worker; ServiceClosed once the host is closed."""
 
 
 class ContinuousDecoder:
@@ -98,7 +98,7 @@ class ContinuousDecoder:
         try:
             # the first request starts the slices; later ones join now, whatever is queued
             self.host.submit(self._step if first else self._admit, urgent=True)
-        except InvalidRequest:  # the service is closing: the request was never queued
+        except ServiceClosed:  # the request was never queued
             with self._lock:
                 if job in self._pending:
                     self._pending.remove(job)
@@ -155,7 +155,7 @@ class ContinuousDecoder:
                 return
         try:
             self.host.submit(self._step)
-        except InvalidRequest as closed:  # the service is closing: end what is left
+        except ServiceClosed as closed:  # end what is left
             self._fail_all(closed)
 
     def _fail_all(self, error: BaseException) -> None:

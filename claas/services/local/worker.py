@@ -26,10 +26,15 @@ from typing import Any, Generic, TypeVar
 
 from tinker.lib.public_interfaces.api_future import APIFuture, AwaitableConcurrentFuture
 
-from claas.errors import InvalidRequest
+from claas.errors import ServiceClosed
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 - a batched item
+
+_CLOSED = (
+    "the local service is closed and takes no new work; retry once the server is back "
+    "(in-process: create a new service)"
+)
 
 
 @dataclass
@@ -68,7 +73,7 @@ class ModelWorker:
 
     def submit(self, fn: Callable[[], T], urgent: bool = False) -> APIFuture[T]:
         if self._closed:
-            raise InvalidRequest("the local service is closed; create a new one")
+            raise ServiceClosed(_CLOSED)
         future: Future[T] = Future()
         with self._batch_lock:
             if not urgent:
@@ -83,7 +88,7 @@ class ModelWorker:
             self._executor.submit(self._run_next)
         except RuntimeError as closed:  # shut down between the check and here
             (self._urgent if urgent else self._queued).pop()
-            raise InvalidRequest("the local service is closed; create a new one") from closed
+            raise ServiceClosed(_CLOSED) from closed
 
     def _run_next(self) -> None:
         with self._batch_lock:
@@ -97,7 +102,7 @@ class ModelWorker:
         worker's submission order is kept exactly; the batch runs when the worker reaches it.
         """
         if self._closed:
-            raise InvalidRequest("the local service is closed; create a new one")
+            raise ServiceClosed(_CLOSED)
         result: Future[T] = Future()
         with self._batch_lock:
             batch = self._open_batch
@@ -123,7 +128,7 @@ class ModelWorker:
             future.set_result(output)
 
     def close(self) -> None:
-        """Refuse new work and wait for the queued tasks to finish."""
+        """Refuse new work (`ServiceClosed`) and wait for the queued tasks to finish."""
         self._closed = True
         self._executor.shutdown(wait=True)
 
