@@ -147,7 +147,7 @@ class RunningBatch:
             self.lora.rows_changed()  # the batch's adapters changed
             self.widest_batch = max(self.widest_batch, len(self.rows.jobs))
 
-    def decode(self) -> None:
+    def decode_step(self) -> None:
         """One decode step: every row's next token; rows whose samples end leave the batch
         (in inference mode, with rows running)."""
         rows = self.rows

@@ -142,7 +142,7 @@ class ContinuousDecoder:
                 break
             with torch.inference_mode(), self._own_work():
                 try:
-                    self.batch.decode()
+                    self.batch.decode_step()
                 except Exception as error:  # a broken step fails its requests, not the server
                     jobs = self.batch.jobs()
                     self.batch.clear()
