@@ -419,7 +419,7 @@ def test_build_context_keeps_secrets_out_and_builds_claas(
     )
     (wheel,) = (tmp_path / "dist").glob("claas-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
-    assert "claas/cli.py" in names and "claas/eval/capability.yaml" in names
+    assert "claas/cli/__init__.py" in names and "claas/eval/capability.yaml" in names
     assert any(n.startswith("claas/api/templates/") and n.endswith(".html") for n in names)
 
 

@@ -375,7 +375,7 @@ def test_claims_serve_in_arrival_order_even_when_the_clock_goes_back(
     make_adapter(store)
     make_adapter(store, OTHER)
     clock = iter([1000.0, 999.0, 998.0, 997.0])
-    monkeypatch.setattr("claas.store.time.time", lambda: next(clock))
+    monkeypatch.setattr("claas.store.queue.time.time", lambda: next(clock))
     a1 = store.enqueue_feedback(LORA, [{"n": 1}], {})
     b1 = store.enqueue_feedback(OTHER, [{"n": 2}], {})
     a2 = store.enqueue_feedback(LORA, [{"n": 3}], {})

@@ -1,4 +1,4 @@
-"""Serving: sample an answer from an adapter's current version and record its rollout.
+"""`ChatService`: sample an answer from an adapter's current version and record its rollout.
 
 The first half of the data flow (docs/architecture.md). A chat request names a model: an adapter
 `owner/name` (its current version), `owner/name@N` (a pinned version) or the base model. The
@@ -26,12 +26,13 @@ from typing import Any, Literal
 from tinker import types
 from transformers import PreTrainedTokenizerBase
 
+from claas.chat.slots import GenerationSlots
+from claas.chat.stream import StreamDecoder, cut_at_stop, stop_strings, visible_text
 from claas.errors import (
     AdapterNotFound,
     Conflict,
     ContextTooLong,
     InvalidRequest,
-    TooManyRequests,
     UnsupportedParameter,
     VersionNotFound,
 )
@@ -47,39 +48,6 @@ from claas.services.protocol import (
     streaming,
 )
 from claas.store import Store
-
-THINK_BLOCK = re.compile(r"<think>.*?(</think>\s*|$)", re.DOTALL)
-THINK_OPEN = "<think>"
-
-
-def visible_text(raw: str) -> str:
-    """The answer without `<think>…</think>` reasoning (an unclosed block hides the rest)."""
-    return THINK_BLOCK.sub("", raw)
-
-
-def stop_strings(params: types.SamplingParams) -> list[str]:
-    """The request's stop strings (token-id stops are the sampler's business)."""
-    stop = params.stop
-    if isinstance(stop, str):
-        return [stop]
-    return [s for s in stop or [] if isinstance(s, str)]
-
-
-def cut_at_stop(text: str, stops: Sequence[str]) -> str:
-    """`text` up to the earliest stop string, which OpenAI leaves out of the answer."""
-    ends = [i for i in (text.find(s) for s in stops) if i >= 0]
-    return text[: min(ends)] if ends else text
-
-
-def _held_back(text: str, stops: Sequence[str]) -> int:
-    """How many trailing characters might begin a stop string (or a `<think>` tag), and so
-    must wait for the next token before they are streamed."""
-    markers = [THINK_OPEN, *stops]
-    for held in range(min(len(text), max(len(m) for m in markers)), 0, -1):
-        tail = text[-held:]
-        if any(m.startswith(tail) and m != tail for m in markers):
-            return held
-    return 0
 
 
 @dataclass(frozen=True)
@@ -118,93 +86,6 @@ class Completion:
 
 
 TextCallback = Callable[[int, str], None]
-
-
-class StreamDecoder:
-    """Turns a growing token list into visible-text deltas: never splitting a character,
-    leaking the start of a `<think>` tag, or sending any part of a stop string. What it sends
-    adds up to the answer's final text (`visible_text`, then `cut_at_stop`)."""
-
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stops: Sequence[str] = ()) -> None:
-        self.tokenizer = tokenizer
-        self.stops = list(stops)
-        self.tokens: list[int] = []
-        self.sent = ""
-        self.stopped = False
-
-    def push(self, token: int) -> str:
-        if self.stopped:
-            return ""
-        self.tokens.append(token)
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
-            return ""
-        visible = visible_text(text)
-        shown = cut_at_stop(visible, self.stops)
-        if len(shown) < len(visible):
-            self.stopped = True  # a stop string: nothing after it is ever sent
-        else:
-            shown = shown[: len(shown) - _held_back(shown, self.stops)]
-        if not shown.startswith(self.sent):
-            return ""
-        delta, self.sent = shown[len(self.sent) :], shown
-        return delta
-
-
-class GenerationSlot:
-    """One generation held against its owner's limit; `release` (or leaving the `with`) frees
-    it, once, however often it is called."""
-
-    def __init__(self, slots: GenerationSlots, owner: str) -> None:
-        self._slots, self.owner = slots, owner
-        self._held = True
-
-    def release(self) -> None:
-        if self._held:
-            self._held = False
-            self._slots._release(self.owner)
-
-    def __enter__(self) -> GenerationSlot:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-
-class GenerationSlots:
-    """How many generations each owner has running: at most `limit` at once (None: no limit).
-    One client must not be able to tie up the decoder with work it starts and abandons."""
-
-    def __init__(self, limit: int | None) -> None:
-        self.limit = limit
-        self._running: dict[str, int] = {}
-        self._lock = threading.Lock()
-
-    def take(self, owner: str) -> GenerationSlot:
-        """A slot for `owner`'s next generation; TooManyRequests (429) at the limit."""
-        with self._lock:
-            running = self._running.get(owner, 0)
-            if self.limit is not None and running >= self.limit:
-                raise TooManyRequests(
-                    f"{owner or 'this caller'!r} has {running} generations running, the most "
-                    "this server runs at once for one owner "
-                    "(CLAAS_MAX_CONCURRENT_GENERATIONS_PER_OWNER); wait for one to finish and "
-                    "retry",
-                    headers={"Retry-After": "1"},
-                )
-            self._running[owner] = running + 1
-        return GenerationSlot(self, owner)
-
-    def running(self, owner: str) -> int:
-        return self._running.get(owner, 0)
-
-    def _release(self, owner: str) -> None:
-        with self._lock:
-            left = self._running[owner] - 1
-            if left:
-                self._running[owner] = left
-            else:
-                del self._running[owner]
 
 
 class ChatService:
