@@ -240,10 +240,14 @@ class EvalRun:
     def _wait_idle(self, lora_id: str) -> None:
         """Wait until no feedback for `lora_id` is queued or running (a killed run's last);
         FeedbackTimeout after `feedback_timeout` seconds."""
-        deadline = time.monotonic() + self.config.feedback_timeout
+        timeout = self.config.feedback_timeout
+        deadline = time.monotonic() + timeout
         while pending := [v for v in self.claas.feedback.log(lora_id) if v.status in PENDING]:
             left = max(deadline - time.monotonic(), 0.0)
-            self.claas.feedback.wait(pending[-1].feedback_id, timeout=left, interval=1.0)
+            try:
+                self.claas.feedback.wait(pending[-1].feedback_id, timeout=left, interval=1.0)
+            except FeedbackTimeout as waited:  # say how long in all, not the last part
+                raise FeedbackTimeout(waited.feedback, timeout) from None
 
     def _send(self, items: list[FeedbackItem]) -> FeedbackView:
         """Send one feedback request and wait until it is trained; TrainingFailed if it failed,
