@@ -21,9 +21,11 @@ import httpx
 import pytest
 import torch
 from peft import PeftModel
+from pydantic import BaseModel
 from serving import ADMIN_KEY, HELLO, OWNER_KEYS, LiveServer, make_server
 
 import claas.client as client_module
+from claas.api import schemas
 from claas.client import (
     AsyncClient,
     AuthenticationError,
@@ -39,6 +41,8 @@ from claas.client import (
     ServiceUnavailableError,
     UnprocessableEntityError,
 )
+from claas.client import models as mirrors
+from claas.client.errors import api_error
 from claas.models import tiny_llama
 from claas.sdpo.engine import SDPOEngine
 from claas.sdpo.prompts import chat_prompt_tokens
@@ -115,14 +119,15 @@ def answer(claas: Client, model: str) -> str:
 def test_the_module_docstring_runs(
     server: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """The example at the top of claas/client.py, verbatim, with the URL and key from the env."""
+    """The example at the top of claas/client/__init__.py, verbatim, with the URL and key from
+    the env."""
     doc = client_module.__doc__ or ""
     blocks = re.findall(r"\n\n((?:    .*\n|\n)+)(?=\S)", doc)  # indented lines, blank ones inside
     assert len(blocks) == 1, "the docstring should hold exactly one indented example"
     code = textwrap.dedent(blocks[0])
     monkeypatch.setenv("CLAAS_URL", server.url)
     monkeypatch.setenv("CLAAS_API_KEY", "sk-alice")
-    exec(compile(code, "claas/client.py docstring", "exec"), {})
+    exec(compile(code, "claas/client/__init__.py docstring", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "alice/assistant is now at version 2"
     assert len(lines) >= 2  # the second answer
@@ -260,15 +265,12 @@ def test_export_unpacks_the_version_the_server_serves(
     assert zipped.startswith(b"PK")
 
     completion = "Rainbows form when sunlight is refracted by raindrops."
-    scored = server.client.post(
-        "/v1/score",
-        json={"model": "alice/exported@2", "messages": HELLO, "completion": completion},
-        headers={"authorization": "Bearer sk-alice"},
-    ).json()
+    scored = alice.score("alice/exported@2", HELLO, completion)
+    assert scored.total_logprob == pytest.approx(sum(scored.logprobs))
     loaded = tiny_llama(model_cache, seed=0)  # the server's base model, loaded afresh
     prompt = chat_prompt_tokens(loaded.tokenizer, HELLO)
-    ids = torch.tensor([prompt + scored["token_ids"]])
-    targets = torch.tensor(scored["token_ids"])
+    ids = torch.tensor([prompt + scored.token_ids])
+    targets = torch.tensor(scored.token_ids)
 
     def logprobs(model: Any) -> torch.Tensor:
         with torch.no_grad():
@@ -277,7 +279,7 @@ def test_export_unpacks_the_version_the_server_serves(
 
     base = logprobs(loaded.model)
     exported = logprobs(PeftModel.from_pretrained(loaded.model, directory))
-    served = torch.tensor(scored["logprobs"])
+    served = torch.tensor(scored.logprobs)
     torch.testing.assert_close(exported, served, rtol=0, atol=1e-5)
     assert (base - served).abs().max() > 1e-2  # the adapter, not the base, was exported
 
@@ -385,7 +387,7 @@ def test_a_server_whose_inference_is_down(tmp_path: Path, model_cache: Path) -> 
         body = {"model": live.runtime.base_model, "messages": HELLO, "max_tokens": 4}
         refused = live.client.post("/v1/chat/completions", json=body)
         assert refused.status_code == 503
-        error = client_module._api_error(refused)
+        error = api_error(refused)
         assert isinstance(error, ServiceUnavailableError) and url in error.message
     finally:
         live.close()
@@ -433,7 +435,7 @@ def test_error_bodies_not_sent_by_this_server(
     response: httpx.Response, kind: type[ClaasAPIError], fields: dict[str, Any]
 ) -> None:
     """Bodies a real server here does not produce: a proxy's page, a `param`, another delay."""
-    error = client_module._api_error(response)
+    error = api_error(response)
     assert type(error) is kind
     assert {name: getattr(error, name) for name in fields} == fields
 
@@ -472,3 +474,28 @@ def test_the_clients_feedback_item_has_every_field_the_server_takes() -> None:
     from claas.feedback import FeedbackItem as ServerFeedbackItem
 
     assert set(FeedbackItem.model_fields) == set(ServerFeedbackItem.model_fields)
+
+
+@pytest.mark.parametrize(
+    ("mirror", "server_model"),
+    [
+        (mirrors.AdapterDetail, schemas.AdapterView),
+        (mirrors.AdapterDeleted, schemas.AdapterDeleted),
+        (mirrors.MemoryItem, schemas.MemoryView),
+        (mirrors.MemoryForgotten, schemas.MemoryForgotten),
+        (mirrors.FeedbackAccepted, schemas.FeedbackAccepted),
+        (mirrors.FeedbackView, schemas.FeedbackView),
+        (mirrors.Score, schemas.ScoreResponse),
+        (mirrors.Health, schemas.Health),
+    ],
+)
+def test_the_clients_answers_mirror_the_servers_schemas(
+    mirror: type[BaseModel], server_model: type[BaseModel]
+) -> None:
+    """The client cannot import the server's schemas (they load the server), so it mirrors
+    them: each mirror has every field of the server's answer, and of the same type."""
+
+    def fields(model: type[BaseModel]) -> dict[str, object]:
+        return {name: field.annotation for name, field in model.model_fields.items()}
+
+    assert fields(mirror) == fields(server_model)

@@ -10,18 +10,23 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
+import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
+from unittest.mock import patch
 
 import pytest
 import yaml
+from matplotlib.figure import Figure
 from pydantic import ValidationError
+from tqdm import tqdm
 
 from claas.cli import main
+from claas.client import Client, FeedbackItem
 from claas.eval.capability import is_correct, load_capability_set
-from claas.eval.client import ClaasClient
 from claas.eval.collapse import (
     distinct_n,
     entropy_estimate,
@@ -29,6 +34,7 @@ from claas.eval.collapse import (
     repetition_rate,
     self_rouge_l,
 )
+from claas.eval.compare import compare_figure, load_run
 from claas.eval.config import (
     AlertThresholds,
     EvalConfig,
@@ -36,13 +42,16 @@ from claas.eval.config import (
     dump_config,
     load_config,
 )
+from claas.eval.measure import chat
+from claas.eval.plan import check_stages, with_examples
 from claas.eval.preferences import Preference, load_preference, shipped_preferences
-from claas.eval.report import PLOTS, alerts, compliance_of, format_seconds
-from claas.eval.runner import check_stages, run_eval, with_examples
+from claas.eval.report import PLOTS, alerts, compliance_of, format_seconds, whole_steps
+from claas.eval.runner import logs_above_the_bar, run_eval
 from claas.eval.seeds import KEY_COLUMNS, SeedsReport, Spread
 from claas.eval.server import InProcessServer
 from claas.eval.verifiers import build_verifier
 from claas.models import tiny_llama
+from claas.runs import StepLine, read_steps, read_summary
 from claas.settings import Settings
 
 QUICK: dict[str, Any] = {
@@ -58,6 +67,7 @@ QUICK: dict[str, Any] = {
     "training": {"steps_per_batch": 1},
     "adapter": {"rank": 4},
 }
+EVALS = Path(__file__).parents[1] / "benchmarks" / "evals"
 SUMMARY_KEYS = {
     "run_id",
     "status",
@@ -286,24 +296,43 @@ def test_repetition_rate() -> None:
     assert repetition([]) == {}
 
 
+def _step(preference: str, step: int, metrics: dict[str, float]) -> StepLine:
+    """A step line with the fields alerts read; the others are placeholders."""
+    return StepLine(
+        preference=preference,
+        step=step,
+        lora_id=f"eval/run-{preference}",
+        adapter_version=step + 1,
+        timestamp="2026-01-01T00:00:00+00:00",
+        elapsed_seconds=0.0,
+        metrics=metrics,
+        training=None,
+        rollouts=[],
+        probes=[],
+    )
+
+
 def test_repetition_alerts_on_a_degenerate_step() -> None:
-    lines: list[Any] = [
-        {"preference": "concise", "step": 0, "metrics": {"repetition_mean": 0.6}},  # baseline
-        # One answer of many in a loop, as the base model does by itself now and then.
-        {
-            "preference": "concise",
-            "step": 1,
-            "metrics": {"repetition_mean": 0.02, "repetition_max": 0.7},
-        },
-        {
-            "preference": "concise",
-            "step": 2,
-            "metrics": {"repetition_mean": 0.4, "repetition_max": 0.9},
-        },
+    lines = [
+        _step(**line)
+        for line in [
+            {"preference": "concise", "step": 0, "metrics": {"repetition_mean": 0.6}},  # baseline
+            # One answer of many in a loop, as the base model does by itself now and then.
+            {
+                "preference": "concise",
+                "step": 1,
+                "metrics": {"repetition_mean": 0.02, "repetition_max": 0.7},
+            },
+            {
+                "preference": "concise",
+                "step": 2,
+                "metrics": {"repetition_mean": 0.4, "repetition_max": 0.9},
+            },
+        ]
     ]
     found = alerts(lines, AlertThresholds())
-    assert [(a["step"], a["metric"], a["value"]) for a in found] == [(2, "repetition_mean", 0.4)]
-    assert found[0]["message"] == "repetition_mean 0.4 is above 0.25"
+    assert [(a.step, a.metric, a.value) for a in found] == [(2, "repetition_mean", 0.4)]
+    assert found[0].message == "repetition_mean 0.4 is above 0.25"
     assert alerts(lines, AlertThresholds(max_repetition=0.5)) == []
 
 
@@ -396,23 +425,26 @@ def test_a_run_writes_the_documented_files(finished_run: Path, live: str) -> Non
 
 
 def test_chats_over_the_servers_generation_limit_wait_for_a_slot(live: str) -> None:
-    client = ClaasClient(live, None)
-    # Without the openai client's own retries, every 429 reaches the eval client's wait.
-    client.chat_client = client.chat_client.with_options(max_retries=0)
     limit = EvalConfig().concurrency  # the live server's limit per owner
-    try:
-        client.create_adapter("eval/slots", {"rank": 4})
+    with Client(live) as claas, claas.openai() as chat_client:
+        claas.adapters.create("eval/slots", rank=4)
+        # Without the openai client's own retries, every 429 reaches the eval's wait.
+        unretried = chat_client.with_options(max_retries=0)
         with ThreadPoolExecutor(2 * limit) as pool:
             answers = list(
                 pool.map(
-                    lambda i: client.chat(
-                        "eval/slots", f"Count to {i}.", max_tokens=8, temperature=1.0, seed=i
+                    lambda i: chat(
+                        unretried,
+                        "eval/slots",
+                        f"Count to {i}.",
+                        max_tokens=8,
+                        temperature=1.0,
+                        seed=i,
+                        patience=600.0,
                     ),
                     range(2 * limit),
                 )
             )
-    finally:
-        client.close()
     assert len({answer.completion_id for answer in answers}) == 2 * limit
 
 
@@ -433,20 +465,19 @@ def test_resume_rolls_back_an_unrecorded_step(
     lora_id = json.loads(lines[-1])["lora_id"]
     # And the killed run's next feedback request is still queued on the server: the resume must
     # wait for it, else it would land on top of the rolled-back adapter.
-    client = ClaasClient(live, None)
-    try:
-        answer = client.chat(lora_id, "Hello!", max_tokens=4, temperature=1.0, seed=1)
-        item = {"completion_id": answer.completion_id, "feedback": "x"}
-        queued = client.http.post(
-            "/v1/feedback", json={"items": [{**item, "training": {"steps_per_batch": 1}}]}
+    with Client(live) as claas, claas.openai() as chat_client:
+        answer = chat(
+            chat_client, lora_id, "Hello!", max_tokens=4, temperature=1.0, seed=1, patience=60.0
         )
-        assert queued.status_code == 202, queued.text
+        item = FeedbackItem(
+            completion_id=answer.completion_id, feedback="x", training={"steps_per_batch": 1}
+        )
+        queued = claas.feedback.send(item)
+        assert queued.status == "queued"
 
         run_eval({"output_dir": str(run_dir)}, url=live, api_key=None, data_dir=tmp_path)
 
-        adapter = client.get_adapter(lora_id)
-    finally:
-        client.close()
+        adapter = claas.adapters.get(lora_id)
 
     resumed = _lines(run_dir)
     assert len(resumed) == len(lines)
@@ -455,8 +486,8 @@ def test_resume_rolls_back_an_unrecorded_step(
     # Versions 3 (the lost step) and 4 (the queued request) were rolled back past; the redone
     # step trained version 5 from version 2.
     assert resumed[-1]["adapter_version"] == resumed[-1]["training"]["version"] == 5
-    assert adapter is not None and adapter["current_version"] == 5
-    assert [v["version"] for v in adapter["versions"]] == [1, 2, 3, 4, 5]
+    assert adapter.current_version == 5
+    assert [v.version for v in adapter.versions] == [1, 2, 3, 4, 5]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["status"] == "done"
     assert resumed[-1]["stage"] == 1
@@ -559,7 +590,8 @@ def test_continual_stages_bring_a_preference_back(
     assert concise["steps"] == 2 and rows["identity"]["steps"] == 1
     assert concise["baseline_compliance"] == lines[0]["metrics"]["compliance"]
     assert concise["final_compliance"] == lines[-1]["metrics"]["compliance.concise"]
-    values = [c for line in lines if (c := compliance_of(line, "concise")) is not None]
+    typed = read_steps(run_dir / "steps.jsonl")
+    values = [c for line in typed if (c := compliance_of(line, "concise")) is not None]
     assert concise["peak_compliance"] == max(values)
     if concise["peak_compliance"]:
         assert concise["retention"] == concise["final_compliance"] / concise["peak_compliance"]
@@ -582,16 +614,12 @@ def test_continual_stages_bring_a_preference_back(
 def test_examples_reach_the_server(continual_runs: list[Path], live: str) -> None:
     expected = {"concise": CONCISE_EXAMPLE, "identity": IDENTITY_EXAMPLE}
     trained = [line for line in _lines(continual_runs[0]) if line["step"] > 0]
-    client = ClaasClient(live, None)
-    try:
+    with Client(live) as claas:
         for line in trained:
-            feedback_id = line["training"]["feedback_id"]
-            request = client.http.get(f"/v1/feedback/{feedback_id}").json()
-            examples = {item.get("example") for item in request["items"]}
+            request = claas.feedback.status(line["training"]["feedback_id"])
+            examples = {item.get("example") for item in request.items}
             assert examples == {expected[line["preference"]]}, line["preference"]
             assert {r["example"] for r in line["rollouts"]} == {expected[line["preference"]]}
-    finally:
-        client.close()
 
 
 def test_seeds_gives_mean_and_spread(
@@ -641,7 +669,8 @@ def test_seeds_gives_mean_and_spread(
                     c
                     for line in lines
                     if line["global_step"] == step
-                    and (c := compliance_of(line, preference.preference)) is not None
+                    and (c := compliance_of(StepLine.model_validate(line), preference.preference))
+                    is not None
                 )
                 for lines in runs_lines
             ]
@@ -694,6 +723,56 @@ def test_compare_prints_a_table(
     assert out.read_bytes()[:4] == b"\x89PNG"
 
 
+def test_compare_names_each_curve_by_preference_and_mode(finished_run: Path) -> None:
+    run = load_run(finished_run)
+    figure = compare_figure([run, run])
+    compliance = figure.axes[0]
+    labels = [text.get_text() for text in compliance.get_legend().get_texts()]
+    assert labels == [
+        f"{name}, topk_gjs ({side})" for side in "AB" for name in ("concise", "no_emoji")
+    ]
+    low, high = compliance.get_xlim()
+    assert [t for t in compliance.get_xticks() if low <= t <= high] == [0, 1, 2]  # no 0.5
+
+
+def test_a_step_axis_shows_whole_steps_on_a_one_step_run() -> None:
+    ax = Figure().subplots()
+    ax.plot([1], [0.5], marker="o")  # one point: matplotlib pads the view to 0.945-1.055
+    whole_steps(ax)
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks == [1.0]
+
+
+def test_every_run_on_disk_reads_as_the_run_format() -> None:
+    """Every run in benchmarks/evals, whichever claas wrote it, reads back as `RunSummary` and
+    `StepLine`s, and a line written back is the line that was read."""
+    runs = sorted(path.parent for path in EVALS.glob("*/summary.json"))
+    assert runs, f"no runs under {EVALS}"
+    for run_dir in runs:
+        summary = read_summary(run_dir)
+        raw = [line for line in (run_dir / "steps.jsonl").read_text().splitlines() if line]
+        lines = read_steps(run_dir / "steps.jsonl")
+        assert len(lines) == len(raw) == summary.steps_recorded, run_dir.name
+        assert [json.loads(line.dump()) for line in lines] == [json.loads(r) for r in raw]
+        assert set(summary.lora_ids) == {line.lora_id for line in lines}
+
+
+def test_warnings_go_above_the_progress_bar(capsys: pytest.CaptureFixture[str]) -> None:
+    """A library's warning while the bar is live is written by `tqdm.write`, on a line of its
+    own above the bar, not into the bar's line."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        with tqdm(total=2, file=sys.stderr) as bar, logs_above_the_bar():
+            bar.update(1)
+            with patch.object(tqdm, "write", wraps=tqdm.write) as written:
+                warnings.warn("`foo` is deprecated", FutureWarning, stacklevel=1)
+            bar.update(1)
+    assert any(
+        "FutureWarning: `foo` is deprecated" in str(c.args[0]) for c in written.call_args_list
+    )
+    assert "FutureWarning" in capsys.readouterr().err
+
+
 def test_cli_refuses_bad_input_with_a_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -720,12 +799,15 @@ def test_the_in_process_server_lets_the_eval_batch(tmp_path: Path) -> None:
 
 
 def test_length_drift_is_no_alert_for_a_preference_that_changes_length() -> None:
-    lines: list[Any] = [
-        {"preference": "concise", "step": 1, "metrics": {"length_drift": -0.85}},
-        {"preference": "identity", "step": 1, "metrics": {"length_drift": -0.85}},
+    lines = [
+        _step(**line)
+        for line in [
+            {"preference": "concise", "step": 1, "metrics": {"length_drift": -0.85}},
+            {"preference": "identity", "step": 1, "metrics": {"length_drift": -0.85}},
+        ]
     ]
     found = alerts(lines, AlertThresholds(), changes_length={"concise"})
-    assert [(a["preference"], a["metric"]) for a in found] == [("identity", "abs_length_drift")]
+    assert [(a.preference, a.metric) for a in found] == [("identity", "abs_length_drift")]
     assert len(alerts(lines, AlertThresholds())) == 2
     assert load_preference("concise").changes_length
     assert not load_preference("identity").changes_length

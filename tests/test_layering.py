@@ -19,7 +19,10 @@ PACKAGE = Path(claas.__file__).parent
 
 # Lowest first. A module belongs to the layer of its longest matching prefix.
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("foundation", ("claas", "claas.errors", "claas.ids", "claas.records", "claas.settings")),
+    (
+        "foundation",
+        ("claas", "claas.errors", "claas.ids", "claas.records", "claas.runs", "claas.settings"),
+    ),
     ("client", ("claas.client",)),  # talks to a server over HTTP: foundation only, no torch
     ("math", ("claas.sdpo.divergence",)),
     ("services", ("claas.services", "claas.models")),

@@ -18,8 +18,8 @@ retention is reported.
 
 A run directory (`<data_dir>/evals/<run_id>/` by default) holds `config.yaml` (resolved),
 `steps.jsonl` (one line per stage and step, step 0 the baseline), `summary.json`
-(rewritten atomically after every step) and four PNG plots; see `claas.eval.report` for the
-contract with the dashboard, and `claas.eval.runner` for how a killed run resumes. The
+(rewritten atomically after every step) and four PNG plots; `claas.runs` is their format,
+which the dashboard reads too, and `claas.eval.runner` says how a killed run resumes. The
 submodules are imported where used (`claas.eval.runner.run_eval`, `claas.eval.compare`,
 `claas.eval.seeds`), so that `claas --help` does not load matplotlib.
 """

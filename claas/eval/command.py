@@ -12,7 +12,6 @@ lets it run as many generations at once as the eval's `concurrency`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import signal
 import sys
@@ -57,8 +56,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def eval_command(args: argparse.Namespace, settings: Settings) -> int:
     from claas.eval import report
-    from claas.eval.config import EvalConfigError, merge, parse_overrides, read_config_file
-    from claas.eval.runner import resolve, run_resolved
+    from claas.eval.config import (
+        EvalConfigError,
+        merge,
+        parse_overrides,
+        read_config_file,
+        resolve,
+    )
+    from claas.eval.runner import run_resolved
+    from claas.runs import read_summary
 
     if args.items[:1] == ["compare"]:
         return _compare(args)
@@ -92,11 +98,11 @@ def eval_command(args: argparse.Namespace, settings: Settings) -> int:
         return 130
     finally:
         signal.signal(signal.SIGTERM, previous)
-    summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
-    print(report.format_rows(summary["table"], SUMMARY_COLUMNS))
-    for alert in summary["alerts"]:
-        print(f"alert: {alert['preference']} step {alert['global_step']}: {alert['message']}")
-    print(f"\nrun time {report.format_seconds(summary['run_seconds'])}")
+    summary = read_summary(run_dir)
+    print(report.format_rows(summary.table, SUMMARY_COLUMNS))
+    for alert in summary.alerts:
+        print(f"alert: {alert.preference} step {alert.run_step}: {alert.message}")
+    print(f"\nrun time {report.format_seconds(summary.run_seconds or 0.0)}")
     print(f"wrote {run_dir}")
     return 0
 

@@ -7,12 +7,12 @@ Meant for two runs that differ in one setting on the same seed and prompts, typi
 
 prints, per preference, the steps to reach compliance 0.8, the final compliance and the final
 capability ratio of each run, and writes `compare.png` (compliance and capability per step, one
-line style per run) into RUN_B's parent directory or `--out`.
+line style per run, each curve named by its preference, divergence mode and run, A or B) into
+RUN_B's parent directory or `--out`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +20,24 @@ from matplotlib.figure import Figure
 
 from claas.eval import report
 from claas.eval.config import EvalConfigError
-from claas.eval.runner import read_lines
+from claas.runs import RunSummary, StepLine, read_steps, read_summary
+
+Run = tuple[RunSummary, list[StepLine]]
 
 
-def load_run(run_dir: Path) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def load_run(run_dir: Path) -> Run:
     """A run directory's summary and step lines (a run in progress too); EvalConfigError when
     it holds no readable summary."""
-    path = run_dir / "summary.json"
     try:
-        summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
+        return read_summary(run_dir), read_steps(run_dir / "steps.jsonl")
+    except (OSError, ValueError) as error:  # pydantic's ValidationError is a ValueError
         raise EvalConfigError(
-            f"{run_dir} is not a claas eval run ({path.name}: {error}); pass run directories"
+            f"{run_dir} is not a claas eval run ({error}); pass run directories"
         ) from None
-    return summary, read_lines(run_dir / "steps.jsonl")
 
 
-def _label(summary: dict[str, Any]) -> str:
-    return f"{summary.get('run_id', '?')} ({summary.get('divergence_mode', '?')})"
+def _label(summary: RunSummary) -> str:
+    return f"{summary.run_id} ({summary.divergence_mode})"
 
 
 def _fmt(value: Any) -> str:
@@ -46,9 +46,9 @@ def _fmt(value: Any) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def compare_table(a: dict[str, Any], b: dict[str, Any]) -> str:
-    rows_a = {row["preference"]: row for row in a.get("table", [])}
-    rows_b = {row["preference"]: row for row in b.get("table", [])}
+def compare_table(a: RunSummary, b: RunSummary) -> str:
+    rows_a = {str(row["preference"]): row for row in a.table}
+    rows_b = {str(row["preference"]): row for row in b.table}
     names = list(dict.fromkeys([*rows_a, *rows_b]))
     columns = [
         ("steps to 0.8", "steps_to_0.8"),
@@ -68,30 +68,36 @@ def compare_table(a: dict[str, Any], b: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def compare_plot(runs: list[tuple[dict[str, Any], list[dict[str, Any]]]], out: Path) -> Path:
-    figure = Figure(figsize=(10, 4))
-    compliance, capability = figure.subplots(1, 2)
-    for (summary, lines), style in zip(runs, ("-", "--"), strict=True):
-        names = list(dict.fromkeys(line["preference"] for line in lines))
-        for name in names:
-            for ax, key in ((compliance, "compliance"), (capability, "capability_ratio")):
-                xs, ys = report._series(lines, key, name)
-                if xs:
-                    ax.plot(
-                        xs, ys, style, marker="o", markersize=3, label=f"{name} {_label(summary)}"
-                    )
-    compliance.set_title("compliance on held-out probes")
-    compliance.axhline(report.COMPLIANCE_TARGET, color="grey", linestyle=":", linewidth=1)
-    capability.set_title("capability / baseline")
-    for ax in (compliance, capability):
-        ax.set_xlabel("step")
-        ax.grid(alpha=0.3)
-        if ax.lines:
-            ax.legend(fontsize=6)
+def compare_plot(runs: list[Run], out: Path) -> Path:
+    """Write `compare_figure` of the two runs to `out` as PNG."""
+    figure = compare_figure(runs)
     out.parent.mkdir(parents=True, exist_ok=True)
     figure.tight_layout()
     figure.savefig(out, format="png", dpi=90)
     return out
+
+
+def compare_figure(runs: list[Run]) -> Figure:
+    """Compliance and capability per step of runs A and B (solid and dashed)."""
+    figure = Figure(figsize=(10, 4))
+    compliance, capability = figure.subplots(1, 2)
+    for (summary, lines), style, side in zip(runs, ("-", "--"), "AB", strict=True):
+        names = list(dict.fromkeys(line.preference for line in lines))
+        for name in names:
+            label = f"{name}, {summary.divergence_mode} ({side})"
+            for ax, key in ((compliance, "compliance"), (capability, "capability_ratio")):
+                xs, ys = report.series(lines, key, name)
+                if xs:
+                    ax.plot(xs, ys, style, marker="o", markersize=3, label=label)
+    compliance.set_title("compliance on held-out probes")
+    compliance.axhline(report.COMPLIANCE_TARGET, color="grey", linestyle=":", linewidth=1)
+    capability.set_title("capability / baseline")
+    for ax in (compliance, capability):
+        report.whole_steps(ax)
+        ax.grid(alpha=0.3)
+        if ax.lines:
+            ax.legend(fontsize=6)
+    return figure
 
 
 def compare_runs(run_a: Path, run_b: Path, out: Path | None = None) -> tuple[str, Path]:

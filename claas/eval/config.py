@@ -7,7 +7,9 @@ Overrides use dotted keys for nesting and YAML scalars for values (`true`, `1e-4
 refused with the valid ones listed. `training` holds
 `claas.sdpo.engine.TrainingConfig` fields and `adapter` holds `claas.adapters.AdapterSpec` fields;
 fields left unset there are not sent, so the server's own defaults apply, and the resolved
-`config.yaml` of a run keeps them unset too.
+`config.yaml` of a run keeps them unset too. `resolve` gives a new run its id and directory, or
+resumes the run stored in `output_dir` from its `config.yaml`, refusing settings that would
+change its results.
 """
 
 from __future__ import annotations
@@ -238,3 +240,35 @@ def load_config(config_file: Path | None, overrides: list[str]) -> EvalConfig:
 def dump_config(config: EvalConfig) -> str:
     data = config.model_dump(mode="json")
     return yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+
+
+# Settings that change no result: a resumed run may use other values.
+_RESUME_FREE = ("concurrency", "feedback_timeout", "output_dir")
+
+
+def resolve(raw: dict[str, Any], data_dir: Path) -> tuple[EvalConfig, Path]:
+    """The run's config and directory: a new run, or the stored one in `output_dir`.
+
+    `raw` is what the user gave (file + overrides). When `output_dir` holds a run, its stored
+    config is the base and `raw` must not change anything that affects results.
+    """
+    given = validate_config(raw)
+    if given.output_dir is not None:
+        given = given.model_copy(update={"output_dir": given.output_dir.expanduser()})
+    if given.output_dir is not None and (given.output_dir / "config.yaml").is_file():
+        stored_raw = yaml.safe_load((given.output_dir / "config.yaml").read_text("utf-8"))
+        stored = validate_config(stored_raw)
+        config = validate_config(merge(stored_raw, {**raw, "run_id": stored.run_id}))
+        before, after = stored.model_dump(mode="json"), config.model_dump(mode="json")
+        changed = sorted(k for k in after if k not in _RESUME_FREE and after[k] != before[k])
+        if changed:
+            raise EvalConfigError(
+                f"{given.output_dir} holds run {stored.run_id} with other values for "
+                f"{', '.join(changed)}; to resume it, drop those settings (its config.yaml is "
+                "used), or pass a new output_dir for a new run"
+            )
+        return config.model_copy(update={"output_dir": given.output_dir}), given.output_dir
+    run_id = given.run_id or new_run_id(given.seed)
+    run_dir = (given.output_dir or data_dir / "evals" / run_id).expanduser()
+    config = given.model_copy(update={"run_id": run_id, "output_dir": run_dir})
+    return config, run_dir

@@ -18,23 +18,32 @@ answers into flat metrics (str → number) and hands back the texts it sampled:
 
     pending = [measurer.compliance(model, p) for p in preferences] + [measurer.capability(...)]
     results = [group.result() for group in pending]
+
+Answers are sampled through the official `openai` client (`claas.client.Client.openai()`), as a
+user of claas would; scores through `claas.client.Client.score`. An error answer raises
+`claas.client`'s `ClaasAPIError`, an unreachable server httpx's `TransportError`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
+import httpx
 import numpy as np
+import openai
 
+from claas.client import ClaasAPIError, Client, RateLimitError
+from claas.client.errors import api_error
 from claas.eval import collapse
 from claas.eval.capability import CapabilityQuestion, is_correct
-from claas.eval.client import Answer, ClaasClient
 from claas.eval.config import EvalConfig
 from claas.eval.preferences import Preference
+from claas.runs import Probe
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -47,13 +56,91 @@ def derive_seed(seed: int, *parts: object) -> int:
 
 
 @dataclass(frozen=True)
+class Answer:
+    """One sampled chat answer."""
+
+    completion_id: str
+    text: str
+    finish_reason: str
+    tokens: int
+    logprobs: list[float]
+
+
+def chat(
+    client: openai.OpenAI,
+    model: str,
+    prompt: str,
+    *,
+    max_tokens: int,
+    temperature: float,
+    seed: int,
+    logprobs: bool = False,
+    patience: float,
+) -> Answer:
+    """One answer to `prompt` from `model`, waiting out 429s for up to `patience` seconds.
+
+    A 429 says this owner has as many generations running as the server allows
+    (CLAAS_MAX_CONCURRENT_GENERATIONS_PER_OWNER, which the eval's concurrency may exceed): the
+    eval waits for a slot instead of failing the run.
+    """
+    deadline = time.monotonic() + patience
+    while True:
+        try:
+            completion = client.chat.completions.create(
+                model=model,
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=max_tokens,
+                temperature=temperature,
+                seed=seed,
+                logprobs=logprobs,
+            )
+            break
+        except openai.RateLimitError as error:
+            if time.monotonic() > deadline:
+                refused = _api_error(error)
+                hint = f"; waited {patience:.0f} s for a generation slot: lower concurrency"
+                raise RateLimitError(429, refused.type, refused.message + hint) from None
+            time.sleep(_retry_after(error.response.headers.get("retry-after")))
+        except openai.APIStatusError as error:
+            raise _api_error(error) from None
+        except openai.APIConnectionError as error:  # after the openai client's own retries
+            raise httpx.TransportError(f"{error} ({client.base_url})") from error
+    choice = completion.choices[0]
+    content = choice.logprobs.content if choice.logprobs is not None else None
+    return Answer(
+        completion_id=completion.id,
+        text=choice.message.content or "",
+        finish_reason=choice.finish_reason,
+        tokens=completion.usage.completion_tokens if completion.usage else 0,
+        logprobs=[float(t.logprob) for t in content or []],
+    )
+
+
+def _api_error(error: openai.APIStatusError) -> ClaasAPIError:
+    """`claas.client`'s typed error for the error answer an openai call got (openai carries
+    its answers in its own fork of httpx: the answer is copied across)."""
+    answer = error.response
+    return api_error(
+        httpx.Response(answer.status_code, headers=dict(answer.headers), content=answer.content)
+    )
+
+
+def _retry_after(header: str | None) -> float:
+    """The seconds a 429 asks to wait (1 when it does not say), within [0.1, 30]."""
+    try:
+        return min(max(float(header or "1"), 0.1), 30.0)
+    except ValueError:
+        return 1.0
+
+
+@dataclass(frozen=True)
 class Measured:
     """What one metric group found: its flat metrics, and the text of every answer it sampled
     (for `collapse.repetition_rate`, which the runner takes over the whole step)."""
 
     metrics: dict[str, float]
     texts: list[str]
-    probes: list[dict[str, Any]] = field(default_factory=list)  # compliance: one per probe
+    probes: list[Probe] = field(default_factory=list)  # compliance: one per probe
 
 
 class Pending(Generic[R]):
@@ -71,14 +158,17 @@ class Pending(Generic[R]):
 class Measurer:
     """Samples and scores through one client, `concurrency` requests in flight at a time."""
 
-    def __init__(self, client: ClaasClient, config: EvalConfig) -> None:
-        self.client = client
+    def __init__(self, claas: Client, config: EvalConfig) -> None:
+        self.claas = claas
+        # Retries ride out a lost connection or a 5xx; a 429 is waited out in `chat`.
+        self.chat_client = claas.openai().with_options(max_retries=8)
         self.config = config
         self.pool = ThreadPoolExecutor(config.concurrency, thread_name_prefix="claas-eval")
 
     def close(self) -> None:
         # A failed step leaves the rest of its requests queued: they would change nothing.
         self.pool.shutdown(wait=True, cancel_futures=True)
+        self.chat_client.close()
 
     def submit(self, function: Callable[[T], R], items: Sequence[T]) -> list[Future[R]]:
         return [self.pool.submit(function, item) for item in items]
@@ -91,10 +181,13 @@ class Measurer:
             "temperature": self.config.temperature,
             **sampling,
         }
-        return self.submit(
-            lambda job: self.client.chat(model, job[0], seed=job[1], **sampling),
-            list(zip(prompts, seeds, strict=True)),
-        )
+        patience = self.claas.timeout  # as long as any request may take
+
+        def sample(job: tuple[str, int]) -> Answer:
+            prompt, seed = job
+            return chat(self.chat_client, model, prompt, seed=seed, patience=patience, **sampling)
+
+        return self.submit(sample, list(zip(prompts, seeds, strict=True)))
 
     def answers(
         self, model: str, prompts: Sequence[str], seeds: Sequence[int], **sampling: Any
@@ -111,12 +204,7 @@ class Measurer:
         def finish(answers: list[Answer]) -> Measured:
             scores = [verifier.score(a.text, a.finish_reason) for a in answers]
             probes = [
-                {
-                    "prompt": prompt,
-                    "response": a.text,
-                    "score": score,
-                    "finish_reason": a.finish_reason,
-                }
+                Probe(prompt=prompt, response=a.text, score=score, finish_reason=a.finish_reason)
                 for prompt, a, score in zip(prompts, answers, scores, strict=True)
             ]
             metrics = {
@@ -143,7 +231,12 @@ class Measurer:
             }
             return Measured(metrics, [])  # scored, not sampled: no answers of the model's own
 
-        return Pending(self.submit(lambda job: self.client.score(model, *job), jobs), finish)
+        def score(job: tuple[str, str]) -> list[float]:
+            prompt, text = job
+            messages = [{"role": "user", "content": prompt}]
+            return self.claas.score(model, messages, text).logprobs
+
+        return Pending(self.submit(score, jobs), finish)
 
     def capability(self, model: str, questions: Sequence[CapabilityQuestion]) -> Pending[Answer]:
         questions = questions[: self.config.capability_limit]

@@ -4,11 +4,9 @@ Because everything here is a function of the step lines, a resumed run reports e
 uninterrupted one would. Files are written atomically (a temporary file, then `os.replace`), so
 the dashboard reading a run in progress never sees half a file.
 
-The contract with the dashboard (`claas.api.dashboard`): `summary.json` holds `run_id`,
-`status` (running | done | failed), `started_at`, `updated_at`, `divergence_mode`, `url`,
-`lora_ids`, `table` (one flat row per preference) and `plots` (PNG names in the directory).
-It also holds `stages` (the preference of each stage, in order), `run_seconds` (the steps' wall
-time added up, so a resumed run counts every session), `alerts` and the capability minimum.
+The files' format, which the dashboard (`claas.api.dashboard`) reads too, is `claas.runs`:
+`RunSummary` for `summary.json`, `StepLine` for a line of `steps.jsonl`. The summary's
+`run_seconds` adds up the steps' wall time, so a resumed run counts every session.
 
 A row's `final_compliance` is the preference's compliance on the last line that measured it
 (in a continual run, the run's last line); `peak_compliance` the highest on any line;
@@ -30,10 +28,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from claas.eval.config import AlertThresholds
+from claas.runs import Alert, RunStatus, RunSummary, Scalar, StepLine
 
 COMPLIANCE_TARGET = 0.8
 PLOTS = ("learning_curves.png", "capability.png", "collapse.png", "training.png")
-Line = dict[str, Any]
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -48,10 +46,10 @@ def finite(value: Any) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
-def compliance_of(line: Line, preference: str) -> float | None:
+def compliance_of(line: StepLine, preference: str) -> float | None:
     """`preference`'s compliance as measured on this line (its own or, continual, another's)."""
-    metrics = line["metrics"]
-    if line["preference"] == preference:
+    metrics = line.metrics
+    if line.preference == preference:
         return finite(metrics.get("compliance"))
     return finite(metrics.get(f"compliance.{preference}"))
 
@@ -62,8 +60,8 @@ def compliance_of(line: Line, preference: str) -> float | None:
 
 
 def alerts(
-    lines: Sequence[Line], thresholds: AlertThresholds, changes_length: Collection[str] = ()
-) -> list[dict[str, Any]]:
+    lines: Sequence[StepLine], thresholds: AlertThresholds, changes_length: Collection[str] = ()
+) -> list[Alert]:
     """Every (trained step, metric) past its threshold, in order.
 
     Length drift is no alert while a preference in `changes_length` is taught: shorter answers
@@ -79,44 +77,44 @@ def alerts(
     ]
     found = []
     for line in lines:
-        if line["step"] == 0:
+        if line.step == 0:
             continue  # a baseline past a threshold is the model's own, not training's doing
-        metrics = dict(line["metrics"])
+        metrics = dict(line.metrics)
         if "length_drift" in metrics:
             metrics["abs_length_drift"] = abs(metrics["length_drift"])
         for metric, side, limit in rules:
-            if metric == "abs_length_drift" and line["preference"] in changes_length:
+            if metric == "abs_length_drift" and line.preference in changes_length:
                 continue
             value = finite(metrics.get(metric))
             if value is None or not (value < limit if side == "below" else value > limit):
                 continue
             found.append(
-                {
-                    "preference": line["preference"],
-                    "stage": line.get("stage"),
-                    "step": line["step"],
-                    "global_step": global_step_of(line),
-                    "metric": metric,
-                    "value": value,
-                    "threshold": limit,
-                    "message": f"{metric} {value:.3g} is {side} {limit:g}",
-                }
+                Alert(
+                    preference=line.preference,
+                    stage=line.stage,
+                    step=line.step,
+                    global_step=line.run_step,
+                    metric=metric,
+                    value=value,
+                    threshold=limit,
+                    message=f"{metric} {value:.3g} is {side} {limit:g}",
+                )
             )
     return found
 
 
 def table(
-    lines: Sequence[Line], preferences: Sequence[str], found: Sequence[dict[str, Any]]
-) -> list[dict[str, Any]]:
+    lines: Sequence[StepLine], preferences: Sequence[str], found: Sequence[Alert]
+) -> list[dict[str, Scalar]]:
     """One flat row per preference, over all its stages (the dashboard renders it as is)."""
     rows = []
     for name in preferences:
-        own = [line for line in lines if line["preference"] == name]
+        own = [line for line in lines if line.preference == name]
         if not own:
             continue
-        trained = [line for line in own if line["step"] > 0]
+        trained = [line for line in own if line.step > 0]
         values = [v for line in lines if (v := compliance_of(line, name)) is not None]
-        first, last = own[0]["metrics"], own[-1]["metrics"]
+        first, last = own[0].metrics, own[-1].metrics
         # Counted in this preference's trained steps, so a stage that brings it back goes on.
         reached = [
             count
@@ -128,9 +126,9 @@ def table(
         capability = _values(own, "capability_ratio")
         trained_capability = _values(trained, "capability_ratio")
         repetition = _values(trained, "repetition_max")
-        row: dict[str, Any] = {
+        row: dict[str, Scalar] = {
             "preference": name,
-            "lora_id": own[0].get("lora_id"),
+            "lora_id": own[0].lora_id,
             "steps": len(trained),
             "baseline_compliance": finite(first.get("compliance")),
             "final_compliance": final,
@@ -144,17 +142,15 @@ def table(
             "min_capability_ratio": min(trained_capability) if trained_capability else None,
             "repetition_max": max(repetition) if repetition else None,
             "alerts": "; ".join(
-                dict.fromkeys(
-                    f"{a['metric']}@{a['global_step']}" for a in found if a["preference"] == name
-                )
+                dict.fromkeys(f"{a.metric}@{a.run_step}" for a in found if a.preference == name)
             ),
         }
         rows.append(row)
     return rows
 
 
-def _values(lines: Iterable[Line], key: str) -> list[float]:
-    return [v for line in lines if (v := finite(line["metrics"].get(key))) is not None]
+def _values(lines: Iterable[StepLine], key: str) -> list[float]:
+    return [v for line in lines if (v := finite(line.metrics.get(key))) is not None]
 
 
 def _percent(now: Any, before: Any) -> float | None:
@@ -167,36 +163,33 @@ def _percent(now: Any, before: Any) -> float | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def global_step_of(line: Line) -> int:
-    """The line's step in the whole run: where it sits on a plot's step axis (a continual run
-    numbers steps across its stages; lines older than `global_step` have only `step`)."""
-    return int(line["global_step"] if "global_step" in line else line["step"])
-
-
-def _series(
-    lines: Iterable[Line], key: str, preference: str | None = None
+def series(
+    lines: Iterable[StepLine], key: str, preference: str | None = None
 ) -> tuple[list[int], list[float]]:
+    """`key` (a metric, or `training.<name>`) against the run's step, on `preference`'s lines."""
     xs, ys = [], []
     for line in lines:
-        if preference is not None and line["preference"] != preference:
+        if preference is not None and line.preference != preference:
             continue
-        source = line["training"] if key.startswith("training.") else line["metrics"]
-        value = finite((source or {}).get(key.removeprefix("training.")))
+        source: dict[str, Any] = (
+            (line.training or {}) if key.startswith("training.") else dict(line.metrics)
+        )
+        value = finite(source.get(key.removeprefix("training.")))
         if value is not None:
-            xs.append(global_step_of(line))
+            xs.append(line.run_step)
             ys.append(value)
     return xs, ys
 
 
 def _panel(
-    ax: Axes, lines: Sequence[Line], key: str, preferences: Sequence[str], title: str
+    ax: Axes, lines: Sequence[StepLine], key: str, preferences: Sequence[str], title: str
 ) -> None:
     """One curve per preference against the run's step; a preference taught in several stages
     gets one segment per stage, in one colour, with no line across the stages between."""
     for name in preferences:
         color = None
-        for stage in dict.fromkeys(line.get("stage") for line in lines):
-            xs, ys = _series((line for line in lines if line.get("stage") == stage), key, name)
+        for stage in dict.fromkeys(line.stage for line in lines):
+            xs, ys = series((line for line in lines if line.stage == stage), key, name)
             if xs:
                 label = name if color is None else None
                 (curve,) = ax.plot(xs, ys, marker="o", markersize=3, color=color, label=label)
@@ -204,10 +197,16 @@ def _panel(
     _finish(ax, title)
 
 
+def whole_steps(ax: Axes) -> None:
+    """Label a step axis with whole steps only. `min_n_ticks=1`: with the default 2, a view
+    that holds a single whole step (one point, ±5 %) falls back to ticks like 0.96, 0.98."""
+    ax.set_xlabel("step")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+
+
 def _finish(ax: Axes, title: str) -> None:
     ax.set_title(title)
-    ax.set_xlabel("step")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    whole_steps(ax)
     ax.grid(alpha=0.3)
     if ax.lines:
         ax.legend(fontsize=7)
@@ -222,18 +221,16 @@ def _save(figure: Figure, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def plot_run(run_dir: Path, lines: Sequence[Line], preferences: Sequence[str]) -> list[str]:
+def plot_run(run_dir: Path, lines: Sequence[StepLine], preferences: Sequence[str]) -> list[str]:
     """Write the four PNGs; return their names."""
-    continual = any(k.startswith("compliance.") for line in lines for k in line["metrics"])
+    continual = any(k.startswith("compliance.") for line in lines for k in line.metrics)
 
     figure = Figure(figsize=(10, 4))
     compliance, margin = figure.subplots(1, 2)
     if continual:  # every taught preference, on every step of the sequence
         for name in preferences:
             points = [
-                (global_step_of(line), c)
-                for line in lines
-                if (c := compliance_of(line, name)) is not None
+                (line.run_step, c) for line in lines if (c := compliance_of(line, name)) is not None
             ]
             if points:
                 compliance.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)
@@ -266,7 +263,7 @@ def plot_run(run_dir: Path, lines: Sequence[Line], preferences: Sequence[str]) -
     ):
         if key == "distinct_2":
             for name in preferences:
-                xs, ys = _series(lines, "distinct_1", name)
+                xs, ys = series(lines, "distinct_1", name)
                 if xs:
                     ax.plot(xs, ys, linestyle="--", color="grey", linewidth=1)
         _panel(ax, lines, key, preferences, title)
@@ -292,13 +289,13 @@ def plot_run(run_dir: Path, lines: Sequence[Line], preferences: Sequence[str]) -
 def summary(
     *,
     run_id: str,
-    status: str,
+    status: RunStatus,
     started_at: str,
     updated_at: str,
     divergence_mode: str,
     url: str,
     lora_ids: Sequence[str],
-    lines: Sequence[Line],
+    lines: Sequence[StepLine],
     preferences: Sequence[str],
     thresholds: AlertThresholds,
     plots: Sequence[str],
@@ -306,36 +303,34 @@ def summary(
     error: str | None = None,
     changes_length: Collection[str] = (),
     stages: Sequence[str] = (),
-) -> dict[str, Any]:
+) -> RunSummary:
     found = alerts(lines, thresholds, changes_length)
-    ratios = _values((line for line in lines if line["step"] > 0), "capability_ratio")
-    body: dict[str, Any] = {
-        "run_id": run_id,
-        "status": status,
-        "started_at": started_at,
-        "updated_at": updated_at,
-        "divergence_mode": divergence_mode,
-        "url": url,
-        "lora_ids": list(lora_ids),
-        "table": table(lines, preferences, found),
-        "plots": list(plots),
-        "continual": continual,
-        "stages": list(stages or preferences),
-        "steps_recorded": len(lines),
-        "run_seconds": run_seconds(lines),
-        "alerts": found,
-        "capability_min_ratio": min(ratios) if ratios else None,
-        "capability_target": thresholds.min_capability_ratio,
-        "capability_target_met": min(ratios) >= thresholds.min_capability_ratio if ratios else None,
-    }
-    if error is not None:
-        body["error"] = error
-    return body
+    ratios = _values((line for line in lines if line.step > 0), "capability_ratio")
+    return RunSummary(
+        run_id=run_id,
+        status=status,
+        started_at=started_at,
+        updated_at=updated_at,
+        divergence_mode=divergence_mode,
+        url=url,
+        lora_ids=list(lora_ids),
+        table=table(lines, preferences, found),
+        plots=list(plots),
+        continual=continual,
+        stages=list(stages or preferences),
+        steps_recorded=len(lines),
+        run_seconds=run_seconds(lines),
+        alerts=found,
+        capability_min_ratio=min(ratios) if ratios else None,
+        capability_target=thresholds.min_capability_ratio,
+        capability_target_met=min(ratios) >= thresholds.min_capability_ratio if ratios else None,
+        error=error,
+    )
 
 
-def run_seconds(lines: Iterable[Line]) -> float:
+def run_seconds(lines: Iterable[StepLine]) -> float:
     """The steps' wall time added up (lines written before `seconds` existed count 0)."""
-    return round(sum(finite(line.get("seconds")) or 0.0 for line in lines), 3)
+    return round(sum(line.seconds or 0.0 for line in lines), 3)
 
 
 def format_seconds(seconds: float) -> str:
@@ -361,5 +356,6 @@ def format_rows(rows: Sequence[dict[str, Any]], columns: Sequence[str]) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)) for r in table)
 
 
-def write_summary(run_dir: Path, body: dict[str, Any]) -> None:
+def write_summary(run_dir: Path, summary: RunSummary) -> None:
+    body = summary.model_dump(mode="json", exclude={"error"} if summary.error is None else None)
     write_atomic(run_dir / "summary.json", json.dumps(body, indent=2, allow_nan=False) + "\n")

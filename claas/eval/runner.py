@@ -33,185 +33,78 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import json
+import logging
 import os
 import sys
 import time
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
+from claas.client import (
+    AdapterDetail,
+    Client,
+    FeedbackItem,
+    FeedbackTimeout,
+    FeedbackView,
+    NotFoundError,
+)
+from claas.errors import TrainingFailed
 from claas.eval import report
 from claas.eval.capability import load_capability_set
-from claas.eval.client import Answer, ClaasClient
 from claas.eval.collapse import repetition
-from claas.eval.config import (
-    EvalConfig,
-    EvalConfigError,
-    dump_config,
-    merge,
-    new_run_id,
-    validate_config,
-)
-from claas.eval.measure import Measurer, Pending, derive_seed
-from claas.eval.preferences import Preference, load_preference
+from claas.eval.config import EvalConfig, EvalConfigError, dump_config, resolve
+from claas.eval.measure import Answer, Measurer, Pending, derive_seed
+from claas.eval.plan import Task, distinct, load_stages, plan
+from claas.eval.preferences import Preference
+from claas.records import PENDING
+from claas.runs import Probe, Rollout, RunStatus, RunSummary, Scalar, StepLine, read_steps
 
-# Settings that change no result: a resumed run may use other values.
-_RESUME_FREE = ("concurrency", "feedback_timeout", "output_dir")
-
-
-@dataclass(frozen=True)
-class Task:
-    """One line of steps.jsonl to produce: `preference` at `step` (0 = baseline) of `stage`."""
-
-    preference: Preference
-    stage: int  # its entry's index in `preferences`
-    step: int
-    global_step: int
-    lora_id: str
-    measured: tuple[Preference, ...]  # whose compliance this step measures
-    taught_before: int  # steps of this preference in earlier stages: where its prompts go on
-
-    @property
-    def position(self) -> int:
-        """This step's number among all steps of its preference (the first stage's: `step`)."""
-        return self.taught_before + self.step
+# The longest the server holds a `wait=true` feedback call; a longer wait polls after it.
+_SERVER_WAIT = 3600.0
 
 
 def _now() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
 
 
-def plan(config: EvalConfig, stages: Sequence[Preference]) -> list[Task]:
-    """The run's lines in order, one stage (an entry of `preferences`) after another."""
-    run_id = config.run_id or ""
-    tasks = []
-    taught: dict[str, int] = {}  # preference name → its steps in the stages so far
-    for index, preference in enumerate(stages):
-        if config.continual:
-            lora_id = f"{config.owner}/{run_id}-continual"
-            measured = tuple(distinct(stages[: index + 1]))
-            offset = index * config.num_steps
-        else:
-            lora_id, measured, offset = (
-                f"{config.owner}/{run_id}-{preference.name}",
-                (preference,),
-                0,
-            )
-        before = taught.get(preference.name, 0)
-        for step in range(config.num_steps + 1):
-            tasks.append(Task(preference, index, step, offset + step, lora_id, measured, before))
-        taught[preference.name] = before + config.num_steps
-    return tasks
-
-
-def distinct(stages: Sequence[Preference]) -> list[Preference]:
-    """Each preference once, in the order it is first taught."""
-    first: dict[str, Preference] = {}
-    for preference in stages:
-        first.setdefault(preference.name, preference)
-    return list(first.values())
-
-
-def check_stages(config: EvalConfig, stages: Sequence[Preference]) -> None:
-    """A preference may come back only in a continual run, and one name means one preference."""
-    first: dict[str, Preference] = {}
-    for entry, preference in zip(config.preferences, stages, strict=True):
-        seen = first.setdefault(preference.name, preference)
-        if seen != preference:
-            raise EvalConfigError(
-                f"preferences holds two different preferences named {preference.name!r} (the "
-                f"second is {entry!r}); give one of them another `name`"
-            )
-    repeated = sorted({p.name for p in stages if sum(q.name == p.name for q in stages) > 1})
-    if repeated and not config.continual:
-        raise EvalConfigError(
-            f"preferences name {', '.join(repeated)} more than once; without continual each "
-            "preference trains its own adapter once. To teach it again after others on one "
-            "adapter, set continual=true, or drop the repeat"
-        )
-
-
-def with_examples(stages: Sequence[Preference], examples: dict[str, str]) -> list[Preference]:
-    """The stages with `examples` (name → example) replacing each named preference's own."""
-    names = [p.name for p in distinct(stages)]
-    unknown = sorted(set(examples) - set(names))
-    if unknown:
-        raise EvalConfigError(
-            f"examples name {', '.join(map(repr, unknown))}, which this run does not teach "
-            f"({', '.join(names)}); key examples by a preference's name"
-        )
-    return [
-        p.model_copy(update={"example": examples[p.name]}) if p.name in examples else p
-        for p in stages
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
-# The run directory
-# ---------------------------------------------------------------------------------------------
-
-
-def resolve(raw: dict[str, Any], data_dir: Path) -> tuple[EvalConfig, Path]:
-    """The run's config and directory: a new run, or the stored one in `output_dir`.
-
-    `raw` is what the user gave (file + overrides). When `output_dir` holds a run, its stored
-    config is the base and `raw` must not change anything that affects results.
-    """
-    given = validate_config(raw)
-    if given.output_dir is not None:
-        given = given.model_copy(update={"output_dir": given.output_dir.expanduser()})
-    if given.output_dir is not None and (given.output_dir / "config.yaml").is_file():
-        stored_raw = yaml.safe_load((given.output_dir / "config.yaml").read_text("utf-8"))
-        stored = validate_config(stored_raw)
-        config = validate_config(merge(stored_raw, {**raw, "run_id": stored.run_id}))
-        before, after = stored.model_dump(mode="json"), config.model_dump(mode="json")
-        changed = sorted(k for k in after if k not in _RESUME_FREE and after[k] != before[k])
-        if changed:
-            raise EvalConfigError(
-                f"{given.output_dir} holds run {stored.run_id} with other values for "
-                f"{', '.join(changed)}; to resume it, drop those settings (its config.yaml is "
-                "used), or pass a new output_dir for a new run"
-            )
-        return config.model_copy(update={"output_dir": given.output_dir}), given.output_dir
-    run_id = given.run_id or new_run_id(given.seed)
-    run_dir = (given.output_dir or data_dir / "evals" / run_id).expanduser()
-    config = given.model_copy(update={"run_id": run_id, "output_dir": run_dir})
-    return config, run_dir
-
-
-def read_lines(path: Path) -> list[dict[str, Any]]:
-    """steps.jsonl's complete lines, up to a half-written one (a kill mid-write); read only."""
-    if not path.exists():
-        return []
-    lines = []
-    for raw in path.read_text(encoding="utf-8").splitlines():
-        if not raw.strip():
-            continue
-        try:
-            lines.append(json.loads(raw))
-        except json.JSONDecodeError:
-            break  # only the last line can be torn: steps.jsonl is append-only
-    return lines
-
-
-def repair_lines(path: Path) -> list[dict[str, Any]]:
-    """`read_lines`, and rewrite the file without a torn last line so appends start clean."""
-    lines = read_lines(path)
+def repair_lines(path: Path) -> list[StepLine]:
+    """steps.jsonl's complete lines; the file rewritten without a torn last line (a kill
+    mid-write) so that appends start clean."""
+    try:
+        lines = read_steps(path)
+    except ValueError as error:  # a bad line before the last: not a kill's doing
+        raise EvalConfigError(f"{error}; repair that line, or pass a new output_dir") from None
     if path.exists() and len(path.read_text(encoding="utf-8").splitlines()) != len(lines):
-        report.write_atomic(path, "".join(json.dumps(line) + "\n" for line in lines))
+        report.write_atomic(path, "".join(line.dump() + "\n" for line in lines))
     return lines
 
 
-def append_line(path: Path, line: dict[str, Any]) -> None:
+def append_line(path: Path, line: StepLine) -> None:
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(line, allow_nan=False) + "\n")
+        handle.write(line.dump() + "\n")
         handle.flush()
         os.fsync(handle.fileno())
+
+
+@contextlib.contextmanager
+def logs_above_the_bar() -> Iterator[None]:
+    """While the progress bar is live, Python warnings (a library's FutureWarning) and log
+    records are written above it through `tqdm.write` instead of through its line."""
+    shown = warnings.showwarning
+    logging.captureWarnings(True)  # warnings become records of the `py.warnings` logger
+    turned_on = warnings.showwarning is not shown
+    try:
+        with logging_redirect_tqdm([logging.getLogger(), logging.getLogger("uvicorn")]):
+            yield
+    finally:
+        if turned_on:
+            logging.captureWarnings(False)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,22 +113,20 @@ def append_line(path: Path, line: dict[str, Any]) -> None:
 
 
 class EvalRun:
-    def __init__(self, config: EvalConfig, run_dir: Path, client: ClaasClient, url: str) -> None:
+    def __init__(self, config: EvalConfig, run_dir: Path, claas: Client, url: str) -> None:
         self.config = config
         self.run_dir = run_dir
-        self.client = client
+        self.claas = claas
         self.url = url
-        stages = [load_or_explain(name) for name in config.preferences]
-        check_stages(config, stages)
-        self.stages = with_examples(stages, config.examples)
+        self.stages = load_stages(config)
         self.preferences = distinct(self.stages)
         self.questions = load_capability_set()
         self.tasks = plan(config, self.stages)
         self.lines_path = run_dir / "steps.jsonl"
-        self.lines: list[dict[str, Any]] = []
+        self.lines: list[StepLine] = []
         self.started_at = _now()
         self.divergence_mode: str = config.training.divergence_mode
-        self.measurer = Measurer(client, config)
+        self.measurer = Measurer(claas, config)
 
     @property
     def lora_ids(self) -> list[str]:
@@ -248,19 +139,23 @@ class EvalRun:
         self._check_prefix()
         previous = self.run_dir / "summary.json"
         if previous.exists():
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                self.started_at = str(json.loads(previous.read_text("utf-8"))["started_at"])
+            with contextlib.suppress(ValueError):
+                summary = RunSummary.model_validate_json(previous.read_bytes())
+                self.started_at = summary.started_at
         for line in self.lines:
-            mode = (line.get("training") or {}).get("divergence_mode")
+            mode = (line.training or {}).get("divergence_mode")
             self.divergence_mode = mode if isinstance(mode, str) else self.divergence_mode
         clock = time.monotonic()
         try:
             self._write_summary("running")
             todo = self.tasks[len(self.lines) :]
             ready: set[str] = set()
-            with tqdm(
-                total=len(self.tasks), initial=len(self.lines), desc="claas eval", unit="step"
-            ) as bar:
+            with (
+                tqdm(
+                    total=len(self.tasks), initial=len(self.lines), desc="claas eval", unit="step"
+                ) as bar,
+                logs_above_the_bar(),
+            ):
                 for task in todo:
                     if task.lora_id not in ready:
                         self._prepare_adapter(task.lora_id)
@@ -273,7 +168,7 @@ class EvalRun:
                         preference=task.preference.name,
                         stage=task.stage,
                         step=task.step,
-                        compliance=f"{line['metrics'].get('compliance', float('nan')):.2f}",
+                        compliance=f"{line.metrics.get('compliance', float('nan')):.2f}",
                     )
                     bar.update(1)
         except BaseException as error:
@@ -301,63 +196,93 @@ class EvalRun:
                     "it belongs to another run: use a new output_dir"
                 )
             task = self.tasks[index]
-            name = line.get("preference")
-            only = stages_of.get(str(name), [])
-            stage = line.get("stage", only[0] if len(only) == 1 else None)
-            if (name, stage, line.get("step")) != (task.preference.name, task.stage, task.step):
+            name = line.preference
+            only = stages_of.get(name, [])
+            stage = line.stage if line.stage is not None else (only[0] if len(only) == 1 else None)
+            if (name, stage, line.step) != (task.preference.name, task.stage, task.step):
                 raise EvalConfigError(
                     f"{self.lines_path} line {index + 1} is {name} stage {stage} step "
-                    f"{line.get('step')}, but this run's plan has {task.preference.name} stage "
+                    f"{line.step}, but this run's plan has {task.preference.name} stage "
                     f"{task.stage} step {task.step} there; use a new output_dir"
                 )
 
     def _prepare_adapter(self, lora_id: str) -> None:
         """Make the adapter's current version the one its last recorded line measured."""
-        recorded = [line for line in self.lines if line.get("lora_id") == lora_id]
-        adapter = self.client.get_adapter(lora_id)
+        recorded = [line for line in self.lines if line.lora_id == lora_id]
+        adapter = self._adapter(lora_id)
         if adapter is not None:
-            self.client.wait_idle(lora_id, self.config.feedback_timeout)
-            adapter = self.client.get_adapter(lora_id)
+            self._wait_idle(lora_id)
+            adapter = self._adapter(lora_id)
         if not recorded:
             if adapter is not None:  # made by a run killed before its baseline was written
-                self.client.delete_adapter(lora_id)
+                self.claas.adapters.delete(lora_id)
             spec = self.config.adapter.model_dump(mode="json", exclude_unset=True)
             # From the seed and the role, not the run id: runs compared on one seed start alike.
             role = lora_id.removeprefix(f"{self.config.owner}/{self.config.run_id}-")
             spec.setdefault("seed", derive_seed(self.config.seed, "adapter", role))
-            self.client.create_adapter(lora_id, spec)
+            self.claas.adapters.create(lora_id, **spec)
             return
-        expected = int(recorded[-1]["adapter_version"])
+        expected = recorded[-1].adapter_version
         if adapter is None:
             raise EvalConfigError(
                 f"adapter {lora_id}, recorded in {self.lines_path}, is not on {self.url}; resume "
                 "against the server the run used, or pass a new output_dir"
             )
-        if adapter["current_version"] != expected:
-            self.client.rollback(lora_id, expected)
+        if expected is not None and adapter.current_version != expected:
+            self.claas.adapters.rollback(lora_id, expected)
 
-    def _do(self, task: Task, clock: float) -> dict[str, Any]:
+    def _adapter(self, lora_id: str) -> AdapterDetail | None:
+        try:
+            return self.claas.adapters.get(lora_id)
+        except NotFoundError:
+            return None
+
+    def _wait_idle(self, lora_id: str) -> None:
+        """Wait until no feedback for `lora_id` is queued or running (a killed run's last);
+        FeedbackTimeout after `feedback_timeout` seconds."""
+        timeout = self.config.feedback_timeout
+        deadline = time.monotonic() + timeout
+        while pending := [v for v in self.claas.feedback.log(lora_id) if v.status in PENDING]:
+            left = max(deadline - time.monotonic(), 0.0)
+            try:
+                self.claas.feedback.wait(pending[-1].feedback_id, timeout=left, interval=1.0)
+            except FeedbackTimeout as waited:  # say how long in all, not the last part
+                raise FeedbackTimeout(waited.feedback, timeout) from None
+
+    def _send(self, items: list[FeedbackItem]) -> FeedbackView:
+        """Send one feedback request and wait until it is trained; TrainingFailed if it failed,
+        FeedbackTimeout after `feedback_timeout` seconds."""
+        timeout = self.config.feedback_timeout
+        try:
+            done = self.claas.feedback.send_and_wait(*items, timeout=min(timeout, _SERVER_WAIT))
+        except FeedbackTimeout as waited:  # the server's wait ran out first
+            done = self.claas.feedback.wait(waited.feedback.feedback_id, timeout, interval=1.0)
+        if done.status == "failed":
+            raise TrainingFailed(f"feedback {done.feedback_id} failed to train: {done.error}")
+        return done
+
+    def _do(self, task: Task, clock: float) -> StepLine:
         started = time.monotonic()
         trained = Trained([], None, [])
         if task.step > 0:
             trained = self._train(task)
         metrics, probes = self._measure(task, trained.texts)
-        adapter = self.client.get_adapter(task.lora_id) or {}
-        return {
-            "preference": task.preference.name,
-            "stage": task.stage,
-            "step": task.step,
-            "global_step": task.global_step,
-            "lora_id": task.lora_id,
-            "adapter_version": adapter.get("current_version"),
-            "timestamp": _now(),
-            "elapsed_seconds": round(time.monotonic() - clock, 3),  # since this session began
-            "seconds": round(time.monotonic() - started, 3),  # this step's wall time
-            "metrics": metrics,
-            "training": trained.training,
-            "rollouts": trained.rollouts,
-            "probes": probes,
-        }
+        adapter = self._adapter(task.lora_id)
+        return StepLine(
+            preference=task.preference.name,
+            stage=task.stage,
+            step=task.step,
+            global_step=task.global_step,
+            lora_id=task.lora_id,
+            adapter_version=adapter.current_version if adapter is not None else None,
+            timestamp=_now(),
+            elapsed_seconds=round(time.monotonic() - clock, 3),  # since this session began
+            seconds=round(time.monotonic() - started, 3),  # this step's wall time
+            metrics=metrics,
+            training=trained.training,
+            rollouts=trained.rollouts,
+            probes=probes,
+        )
 
     def _train(self, task: Task) -> Trained:
         prompts = task.preference.training_prompts
@@ -375,35 +300,29 @@ class EvalRun:
         sent = [(p, a) for p, a in zip(batch, answers, strict=True) if a.tokens > 0]
         shown = {"example": preference.example} if preference.example is not None else {}
         rollouts = [
-            {"prompt": p, "response": a.text, "feedback": preference.feedback, **shown}
+            Rollout(prompt=p, response=a.text, feedback=preference.feedback, **shown)
             for p, a in sent
         ]
         texts = [a.text for a in answers]
         items = [self._item(a, preference) for _, a in sent]
         if not items:
             return Trained(rollouts, None, texts)
-        status = self.client.feedback(items, self.config.feedback_timeout)
-        training = _training_metrics(status)
+        training = _training_metrics(self._send(items))
         mode = training.get("divergence_mode")
         if isinstance(mode, str):
             self.divergence_mode = mode
         return Trained(rollouts, training if self.config.wants("training") else None, texts)
 
-    def _item(self, answer: Answer, preference: Preference) -> dict[str, Any]:
-        item: dict[str, Any] = {
-            "completion_id": answer.completion_id,
-            "feedback": preference.feedback,
-        }
-        if preference.example is not None:
-            item["example"] = preference.example
+    def _item(self, answer: Answer, preference: Preference) -> FeedbackItem:
         training = self.config.training.model_dump(mode="json", exclude_unset=True)
-        if training:
-            item["training"] = training
-        return item
+        return FeedbackItem(
+            completion_id=answer.completion_id,
+            feedback=preference.feedback,
+            example=preference.example,
+            training=training or None,
+        )
 
-    def _measure(
-        self, task: Task, sampled: list[str]
-    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    def _measure(self, task: Task, sampled: list[str]) -> tuple[dict[str, float], list[Probe]]:
         """Every measurement of the step, submitted together, then collected in a fixed order.
 
         `sampled` holds the texts the step has sampled already (its rollouts), for repetition.
@@ -422,7 +341,7 @@ class EvalRun:
             groups.append(measurer.collapse(model, task.preference))
 
         metrics: dict[str, float] = {}
-        probes: list[dict[str, Any]] = []
+        probes: list[Probe] = []
         texts = list(sampled)
         for name, pending in compliance.items():
             found = pending.result()
@@ -444,10 +363,10 @@ class EvalRun:
         """Ratios against baselines: capability against the adapter's first line, entropy and
         length against this preference's first baseline (this line, at its first step 0): a
         stage that brings it back carries on from its drift so far instead of hiding it."""
-        adapter_lines = [line for line in self.lines if line["lora_id"] == task.lora_id]
-        own = [line for line in adapter_lines if line["preference"] == task.preference.name]
-        first = adapter_lines[0]["metrics"] if adapter_lines else metrics
-        base = own[0]["metrics"] if own else metrics
+        adapter_lines = [line for line in self.lines if line.lora_id == task.lora_id]
+        own = [line for line in adapter_lines if line.preference == task.preference.name]
+        first = adapter_lines[0].metrics if adapter_lines else metrics
+        base = own[0].metrics if own else metrics
         if "capability_accuracy" in metrics and first.get("capability_accuracy"):
             metrics["capability_ratio"] = (
                 metrics["capability_accuracy"] / first["capability_accuracy"]
@@ -457,7 +376,7 @@ class EvalRun:
         if "mean_length" in metrics and base.get("mean_length"):
             metrics["length_drift"] = metrics["mean_length"] / base["mean_length"] - 1.0
 
-    def _write_summary(self, status: str, error: str | None = None) -> None:
+    def _write_summary(self, status: RunStatus, error: str | None = None) -> None:
         plots = report.plot_run(self.run_dir, self.lines, [p.name for p in self.preferences])
         body = report.summary(
             run_id=self.config.run_id or "",
@@ -484,30 +403,23 @@ class Trained:
     """A step's training half: its rollouts as recorded, the engine's metrics (None when not
     asked for or nothing was sent), and the text of every answer sampled."""
 
-    rollouts: list[dict[str, Any]]
-    training: dict[str, Any] | None
+    rollouts: list[Rollout]
+    training: dict[str, Scalar] | None
     texts: list[str]
 
 
-def _training_metrics(status: dict[str, Any]) -> dict[str, Any]:
+def _training_metrics(done: FeedbackView) -> dict[str, Scalar]:
     """The engine's scalar metrics of one trained feedback request, plus where it went."""
-    metrics = status.get("metrics") or {}
-    training: dict[str, Any] = {
+    metrics = done.metrics
+    training: dict[str, Scalar] = {
         k: v for k, v in metrics.items() if isinstance(v, int | float | str) and k != "coalesced"
     }
     timings = metrics.get("timings")
     if isinstance(timings, dict):
         training["train_seconds"] = float(sum(timings.values()))
-    training["feedback_id"] = status.get("feedback_id")
-    training["version"] = status.get("version")
+    training["feedback_id"] = done.feedback_id
+    training["version"] = done.version
     return training
-
-
-def load_or_explain(name: str) -> Preference:
-    try:
-        return load_preference(name)
-    except ValueError as error:
-        raise EvalConfigError(str(error)) from None
 
 
 def run_eval(
@@ -528,8 +440,5 @@ def run_resolved(
         file=sys.stderr,
         flush=True,
     )
-    client = ClaasClient(url, api_key, timeout=config.feedback_timeout)
-    try:
-        return EvalRun(config, run_dir, client, label or url).run()
-    finally:
-        client.close()
+    with Client(url, api_key, timeout=config.feedback_timeout) as claas:
+        return EvalRun(config, run_dir, claas, label or url).run()

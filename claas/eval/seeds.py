@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict
 from claas.eval import report
 from claas.eval.compare import load_run
 from claas.eval.config import EvalConfigError
+from claas.runs import RunSummary, Scalar, StepLine
 
 # The margin moves before sampled answers do: on a small model often the first sign of learning.
 KEY_COLUMNS = (
@@ -40,7 +41,7 @@ KEY_COLUMNS = (
     "min_capability_ratio",
     "repetition_max",
 )
-Run = tuple[Path, dict[str, Any], list[report.Line]]  # run dir, summary, step lines
+Run = tuple[Path, RunSummary, list[StepLine]]  # run dir, summary, step lines
 StepValues = dict[int, dict[str, float]]  # global step → key → value, of one run
 
 
@@ -107,31 +108,23 @@ class SeedsReport(BaseModel):
 
 
 def step_values(
-    lines: Sequence[report.Line], preferences: Sequence[str], continual: bool
+    lines: Sequence[StepLine], preferences: Sequence[str], continual: bool
 ) -> StepValues:
     """Per global step, each measured preference's compliance and the capability ratio (of the
     one adapter, or continual=False of each preference's own), from the first line at that step
     that has them: a continual stage's baseline re-measures the previous stage's last step."""
     steps: StepValues = {}
     for line in lines:
-        values = steps.setdefault(report.global_step_of(line), {})
+        values = steps.setdefault(line.run_step, {})
         for name in preferences:
             compliance = report.compliance_of(line, name)
             if compliance is not None:
                 values.setdefault(f"compliance.{name}", compliance)
-        ratio = report.finite(line["metrics"].get("capability_ratio"))
+        ratio = report.finite(line.metrics.get("capability_ratio"))
         if ratio is not None:
-            key = "capability_ratio" if continual else f"capability_ratio.{line['preference']}"
+            key = "capability_ratio" if continual else f"capability_ratio.{line.preference}"
             values.setdefault(key, ratio)
     return steps
-
-
-def _stages(summary: dict[str, Any]) -> list[str]:
-    """The run's stages; a summary written before they were recorded has one per row."""
-    stages = summary.get("stages")
-    if isinstance(stages, list):
-        return [str(name) for name in stages]
-    return [str(row.get("preference")) for row in summary.get("table", [])]
 
 
 def _seed(run_dir: Path) -> int | None:
@@ -152,10 +145,10 @@ def seeds_report(run_dirs: Sequence[Path]) -> SeedsReport:
         )
     runs: list[Run] = [(run_dir, *load_run(run_dir)) for run_dir in run_dirs]
     _check_alike(runs)
-    stages, continual = _stages(runs[0][1]), bool(runs[0][1].get("continual"))
+    stages, continual = runs[0][1].stage_names, runs[0][1].continual
     names = list(dict.fromkeys(stages))
     per_run = [step_values(lines, names, continual) for _, _, lines in runs]
-    tables = [{row.get("preference"): row for row in s.get("table", [])} for _, s, _ in runs]
+    tables = [{row.get("preference"): row for row in s.table} for _, s, _ in runs]
     return SeedsReport(
         stages=stages,
         continual=continual,
@@ -167,16 +160,16 @@ def seeds_report(run_dirs: Sequence[Path]) -> SeedsReport:
 
 def _check_alike(runs: Sequence[Run]) -> None:
     first_dir, first, _ = runs[0]
-    expected = (_stages(first), bool(first.get("continual")))
+    expected = (first.stage_names, first.continual)
     for run_dir, summary, _ in runs[1:]:
-        found = (_stages(summary), bool(summary.get("continual")))
+        found = (summary.stage_names, summary.continual)
         if found != expected:
             raise EvalConfigError(
                 f"{run_dir} teaches {found[0]} (continual: {found[1]}), but {first_dir} teaches "
                 f"{expected[0]} (continual: {expected[1]}); pass runs of one config that differ "
                 "only in seed"
             )
-    ids = [str(summary.get("run_id")) for _, summary, _ in runs]
+    ids = [summary.run_id for _, summary, _ in runs]
     if len(set(ids)) != len(ids):
         raise EvalConfigError(f"runs {ids} include one run twice; pass each run directory once")
 
@@ -185,15 +178,15 @@ def _seed_run(run: Run) -> SeedRun:
     run_dir, summary, lines = run
     return SeedRun(
         run_dir=str(run_dir),
-        run_id=str(summary.get("run_id")),
+        run_id=summary.run_id,
         seed=_seed(run_dir),
-        status=str(summary.get("status")),
-        run_seconds=report.finite(summary.get("run_seconds")) or report.run_seconds(lines),
+        status=summary.status,
+        run_seconds=summary.run_seconds or report.run_seconds(lines),
     )
 
 
 def _preference_spread(
-    name: str, tables: Sequence[dict[Any, dict[str, Any]]], per_run: Sequence[StepValues]
+    name: str, tables: Sequence[dict[Any, dict[str, Scalar]]], per_run: Sequence[StepValues]
 ) -> PreferenceSpread:
     columns = {
         column: Spread.of(table.get(name, {}).get(column) for table in tables)
