@@ -36,7 +36,7 @@ router = APIRouter(prefix="/v1")
             "model": FeedbackView | ClaasFeedbackResponse,
             "description": "Trained (with wait=true, or a CLaaS body): the finished request.",
         },
-        **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 429, 503),
         500: {"model": ErrorEnvelope, "description": "A CLaaS body's request failed to train."},
     },
 )
