@@ -11,10 +11,10 @@ import asyncio
 
 from fastapi import APIRouter, Query, Response
 
+from claas.api.claas_schemas import ClaasFeedbackBatch, ClaasFeedbackResponse, FeedbackBody
 from claas.api.deps import Caller, RuntimeDep
 from claas.api.errors import ErrorEnvelope, error_responses
 from claas.api.routes import claas_compat
-from claas.api.routes.claas_compat import ClaasFeedbackBatch, ClaasFeedbackResponse, FeedbackBody
 from claas.api.schemas import (
     MAX_OFFSET,
     FeedbackAccepted,
