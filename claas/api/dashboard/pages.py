@@ -126,18 +126,15 @@ class Pages:
         self.signed_in = signed_in
 
     def render(self, page: Page, viewer: Principal | None) -> HTMLResponse:
-        html = (
-            _environment()
-            .get_template(page.template)
-            .render(
-                viewer=viewer,
-                viewer_label=self._label(viewer),
-                signed_in=self.signed_in,
-                title=page.title,
-                section=page.section,
-                refresh=REFRESH_SECONDS if page.refresh else None,
-                **page.context,
-            )
+        template = _environment().get_template(page.template)
+        html = template.render(
+            viewer=viewer,
+            viewer_label=self._label(viewer),
+            signed_in=self.signed_in,
+            title=page.title,
+            section=page.section,
+            refresh=REFRESH_SECONDS if page.refresh else None,
+            **page.context,
         )
         return HTMLResponse(html, page.status_code, headers=SECURITY_HEADERS)
 

@@ -44,7 +44,6 @@ from claas.api.openai_responses import (
     TextChoice,
     TextCompletion,
 )
-from claas.api.serving import StreamedAnswer, unless_client_leaves
 from claas.chat import ModelTarget, new_completion_id
 from claas.errors import AdapterNotFound, ClaasError, InvalidRequest
 from claas.ids import validate_lora_id
@@ -113,12 +112,12 @@ async def chat_completions(
     top_k = (body.top_logprobs or 0) if body.logprobs else 0
     slot = runtime.chat.generations.take(_generation_owner(target, caller))
     if body.stream:
-        asked = StreamedAnswer(
+        asked = serving.StreamedAnswer(
             "chat.completion.chunk", target, prompt, messages, params, body, body.logprobs, top_k
         )
         return serving.stream(runtime, asked, slot)
     with slot:
-        completion = await unless_client_leaves(
+        completion = await serving.unless_client_leaves(
             request,
             runtime.chat.complete(target, prompt, messages, params, body.n, top_logprobs=top_k),
         )
@@ -155,12 +154,12 @@ async def completions(
     top_k = body.logprobs or 0
     slot = runtime.chat.generations.take(_generation_owner(target, caller))
     if body.stream:
-        asked = StreamedAnswer(
+        asked = serving.StreamedAnswer(
             "text_completion", target, prompt, messages, params, body, wants_logprobs, top_k
         )
         return serving.stream(runtime, asked, slot)
     with slot:
-        completion = await unless_client_leaves(
+        completion = await serving.unless_client_leaves(
             request,
             runtime.chat.complete(
                 target,
