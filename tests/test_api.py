@@ -44,7 +44,7 @@ from serving import (
 )
 from sqlalchemy import text
 
-from claas.api.dashboard import feedback_rows
+from claas.api.dashboard.feedback_log import feedback_rows
 from claas.models import LoadedModel
 from claas.sdpo.prompts import EXAMPLE_INTRO, chat_prompt_tokens
 

@@ -22,7 +22,7 @@ from matplotlib.figure import Figure
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from serving import LiveServer, bearer, chat, create, make_server, train_once
 
-from claas.api.dashboard import COOKIE
+from claas.api.auth import DASHBOARD_COOKIE as COOKIE
 from claas.sdpo.prompts import INSTRUCTION_PREFIX
 
 REPO = Path(__file__).resolve().parent.parent

@@ -39,6 +39,7 @@ from serving import (
     save_tiny_model,
 )
 
+from claas.errors import ServiceClosed
 from claas.models import tiny_llama
 from claas.runtime import Runtime
 from claas.settings import Settings
@@ -164,6 +165,20 @@ def test_quotas_on_adapters_rank_and_queued_feedback(keyed: LiveServer) -> None:
     # bob's queue is his own
     bob_answer = chat(keyed, "bob/a", h=BOB).json()["id"]
     assert _feedback(keyed, BOB, completion_id=bob_answer).status_code == 202
+
+
+def test_a_service_shutting_down_answers_503_with_retry_after(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def closed(*args: Any, **kwargs: Any) -> Any:
+        raise ServiceClosed("the queue is shutting down; nothing was queued", retry_after=7)
+
+    monkeypatch.setattr(server.runtime.queue, "admit", closed)
+    answer = chat(server, server.runtime.base_model).json()["id"]
+    refused = _feedback(server, {}, completion_id=answer)
+    assert refused.status_code == 503
+    assert refused.headers["retry-after"] == "7"
+    assert refused.json()["error"]["type"] == "ServiceClosed"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,8 +325,9 @@ def test_deleting_an_adapter_while_it_trains_is_clean(
 def test_the_schema_documents_every_status_with_the_real_error_body(server: LiveServer) -> None:
     schema = server.client.get("/openapi.json").json()
     envelope = {"$ref": "#/components/schemas/ErrorEnvelope"}
+    feedback = {"200", "202", "401", "403", "404", "409", "413", "422", "429", "503"}
     expected = {
-        ("post", "/v1/feedback"): {"200", "202", "401", "403", "404", "409", "413", "422", "429"},
+        ("post", "/v1/feedback"): feedback,
         ("post", "/v1/adapters"): {"201", "401", "403", "409", "413", "422"},
         ("get", "/v1/adapters/{owner}/{name}"): {"200", "401", "403", "404", "422"},
         ("post", "/v1/chat/completions"): {"200", "401", "403", "404", "409", "413", "422"},

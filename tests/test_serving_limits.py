@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from serving import ALICE, BOB, HELLO, OWNER_KEYS, LiveServer, chat, create, make_server
 
-from claas.api.schemas import COMPLETION_MAX_TOKENS
+from claas.api.openai_requests import COMPLETION_MAX_TOKENS
 from claas.chat import GenerationSlots
 from claas.errors import TooManyRequests
 from claas.services.local.scheduler import ContinuousDecoder

@@ -3,7 +3,7 @@
 `create_app` assembles it: middleware (`middleware`), one error body and its handlers
 (`errors`), and one router per feature (`routes/`), whose routes are thin: they validate with
 pydantic (`schemas`), reach the runtime through `deps`, and leave the mapping of domain errors
-to status codes to `errors`. The /dashboard pages are `dashboard`.
+to status codes to `errors`. The /dashboard pages are the `dashboard` package.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from claas import __version__
-from claas.api.dashboard import dashboard_router
+from claas.api.dashboard import routes as dashboard
 from claas.api.deps import Tokenizing
 from claas.api.errors import add_exception_handlers
 from claas.api.middleware import Metrics, add_middleware
@@ -59,10 +59,11 @@ def create_app(runtime: Runtime) -> FastAPI:
     document_limits(app, runtime)
     add_middleware(app, runtime, metrics)
     add_exception_handlers(app)
+    dashboard.add_login_redirect(app)
     app.include_router(openai.router)
     app.include_router(feedback.router)
     app.include_router(adapters.router)
     app.include_router(claas_compat.router)
-    app.include_router(dashboard_router(runtime))
+    app.include_router(dashboard.router)
     app.include_router(system.router)
     return app

@@ -15,6 +15,9 @@ from claas.errors import ClaasError
 from claas.ids import check_owner, visible_to
 from claas.settings import Settings
 
+# The dashboard's cookie: a browser's key, set by its login form (HttpOnly, SameSite=Strict).
+DASHBOARD_COOKIE = "claas_dashboard_key"
+
 
 class Unauthorized(ClaasError):
     status_code = 401
@@ -50,13 +53,19 @@ def principal_for_key(settings: Settings, key: str) -> Principal | None:
     return Principal(owner=owners[0]) if owners else None
 
 
+def bearer_key(authorization: str) -> str | None:
+    """The key of an `Authorization: Bearer <key>` header (possibly empty); None for no such
+    header."""
+    if not authorization.startswith("Bearer "):
+        return None
+    return authorization.removeprefix("Bearer ").strip()
+
+
 def bearer_principal(settings: Settings, authorization: str) -> Principal:
     """The caller of an API request from its `Authorization` header; 401 if none or unknown."""
     if not keys_configured(settings):
         return Principal(owner=None)
-    key = (
-        authorization.removeprefix("Bearer ").strip() if authorization.startswith("Bearer ") else ""
-    )
+    key = bearer_key(authorization)
     if not key:
         raise Unauthorized("missing API key; send 'Authorization: Bearer <key>'")
     principal = principal_for_key(settings, key)

@@ -21,9 +21,9 @@ from claas.runtime import Runtime
 class Tokenizing:
     """Tokenise off the event loop, on one thread.
 
-    Tokenising a long prompt takes a while (about 0.6 s for 800 KB): doing it on a thread keeps
-    health checks and streams flowing, and one thread means the tokenizer is never used by two
-    requests at once.
+    Tokenising a long prompt takes a noticeable while (benchmarks/tokenizing.md): doing it on a
+    thread keeps health checks and streams flowing, and one thread means the tokenizer is never
+    used by two requests at once.
     """
 
     def __init__(self, runtime: Runtime) -> None:

@@ -47,7 +47,8 @@ _STATUS_MEANING = {
     422: "A field is invalid; the message names it.",
     429: "The owner is at a limit of work in flight (feedback queued, generations running); "
     "retry after `Retry-After` seconds.",
-    503: "The server is not ready.",
+    503: "The server is not ready, or is shutting down (nothing was queued); retry after "
+    "`Retry-After` seconds.",
 }
 
 
@@ -64,6 +65,15 @@ def error_body(code: int, message: str, kind: str, param: str | None = None) -> 
 
 def domain_error_body(error: ClaasError) -> dict[str, Any]:
     return error_body(error.status_code, str(error), type(error).__name__, error.param)
+
+
+def internal_error_body(error: Exception) -> dict[str, Any]:
+    """The 500 of an exception nothing expected: the app's answer, or a stream's last event."""
+    message = (
+        f"internal error ({type(error).__name__}); the server keeps running. Retry, and "
+        "report it with the request if it persists"
+    )
+    return error_body(500, message, "InternalError")
 
 
 class ErrorResponse(JSONResponse):
@@ -124,11 +134,7 @@ def _leaf_routes(routes: Iterable[Any]) -> Iterator[Any]:
 
 
 async def _unexpected(request: Request, error: Exception) -> JSONResponse:
-    message = (
-        f"internal error ({type(error).__name__}); the server keeps running. Retry, and "
-        "report it with the request if it persists"
-    )
-    return ErrorResponse(error_body(500, message, "InternalError"), 500)
+    return ErrorResponse(internal_error_body(error), 500)
 
 
 def add_exception_handlers(app: FastAPI) -> None:

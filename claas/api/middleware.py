@@ -23,8 +23,7 @@ from starlette.datastructures import Headers
 from starlette.middleware.base import BaseHTTPMiddleware, RequestResponseEndpoint
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from claas.api.auth import keys_configured, principal_for_key
-from claas.api.dashboard import COOKIE
+from claas.api.auth import DASHBOARD_COOKIE, bearer_key, keys_configured, principal_for_key
 from claas.api.errors import domain_error_body
 from claas.errors import ClaasError
 from claas.logs import current_request_id
@@ -188,10 +187,9 @@ class RequestLog:
         if not keys_configured(self.settings):
             return {"owner": None, "auth": "open"}
         request = Request(scope)
-        header = request.headers.get("authorization", "")
-        key = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+        key = bearer_key(request.headers.get("authorization", "")) or ""
         if not key and scope["path"].startswith("/dashboard"):
-            key = request.cookies.get(COOKIE, "")
+            key = request.cookies.get(DASHBOARD_COOKIE, "")
         if not key:
             return {"owner": None, "auth": "no_key"}
         principal = principal_for_key(self.settings, key)

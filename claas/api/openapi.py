@@ -22,7 +22,7 @@ from pydantic import BaseModel
 from pydantic.json_schema import models_json_schema
 
 from claas.api.errors import ErrorEnvelope
-from claas.api.schemas import ChatCompletionChunk, TextCompletionChunk
+from claas.api.openai_responses import ChatCompletionChunk, TextCompletionChunk
 from claas.runtime import Runtime
 
 STREAMS: dict[str, type[BaseModel]] = {

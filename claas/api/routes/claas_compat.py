@@ -27,7 +27,7 @@ A CLaaS feedback call is answered once trained, in CLaaS's shape: `distill_resul
 carries CLaaS's metric names (its local engine's, and in the scalar mode its Tinker engine's),
 taken from the call's first optimizer step. `POST /v1/feedback` itself is claas's route
 (`routes/feedback.py`): `FeedbackBody` sends a body with `requests` here, any other to claas's
-`items` handler.
+`items` handler. The bodies, in CLaaS's shapes, are `claas.api.claas_schemas`.
 """
 
 from __future__ import annotations
@@ -37,36 +37,32 @@ import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Response
-from pydantic import (
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    JsonValue,
-    ValidatorFunctionWrapHandler,
-    WrapValidator,
-)
 
-from claas.adapters import ALL_TARGETS, AdapterSpec
+from claas.adapters import AdapterSpec
 from claas.api.auth import Principal
+from claas.api.claas_schemas import (
+    ClaasDistillResult,
+    ClaasFeedbackBatch,
+    ClaasFeedbackResponse,
+    ClaasLoraDeleted,
+    ClaasLoraInit,
+    ClaasLoraInitResponse,
+    ClaasLoraList,
+    ClaasTimingMs,
+    ClaasVllmState,
+)
 from claas.api.deps import Caller, RuntimeDep
 from claas.api.errors import error_responses
-from claas.api.schemas import FeedbackRequestBody
 from claas.errors import AdapterNotFound, Conflict, InvalidLoraId, TrainingFailed
 from claas.feedback import FeedbackItem
 from claas.ids import LORA_ID_PATTERN, validate_lora_id
-from claas.records import FeedbackRequest
+from claas.records import Adapter, FeedbackRequest
 from claas.runtime import Runtime
-from claas.sdpo.config import FeedbackText, TrainingConfig
-from claas.sdpo.prompts import MAX_TEXT_CHARS, Utf8Text
+from claas.sdpo.config import TrainingConfig
 
 router = APIRouter(prefix="/v1", tags=["CLaaS compatibility"])
 
 LATEST = "-latest"
-ORCHESTRATION_NOTE = (
-    "not needed: claas samples from the adapter version it trains and loads each new version "
-    "for serving itself, so there is no vLLM to sleep or wake"
-)
 LoraIdQuery = Annotated[
     str,
     Query(
@@ -75,150 +71,6 @@ LoraIdQuery = Annotated[
         json_schema_extra={"pattern": LORA_ID_PATTERN},
     ),
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Bodies, in CLaaS's shapes (claas's ranges, which contain CLaaS's)
-# ---------------------------------------------------------------------------------------------
-
-
-class ClaasLoraInit(BaseModel):
-    """CLaaS's `LoraInitRequest`."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lora_id: str = Field(
-        max_length=200,
-        description="owner/name (owner/name-latest creates owner/name)",
-        json_schema_extra={"pattern": LORA_ID_PATTERN},
-    )
-    base_model: str | None = Field(
-        None, max_length=300, description="Omitted: the served model (CLaaS's default is Qwen3-8B)."
-    )
-    lora_r: int = Field(32, ge=1, le=256, description="The rank.")
-    lora_alpha: float | None = Field(None, gt=0, le=4096, description="Omitted: claas's 32.")
-    target_modules: list[str] | None = Field(
-        None,
-        min_length=1,
-        json_schema_extra={"items": {"enum": list[JsonValue](ALL_TARGETS)}},
-        description="Omitted: attention + MLP.",
-    )
-
-
-def _one_step_per_call(value: Any) -> Any:
-    """A CLaaS call is one optimizer step on the answers it sends: `steps_per_batch` is 1 and
-    `replay` 0 unless the body sets them."""
-    return {"steps_per_batch": 1, "replay": 0, **value} if isinstance(value, dict) else value
-
-
-ClaasTraining = Annotated[TrainingConfig, BeforeValidator(_one_step_per_call)]
-
-
-class ClaasFeedbackItem(BaseModel):
-    """CLaaS's `FeedbackItem`: one answer, found by its adapter, prompt and response text."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    lora_id: str = Field(max_length=200, json_schema_extra={"pattern": LORA_ID_PATTERN})
-    prompt: Utf8Text = Field(
-        min_length=1, max_length=MAX_TEXT_CHARS, description="The user message."
-    )
-    response: Utf8Text = Field(
-        min_length=1, max_length=MAX_TEXT_CHARS, description="The answer's visible text."
-    )
-    feedback: FeedbackText
-    training: ClaasTraining = Field(
-        default_factory=lambda: TrainingConfig(steps_per_batch=1, replay=0),
-        description="claas's TrainingConfig; CLaaS's six fields keep their meaning, and "
-        "steps_per_batch is 1 and replay 0 unless set (one optimizer step per call on the "
-        "answers it sends, as in CLaaS).",
-    )
-
-
-class ClaasOrchestration(BaseModel):
-    """CLaaS's vLLM sleep/wake options: accepted, and not needed (`ORCHESTRATION_NOTE`)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    sleep_before: bool = True
-    wake_after: bool = True
-    wake_on_failure: bool = True
-    sleep_level: int = Field(1, ge=1, le=2)
-
-
-class ClaasFeedbackBatch(BaseModel):
-    """CLaaS's `FeedbackBatchRequest`: answered once trained, in CLaaS's response shape."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    requests: list[ClaasFeedbackItem] = Field(min_length=1, max_length=64)
-    orchestration: ClaasOrchestration = Field(default_factory=ClaasOrchestration)
-
-
-def _by_shape(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-    """A body with `requests` is CLaaS's; any other is claas's. Only the one chosen is
-    validated, instead of the union's own `handler`, which would try both and report the errors
-    of each: the messages stay those of that body, with field paths as the client sent them."""
-    if isinstance(value, dict) and "requests" in value:
-        return ClaasFeedbackBatch.model_validate(value)
-    return FeedbackRequestBody.model_validate(value)
-
-
-FeedbackBody = Annotated[FeedbackRequestBody | ClaasFeedbackBatch, WrapValidator(_by_shape)]
-
-
-# ---------------------------------------------------------------------------------------------
-# Answers, in CLaaS's shapes
-# ---------------------------------------------------------------------------------------------
-
-
-class ClaasLoraInitResponse(BaseModel):
-    lora_id: str = Field(description="The adapter's claas id, owner/name.")
-    versions_removed: int = Field(
-        description="An init of an adapter that exists starts it afresh, as in CLaaS: how many "
-        "versions it had."
-    )
-
-
-class ClaasLoraList(BaseModel):
-    loras: list[str] = Field(description="Each adapter's owner/name and owner/name-latest.")
-
-
-class ClaasLoraDeleted(BaseModel):
-    deleted: bool = Field(description="False if there was no such adapter (as in CLaaS).")
-
-
-class ClaasDistillResult(BaseModel):
-    lora_id: str = Field(description="The adapter trained; it now serves the new version.")
-    metadata: dict[str, Any] = Field(description="CLaaS's metric names, and `version`.")
-
-
-class ClaasVllmState(BaseModel):
-    slept: bool
-    woke: bool
-
-
-class ClaasTimingMs(BaseModel):
-    sleep: int = 0
-    distill: int = 0
-    save: int = 0
-    wake: int = 0
-    logprobs: int = 0
-    total: int = 0
-
-
-class ClaasFeedbackResponse(BaseModel):
-    """CLaaS's `FeedbackResponse`; `status` is `ok` once trained, else claas's queue status."""
-
-    status: str
-    request_id: str = Field(description="claas's feedback_id (GET /v1/feedback/{id}).")
-    lora_id: str
-    distill_result: ClaasDistillResult | None
-    vllm: ClaasVllmState
-    feedback_log_path: str = Field(description="Where this request's full record is served.")
-    timing_ms: ClaasTimingMs
-    batch_size: int
-    orchestration_note: str = ORCHESTRATION_NOTE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,13 +97,7 @@ async def init_lora(
     except AdapterNotFound:
         existing = None
     if existing is not None:
-        same = (
-            existing.base_model == (spec.base_model or runtime.adapters.base_model)
-            and existing.rank == spec.rank
-            and existing.lora_alpha == spec.lora_alpha
-            and existing.target_modules == sorted(spec.target_modules)
-        )
-        if not same:
+        if not _same_spec(existing, spec, runtime.adapters.base_model):
             raise Conflict(
                 f"{lora_id} exists with base model {existing.base_model}, rank {existing.rank}, "
                 f"alpha {existing.lora_alpha} and modules {existing.target_modules}; init with "
@@ -362,10 +208,9 @@ async def submit_feedback(
             f"last good version; GET /v1/feedback/{request.id} has the record"
         )
     done = request.status == "done"
-    if done:
-        response.status_code = 200
     timing = ClaasTimingMs(total=_ms(time.perf_counter() - started))
     if done:
+        response.status_code = 200
         seconds = request.metrics["timings"]
         timing.save = _ms(seconds.get("save", 0.0))
         timing.distill = _ms(sum(seconds.values())) - timing.save
@@ -398,6 +243,16 @@ def resolve(runtime: Runtime, caller: Principal, lora_id: str) -> str:
     raise AdapterNotFound(
         f"adapter {lora_id} does not exist; create it with POST /v1/lora/init, or list yours "
         "with GET /v1/lora"
+    )
+
+
+def _same_spec(adapter: Adapter, spec: AdapterSpec, served_model: str) -> bool:
+    """Whether an init's spec is the one the adapter has (an omitted base model: the served)."""
+    return (
+        adapter.base_model == (spec.base_model or served_model)
+        and adapter.rank == spec.rank
+        and adapter.lora_alpha == spec.lora_alpha
+        and adapter.target_modules == sorted(spec.target_modules)
     )
 
 

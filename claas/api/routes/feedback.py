@@ -11,10 +11,10 @@ import asyncio
 
 from fastapi import APIRouter, Query, Response
 
+from claas.api.claas_schemas import ClaasFeedbackBatch, ClaasFeedbackResponse, FeedbackBody
 from claas.api.deps import Caller, RuntimeDep
 from claas.api.errors import ErrorEnvelope, error_responses
 from claas.api.routes import claas_compat
-from claas.api.routes.claas_compat import ClaasFeedbackBatch, ClaasFeedbackResponse, FeedbackBody
 from claas.api.schemas import (
     MAX_OFFSET,
     FeedbackAccepted,
@@ -36,7 +36,7 @@ router = APIRouter(prefix="/v1")
             "model": FeedbackView | ClaasFeedbackResponse,
             "description": "Trained (with wait=true, or a CLaaS body): the finished request.",
         },
-        **error_responses(400, 401, 403, 404, 409, 413, 422, 429),
+        **error_responses(400, 401, 403, 404, 409, 413, 422, 429, 503),
         500: {"model": ErrorEnvelope, "description": "A CLaaS body's request failed to train."},
     },
 )
