@@ -76,7 +76,7 @@ $(VLLM_STAMP):
 # Starts a real vLLM on the embedded model (127.0.0.1), runs the `vllm` tests, stops it by pid.
 test-vllm: $(STAMP) $(VLLM_STAMP)
 	url=$$($(BIN)/python tests/vllm_server.py start) && \
-	  CLAAS_TEST_VLLM_URL=$$url $(BIN)/pytest -q -m vllm tests/test_vllm.py; \
+	  CLAAS_TEST_VLLM_URL=$$url $(BIN)/pytest -q -m vllm tests/services/test_vllm.py; \
 	  status=$$?; $(BIN)/python tests/vllm_server.py stop; exit $$status
 
 clean:

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 from postgres import PostgresCluster
-from serving import LiveServer, make_server
+from serving import ADMIN_KEY, OWNER_KEYS, LiveServer, make_server
 
 from claas.models import LoadedModel, load_model, tiny_llama
 from claas.settings import EMBEDDED_MODEL
@@ -48,6 +48,30 @@ def smol(model_cache: Path) -> LoadedModel:
 def server(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
     """A real server on 127.0.0.1 with the tiny model and a fresh data dir."""
     live = make_server(tmp_path, model_cache, max_tokens_cap=256)
+    yield live
+    live.close()
+
+
+@pytest.fixture
+def keyed(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
+    """A real server with the tiny model whose API keys are two owners' and an admin's
+    (`serving.OWNER_KEYS`, `serving.ADMIN_KEY`): without a key, nothing is answered."""
+    live = make_server(tmp_path, model_cache, api_keys=OWNER_KEYS, admin_key=ADMIN_KEY)
+    yield live
+    live.close()
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[LiveServer]:
+    """One keyed server for a whole test module, for tests that each work on adapters of
+    their own and so cannot see one another."""
+    live = make_server(
+        tmp_path_factory.mktemp("shared"),
+        model_cache,
+        api_keys=OWNER_KEYS,
+        admin_key=ADMIN_KEY,
+        max_tokens_cap=256,
+    )
     yield live
     live.close()
 

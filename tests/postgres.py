@@ -19,7 +19,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import psycopg
+from serving import free_port
 
 
 def bin_dir() -> Path:
@@ -43,12 +43,6 @@ def bin_dir() -> Path:
             "(or run: apt-get install -y postgresql)"
         )
     return Path(initdb).resolve().parent
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 import subprocess
 import threading
 import time
@@ -10,14 +12,23 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 
 from claas.api.app import create_app
 from claas.models import LoadedModel, tiny_llama
 from claas.runtime import Runtime
+from claas.sdpo.engine import SDPOEngine
 from claas.settings import Settings
 
 HELLO = [{"role": "user", "content": "Hello there!"}]
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a process that must be told its port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def bearer(key: str) -> dict[str, str]:
@@ -148,3 +159,26 @@ def train_once(
 def error_of(response: httpx.Response) -> tuple[int, str]:
     """An error answer's status and message."""
     return response.status_code, response.json()["error"]["message"]
+
+
+class HeldTraining:
+    """A gate in front of the server's real `SDPOEngine.distill`: each training step waits
+    until `release()`, so a test sees a request still pending when its wait runs out.
+
+    Training itself is not replaced, only held; nothing but the wall clock could otherwise keep
+    a step on the tiny model from finishing first. The gate opens by itself after 300 s, so a
+    failed test cannot hang the server's shutdown.
+    """
+
+    def __init__(self, engine: SDPOEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+        self._open = threading.Event()
+        distill = engine.distill
+
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            await asyncio.to_thread(self._open.wait, 300)
+            return await distill(*args, **kwargs)
+
+        monkeypatch.setattr(engine, "distill", held)
+
+    def release(self) -> None:
+        self._open.set()

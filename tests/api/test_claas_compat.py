@@ -22,10 +22,8 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from serving import (
     ADMIN,
-    ADMIN_KEY,
     ALICE,
     BOB,
-    OWNER_KEYS,
     LiveServer,
     chat,
     error_of,
@@ -76,13 +74,6 @@ TINKER_KEYS = {
 def open_server(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
     """No API keys, as CLaaS runs (its plugin and eval send none)."""
     live = make_server(tmp_path, model_cache, max_tokens_cap=256)
-    yield live
-    live.close()
-
-
-@pytest.fixture
-def keyed(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
-    live = make_server(tmp_path, model_cache, api_keys=OWNER_KEYS, admin_key=ADMIN_KEY)
     yield live
     live.close()
 

@@ -649,7 +649,7 @@ def test_reclaim_does_not_train_a_registered_request_twice(database: str) -> Non
 
 # -- migrations -------------------------------------------------------------------------------
 
-LEGACY = Path(__file__).parent / "data" / "claas-0.1-schema2.db"
+LEGACY = Path(__file__).parents[1] / "data" / "claas-0.1-schema2.db"
 
 
 def test_a_database_from_the_last_release_upgrades_in_place_with_nothing_lost(

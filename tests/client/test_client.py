@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import re
-import socket
 import subprocess
 import sys
 import textwrap
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,10 +20,16 @@ import pytest
 import torch
 from peft import PeftModel
 from pydantic import BaseModel
-from serving import ADMIN_KEY, HELLO, OWNER_KEYS, LiveServer, make_server
+from serving import (
+    HELLO,
+    HeldTraining,
+    LiveServer,
+    free_port,
+    make_server,
+)
 
 import claas.client as client_module
-from claas.api import schemas
+from claas.api import openai_responses, schemas
 from claas.client import (
     AsyncClient,
     AuthenticationError,
@@ -44,57 +48,20 @@ from claas.client import (
 from claas.client import models as mirrors
 from claas.client.errors import api_error
 from claas.models import tiny_llama
-from claas.sdpo.engine import SDPOEngine
 from claas.sdpo.prompts import chat_prompt_tokens
 
 QUICK = {"steps_per_batch": 1}  # one optimizer step: enough to make a new version
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[LiveServer]:
-    live = make_server(
-        tmp_path_factory.mktemp("client"),
-        model_cache,
-        api_keys=OWNER_KEYS,
-        admin_key=ADMIN_KEY,
-        max_tokens_cap=256,
-    )
-    yield live
-    live.close()
-
-
 @pytest.fixture
-def alice(server: LiveServer) -> Iterator[Client]:
-    with Client(server.url, "sk-alice") as claas:
+def alice(shared: LiveServer) -> Iterator[Client]:
+    with Client(shared.url, "sk-alice") as claas:
         yield claas
 
 
-class HeldTraining:
-    """A gate in front of the server's real `SDPOEngine.distill`: each training step waits
-    until `release()`, so a test sees a request still pending when its wait runs out.
-
-    Training itself is not replaced, only held; nothing but the wall clock could otherwise keep
-    a step on the tiny model from finishing first. The gate opens by itself after 300 s, so a
-    failed test cannot hang the server's shutdown.
-    """
-
-    def __init__(self, engine: SDPOEngine, monkeypatch: pytest.MonkeyPatch) -> None:
-        self._open = threading.Event()
-        distill = engine.distill
-
-        async def held(*args: Any, **kwargs: Any) -> Any:
-            await asyncio.to_thread(self._open.wait, 300)
-            return await distill(*args, **kwargs)
-
-        monkeypatch.setattr(engine, "distill", held)
-
-    def release(self) -> None:
-        self._open.set()
-
-
 @pytest.fixture
-def held(server: LiveServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldTraining]:
-    gate = HeldTraining(server.runtime.queue.engine, monkeypatch)
+def held(shared: LiveServer, monkeypatch: pytest.MonkeyPatch) -> Iterator[HeldTraining]:
+    gate = HeldTraining(shared.runtime.queue.engine, monkeypatch)
     yield gate
     gate.release()
 
@@ -117,7 +84,7 @@ def answer(claas: Client, model: str) -> str:
 
 
 def test_the_module_docstring_runs(
-    server: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    shared: LiveServer, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     """The example at the top of claas/client/__init__.py, verbatim, with the URL and key from
     the env."""
@@ -125,13 +92,13 @@ def test_the_module_docstring_runs(
     blocks = re.findall(r"\n\n((?:    .*\n|\n)+)(?=\S)", doc)  # indented lines, blank ones inside
     assert len(blocks) == 1, "the docstring should hold exactly one indented example"
     code = textwrap.dedent(blocks[0])
-    monkeypatch.setenv("CLAAS_URL", server.url)
+    monkeypatch.setenv("CLAAS_URL", shared.url)
     monkeypatch.setenv("CLAAS_API_KEY", "sk-alice")
     exec(compile(code, "claas/client/__init__.py docstring", "exec"), {})
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == "alice/assistant is now at version 2"
     assert len(lines) >= 2  # the second answer
-    served = server.runtime.store.latest_version("alice/assistant")
+    served = shared.runtime.store.latest_version("alice/assistant")
     assert served is not None and served.version == 2
 
 
@@ -203,9 +170,9 @@ def test_feedback_by_text_and_in_one_batch(alice: Client) -> None:
         FeedbackItem(lora_id="alice/texty", prompt="only a prompt", feedback="x")
 
 
-def test_async_client(server: LiveServer, tmp_path: Path) -> None:
+def test_async_client(shared: LiveServer, tmp_path: Path) -> None:
     async def body() -> None:
-        async with AsyncClient(server.url, "sk-bob") as claas:
+        async with AsyncClient(shared.url, "sk-bob") as claas:
             assert (await claas.health()).status == "ok"
             created = await claas.adapters.create("bob/async", rank=4)
             assert created.current_version == 1
@@ -245,7 +212,7 @@ def test_async_client(server: LiveServer, tmp_path: Path) -> None:
 
 
 def test_export_unpacks_the_version_the_server_serves(
-    alice: Client, server: LiveServer, tmp_path: Path, model_cache: Path
+    alice: Client, shared: LiveServer, tmp_path: Path, model_cache: Path
 ) -> None:
     """The exported directory loads in plain PEFT and scores exactly as the server does."""
     alice.adapters.create("alice/exported", rank=4)
@@ -321,16 +288,16 @@ def test_waits_that_run_out_raise_feedback_timeout(alice: Client, held: HeldTrai
 # ---------------------------------------------------------------------------------------------
 
 
-def test_errors_are_typed_with_the_servers_message(server: LiveServer, alice: Client) -> None:
-    with Client(server.url) as anonymous, pytest.raises(AuthenticationError) as missing:
+def test_errors_are_typed_with_the_servers_message(shared: LiveServer, alice: Client) -> None:
+    with Client(shared.url) as anonymous, pytest.raises(AuthenticationError) as missing:
         anonymous.adapters.list()
     assert missing.value.status == 401 and "missing API key" in missing.value.message
-    with Client(server.url, "sk-nobody") as stranger, pytest.raises(AuthenticationError) as bad:
+    with Client(shared.url, "sk-nobody") as stranger, pytest.raises(AuthenticationError) as bad:
         stranger.adapters.list()
     assert "unknown API key" in bad.value.message
 
     alice.adapters.create("alice/errors", rank=4)
-    with Client(server.url, "sk-bob") as bob:
+    with Client(shared.url, "sk-bob") as bob:
         with pytest.raises(PermissionDeniedError) as forbidden:
             bob.adapters.get("alice/errors")
         assert forbidden.value.status == 403 and forbidden.value.type == "Forbidden"
@@ -360,10 +327,10 @@ def test_errors_are_typed_with_the_servers_message(server: LiveServer, alice: Cl
 
 
 def test_too_much_pending_feedback_is_a_rate_limit_error(
-    alice: Client, server: LiveServer, held: HeldTraining, monkeypatch: pytest.MonkeyPatch
+    alice: Client, shared: LiveServer, held: HeldTraining, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The owner limit (CLAAS_MAX_PENDING_FEEDBACK_PER_OWNER) at 1, while the first is held.
-    monkeypatch.setattr(server.runtime.queue, "max_pending_per_owner", 1)
+    monkeypatch.setattr(shared.runtime.queue, "max_pending_per_owner", 1)
     alice.adapters.create("alice/busy", rank=4)
     item = FeedbackItem(completion_id=answer(alice, "alice/busy"), feedback="x", training=QUICK)
     first = alice.feedback.send(item)
@@ -391,12 +358,6 @@ def test_a_server_whose_inference_is_down(tmp_path: Path, model_cache: Path) -> 
         assert isinstance(error, ServiceUnavailableError) and url in error.message
     finally:
         live.close()
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 @pytest.mark.parametrize(
@@ -446,12 +407,12 @@ def test_error_bodies_not_sent_by_this_server(
 
 
 def test_url_and_key_come_from_the_environment(
-    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+    shared: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CLAAS_URL", server.url + "/")
+    monkeypatch.setenv("CLAAS_URL", shared.url + "/")
     monkeypatch.setenv("CLAAS_API_KEY", "sk-bob")
     with Client() as claas:
-        assert claas.base_url == server.url and claas.openai_base_url == f"{server.url}/v1"
+        assert claas.base_url == shared.url and claas.openai_base_url == f"{shared.url}/v1"
         claas.adapters.create("bob/from-env", rank=4)
         assert "bob/from-env" in [a.lora_id for a in claas.adapters.list()]
         with claas.openai() as chat:  # the OpenAI client carries the same key
@@ -485,7 +446,7 @@ def test_the_clients_feedback_item_has_every_field_the_server_takes() -> None:
         (mirrors.MemoryForgotten, schemas.MemoryForgotten),
         (mirrors.FeedbackAccepted, schemas.FeedbackAccepted),
         (mirrors.FeedbackView, schemas.FeedbackView),
-        (mirrors.Score, schemas.ScoreResponse),
+        (mirrors.Score, openai_responses.ScoreResponse),
         (mirrors.Health, schemas.Health),
     ],
 )

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serving import ALICE, BOB, OWNER_KEYS, LiveServer, chat, create, error_of, make_server
+from serving import ALICE, BOB, LiveServer, chat, create, error_of, make_server
 
 from claas.errors import MemoryNotFound
 from claas.feedback import choose_replay
@@ -139,13 +139,6 @@ def test_recent_and_spread_and_what_the_batch_teaches_anyway() -> None:
 # ---------------------------------------------------------------------------------------------
 # Through the API
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def keyed(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
-    live = make_server(tmp_path, model_cache, api_keys=OWNER_KEYS)
-    yield live
-    live.close()
 
 
 def teach(live: LiveServer, lora_id: str, content: str, feedback: str, **training: Any) -> Any:

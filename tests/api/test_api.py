@@ -13,7 +13,6 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -37,6 +36,7 @@ from serving import (
     create,
     error_of,
     finished,
+    free_port,
     make_server,
     save_tiny_model,
     train_once,
@@ -48,7 +48,7 @@ from claas.api.dashboard.feedback_log import feedback_rows
 from claas.models import LoadedModel
 from claas.sdpo.prompts import EXAMPLE_INTRO, chat_prompt_tokens
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,12 +272,6 @@ def test_training_failure_keeps_the_last_good_version(server: LiveServer) -> Non
     assert chat(server, "alice/fragile").status_code == 200  # still serving (sampler weights)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _start(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
     # A short lease: the batch a killed process was training is taken back 5 s after its last
     # heartbeat, not 30 s.
@@ -307,7 +301,7 @@ def tiny_dir(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
 
 def test_restart_after_sigkill_resumes_queued_feedback(tiny_dir: Path, tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = _start(tiny_dir, tmp_path, port)
     try:

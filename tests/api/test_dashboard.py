@@ -25,7 +25,7 @@ from serving import LiveServer, bearer, chat, create, make_server, train_once
 from claas.api.auth import DASHBOARD_COOKIE as COOKIE
 from claas.sdpo.prompts import INSTRUCTION_PREFIX
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 ARTIFACTS = REPO / ".artifacts"
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMIUM_ARGS = [

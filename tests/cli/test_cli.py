@@ -15,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from serving import ADMIN_KEY, HELLO, OWNER_KEYS, LiveServer, make_server
-from test_client import HeldTraining, free_port
+from serving import (
+    HELLO,
+    HeldTraining,
+    LiveServer,
+    free_port,
+)
 
 from claas.cli import main
 from claas.client import Client
@@ -26,28 +30,15 @@ from claas.store import Store
 QUICK = '{"steps_per_batch": 1}'
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[LiveServer]:
-    live = make_server(
-        tmp_path_factory.mktemp("cli"),
-        model_cache,
-        api_keys=OWNER_KEYS,
-        admin_key=ADMIN_KEY,
-        max_tokens_cap=256,
-    )
-    yield live
-    live.close()
-
-
 @pytest.fixture
-def remote(server: LiveServer) -> list[str]:
+def remote(shared: LiveServer) -> list[str]:
     """The flags that point a command at the server with alice's key."""
-    return ["--url", server.url, "--api-key", "sk-alice"]
+    return ["--url", shared.url, "--api-key", "sk-alice"]
 
 
 @pytest.fixture
-def alice(server: LiveServer) -> Iterator[Client]:
-    with Client(server.url, "sk-alice") as claas:
+def alice(shared: LiveServer) -> Iterator[Client]:
+    with Client(shared.url, "sk-alice") as claas:
         yield claas
 
 
@@ -114,16 +105,16 @@ def test_adapters_commands(
 
 
 def test_bad_input_and_access_are_reported(
-    capsys: pytest.CaptureFixture[str], remote: list[str], server: LiveServer
+    capsys: pytest.CaptureFixture[str], remote: list[str], shared: LiveServer
 ) -> None:
     with pytest.raises(SystemExit) as refused:  # argparse: checked before anything is sent
         main(["adapters", "versions", "not-an-id", *remote])
     assert refused.value.code == 2 and "owner/name" in capsys.readouterr().err
 
-    bob = ["--url", server.url, "--api-key", "sk-bob"]
+    bob = ["--url", shared.url, "--api-key", "sk-bob"]
     code, _, err = run(capsys, "adapters", "create", "alice/theirs", *bob)
     assert code == 1 and err.startswith("claas: error 403: ") and "bob" in err
-    code, _, err = run(capsys, "adapters", "list", "--url", server.url, "--api-key", "sk-x")
+    code, _, err = run(capsys, "adapters", "list", "--url", shared.url, "--api-key", "sk-x")
     assert code == 1 and "401: unknown API key" in err
 
     nowhere = f"http://127.0.0.1:{free_port()}"
@@ -132,9 +123,9 @@ def test_bad_input_and_access_are_reported(
 
 
 def test_url_and_key_from_the_environment(
-    capsys: pytest.CaptureFixture[str], server: LiveServer, monkeypatch: pytest.MonkeyPatch
+    capsys: pytest.CaptureFixture[str], shared: LiveServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("CLAAS_URL", server.url)
+    monkeypatch.setenv("CLAAS_URL", shared.url)
     monkeypatch.setenv("CLAAS_API_KEY", "sk-bob")
     code, out, _ = run(capsys, "adapters", "create", "bob/env", "--rank", "4")
     assert code == 0 and json.loads(out)["lora_id"] == "bob/env"
@@ -236,10 +227,10 @@ def test_feedback_send_wait_times_out(
     capsys: pytest.CaptureFixture[str],
     remote: list[str],
     alice: Client,
-    server: LiveServer,
+    shared: LiveServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    held = HeldTraining(server.runtime.queue.engine, monkeypatch)
+    held = HeldTraining(shared.runtime.queue.engine, monkeypatch)
     try:
         alice.adapters.create("alice/slow", rank=4)
         completion_id, _ = answer(alice, "alice/slow")
@@ -259,7 +250,7 @@ def test_a_failed_request_is_reported(
     monkeypatch: pytest.MonkeyPatch,
     remote: list[str],
     alice: Client,
-    server: LiveServer,
+    shared: LiveServer,
 ) -> None:
     alice.adapters.create("alice/fails", rank=4)
     completion_id, _ = answer(alice, "alice/fails")
@@ -267,7 +258,7 @@ def test_a_failed_request_is_reported(
     async def broken(*args: Any, **kwargs: Any) -> Any:  # one injected failure: the step
         raise RuntimeError("the accelerator fell over")
 
-    monkeypatch.setattr(server.runtime.queue.engine, "distill", broken)
+    monkeypatch.setattr(shared.runtime.queue.engine, "distill", broken)
     argv = ["feedback", "send", "--completion-id", completion_id, "--feedback", "x", "--wait"]
     code, out, err = run(capsys, *argv, *remote)
     assert code == 1 and out == ""
@@ -316,10 +307,10 @@ def test_chat_streams_keeps_the_conversation_and_trains_on_feedback(
     monkeypatch: pytest.MonkeyPatch,
     remote: list[str],
     alice: Client,
-    server: LiveServer,
+    shared: LiveServer,
 ) -> None:
     alice.adapters.create("alice/chat", rank=4)
-    spy = RolloutSpy(server.runtime.store, monkeypatch)
+    spy = RolloutSpy(shared.runtime.store, monkeypatch)
     script = "Hello there!\n/feedback shorter please\nHello again!\n/quit\nnever read\n"
     flags = ["--system", "Be brief.", "--temperature", "0", "--max-tokens", "8"]
     code, out, err = chat(capsys, monkeypatch, script, "alice/chat", *flags, *remote)
@@ -351,10 +342,10 @@ def test_chat_commands_errors_and_eof(
     monkeypatch: pytest.MonkeyPatch,
     remote: list[str],
     alice: Client,
-    server: LiveServer,
+    shared: LiveServer,
 ) -> None:
     alice.adapters.create("alice/reset", rank=4)
-    spy = RolloutSpy(server.runtime.store, monkeypatch)
+    spy = RolloutSpy(shared.runtime.store, monkeypatch)
     script = "/feedback too early\n/dance\n\nHi\n/feedback\n/reset\nHi again\n"  # then EOF
     code, out, err = chat(capsys, monkeypatch, script, "alice/reset", "--max-tokens", "4", *remote)
     assert code == 0, err

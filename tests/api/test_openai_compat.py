@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import math
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import openai
 import pytest
 import torch
-from serving import ALICE, BOB, OWNER_KEYS, LiveServer, create, make_server
+from serving import ALICE, BOB, LiveServer, create
 
 from claas.models import LoadedModel
 from claas.services.local.decoding import (
@@ -29,13 +27,6 @@ from claas.services.local.decoding import (
 from claas.services.protocol import HOSTED_TINKER
 
 PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
-
-
-@pytest.fixture
-def keyed(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
-    live = make_server(tmp_path, model_cache, api_keys=OWNER_KEYS)
-    yield live
-    live.close()
 
 
 def client(live: LiveServer, key: str = "sk-alice") -> openai.OpenAI:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import vllm_server
-from serving import LiveServer, make_server
+from serving import LiveServer, free_port, make_server
 from tinker import types
 
 from claas.models import LoadedModel
@@ -197,12 +196,6 @@ def test_after_a_real_vllm_restart_versions_are_loaded_again(on_vllm: LiveServer
     assert version is not None
     models = httpx.get(f"{vllm_url()}/v1/models", timeout=30).json()["data"]
     assert lora_name(version.sampler_path) in {m["id"] for m in models}
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def test_vllm_down_gives_503_and_a_degraded_health(tmp_path: Path, model_cache: Path) -> None:

@@ -67,7 +67,7 @@ QUICK: dict[str, Any] = {
     "training": {"steps_per_batch": 1},
     "adapter": {"rank": 4},
 }
-EVALS = Path(__file__).parents[1] / "benchmarks" / "evals"
+EVALS = Path(__file__).parents[2] / "benchmarks" / "evals"
 SUMMARY_KEYS = {
     "run_id",
     "status",
