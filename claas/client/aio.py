@@ -26,7 +26,7 @@ from claas.client.models import (
     MemoryItem,
     Score,
 )
-from claas.records import Adapter
+from claas.records import Adapter, FeedbackStatus
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -162,5 +162,11 @@ class AsyncFeedbackAPI:
             await asyncio.sleep(min(interval, left))
         return view
 
-    async def log(self, lora_id: str, limit: int = 50, offset: int = 0) -> list[FeedbackView]:
-        return await self._client._call(calls.log(lora_id, limit, offset))
+    async def log(
+        self,
+        lora_id: str,
+        limit: int = 50,
+        offset: int = 0,
+        statuses: Sequence[FeedbackStatus] = (),
+    ) -> list[FeedbackView]:
+        return await self._client._call(calls.log(lora_id, limit, offset, statuses))

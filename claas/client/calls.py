@@ -11,7 +11,7 @@ import io
 import os
 import re
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -34,7 +34,7 @@ from claas.client.models import (
 )
 from claas.errors import InvalidLoraId
 from claas.ids import MEMORY_ID_PATTERN, parse_lora_id
-from claas.records import Adapter
+from claas.records import Adapter, FeedbackStatus
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 # What an OpenAI client sends when there is no key: it insists on one, and a server without
@@ -52,7 +52,7 @@ class Call(Generic[T]):
     method: str
     path: str
     parse: Callable[[httpx.Response], T]
-    params: dict[str, str | int | float] | None = None
+    params: Mapping[str, str | int | float | list[str]] | None = None
     json: dict[str, Any] | None = None
     wait: float = 0.0  # seconds the server may hold the answer: added to the client's timeout
     accept: frozenset[int] = frozenset()  # error statuses whose body `parse` reads itself
@@ -179,11 +179,19 @@ def status(feedback_id: str) -> Call[FeedbackView]:
     return Call("GET", f"/v1/feedback/{quote(feedback_id, safe='')}", as_model(FeedbackView))
 
 
-def log(lora_id: str, limit: int, offset: int) -> Call[list[FeedbackView]]:
+def log(
+    lora_id: str, limit: int, offset: int, statuses: Sequence[FeedbackStatus] = ()
+) -> Call[list[FeedbackView]]:
     def parse(response: httpx.Response) -> list[FeedbackView]:
         return [FeedbackView.model_validate(v) for v in response.json()["data"]]
 
-    params: dict[str, str | int | float] = {"lora_id": lora_id, "limit": limit, "offset": offset}
+    params: dict[str, str | int | float | list[str]] = {
+        "lora_id": lora_id,
+        "limit": limit,
+        "offset": offset,
+    }
+    if statuses:
+        params["status"] = list(statuses)
     return Call("GET", "/v1/feedback", parse, params=params)
 
 

@@ -25,7 +25,7 @@ from claas.client.models import (
     MemoryItem,
     Score,
 )
-from claas.records import Adapter
+from claas.records import Adapter, FeedbackStatus
 
 if TYPE_CHECKING:
     from openai import OpenAI
@@ -180,6 +180,13 @@ class FeedbackAPI:
             time.sleep(min(interval, left))
         return view
 
-    def log(self, lora_id: str, limit: int = 50, offset: int = 0) -> list[FeedbackView]:
-        """The adapter's feedback requests, newest first, one page."""
-        return self._client._call(calls.log(lora_id, limit, offset))
+    def log(
+        self,
+        lora_id: str,
+        limit: int = 50,
+        offset: int = 0,
+        statuses: Sequence[FeedbackStatus] = (),
+    ) -> list[FeedbackView]:
+        """The adapter's feedback requests, newest first, one page; only those in `statuses`
+        if given (e.g. `claas.records.PENDING`)."""
+        return self._client._call(calls.log(lora_id, limit, offset, statuses))

@@ -242,7 +242,7 @@ class EvalRun:
         FeedbackTimeout after `feedback_timeout` seconds."""
         timeout = self.config.feedback_timeout
         deadline = time.monotonic() + timeout
-        while pending := [v for v in self.claas.feedback.log(lora_id) if v.status in PENDING]:
+        while pending := self.claas.feedback.log(lora_id, statuses=PENDING):
             left = max(deadline - time.monotonic(), 0.0)
             try:
                 self.claas.feedback.wait(pending[-1].feedback_id, timeout=left, interval=1.0)

@@ -8,6 +8,7 @@ shape (`requests`, not `items`) is CLaaS's feedback call, answered by `claas_com
 from __future__ import annotations
 
 import asyncio
+from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
@@ -22,6 +23,7 @@ from claas.api.schemas import (
     FeedbackView,
 )
 from claas.ids import LORA_ID_PATTERN, feedback_missing
+from claas.records import FeedbackStatus
 
 router = APIRouter(prefix="/v1")
 
@@ -85,10 +87,20 @@ def feedback_log(
     lora_id: str = Query(..., max_length=200, json_schema_extra={"pattern": LORA_ID_PATTERN}),
     limit: int = Query(50, ge=1, le=500),
     offset: int = Query(0, ge=0, le=MAX_OFFSET),
+    status: Annotated[
+        list[FeedbackStatus] | None,
+        Query(
+            max_length=4,
+            description="Only requests in these statuses (repeat the parameter for several); "
+            "all by default.",
+        ),
+    ] = None,
 ) -> FeedbackLog:
     caller.check(lora_id)
     runtime.store.get_adapter(lora_id)
-    requests = runtime.store.list_feedback(lora_id=lora_id, limit=limit, offset=offset)
+    requests = runtime.store.list_feedback(
+        lora_id=lora_id, statuses=status or (), limit=limit, offset=offset
+    )
     return FeedbackLog(
         lora_id=lora_id, data=[FeedbackView.of(r) for r in requests], limit=limit, offset=offset
     )
