@@ -9,7 +9,6 @@ page are kept under `<repo>/.artifacts/`.
 
 from __future__ import annotations
 
-import json
 import re
 import socket
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 from serving import LiveServer, bearer, chat, create, make_server, train_once
 
 from claas.api.auth import DASHBOARD_COOKIE as COOKIE
+from claas.runs import Probe, Rollout, RunSummary, StepLine
 from claas.sdpo.prompts import INSTRUCTION_PREFIX
 
 REPO = Path(__file__).resolve().parents[2]
@@ -92,7 +92,7 @@ def _eval_run(
     name: str,
     status: str,
     lora_ids: list[str],
-    steps: list[dict[str, Any]],
+    steps: list[StepLine],
     tail: str = "",
 ) -> Path:
     """A run directory in the format `claas eval` writes (a hand-made stand-in for its output)."""
@@ -100,41 +100,51 @@ def _eval_run(
     run.mkdir(parents=True)
     _plot(run / "length.png")
     (run / "unlisted.png").write_bytes((run / "length.png").read_bytes())
-    summary = {
-        "run_id": name,
-        "status": status,
-        "started_at": f"2026-11-25T{name[9:11]}:00:00+00:00",
-        "updated_at": f"2026-11-25T{name[9:11]}:05:00+00:00",
-        "divergence_mode": "topk_gjs",
-        "url": "http://127.0.0.1:8000",
-        "lora_ids": lora_ids,
-        "table": [
+    summary = RunSummary(
+        run_id=name,
+        status=status,
+        started_at=f"2026-11-25T{name[9:11]}:00:00+00:00",
+        updated_at=f"2026-11-25T{name[9:11]}:05:00+00:00",
+        divergence_mode="topk_gjs",
+        url="http://127.0.0.1:8000",
+        lora_ids=lora_ids,
+        table=[
             {"preference": "concise", "step": 0, "mean_len": 52.0, "score": 0.12},
             {"preference": "concise", "step": 3, "mean_len": 18.5, "score": 0.81, "note": "ok"},
         ],
-        "plots": ["length.png", "../../claas.db", "unlisted-missing.png"],
-    }
-    (run / "summary.json").write_text(json.dumps(summary))
-    lines = [json.dumps(step) for step in steps]
+        plots=["length.png", "../../claas.db", "unlisted-missing.png"],
+        continual=False,
+        steps_recorded=len(steps),
+        alerts=[],
+        capability_min_ratio=None,
+        capability_target=0.9,
+        capability_target_met=None,
+    )
+    (run / "summary.json").write_text(summary.model_dump_json())
+    lines = [step.dump() for step in steps]
     (run / "steps.jsonl").write_text("\n".join(lines) + "\n" + tail)
     return run
 
 
-def _step(step: int, marker: str) -> dict[str, Any]:
-    return {
-        "preference": "concise",
-        "step": step,
-        "metrics": {"mean_len": 52.0 - 10 * step, "score": 0.1 + 0.2 * step},
-        "training": None if step == 0 else {"feedback_id": f"fb-{step}", "loss": 0.5 / step},
-        "rollouts": [
-            {
-                "prompt": f"Why is the sky blue? ({marker} step {step})",
-                "response": f"Rayleigh scattering {XSS}",
-                "feedback": "Shorter, please.",
-            }
+def _step(step: int, marker: str) -> StepLine:
+    return StepLine(
+        preference="concise",
+        step=step,
+        lora_id="alice/bot",
+        adapter_version=step + 1,
+        timestamp="2026-11-25T10:01:00+00:00",
+        elapsed_seconds=60.0 * step,
+        metrics={"mean_len": 52.0 - 10 * step, "score": 0.1 + 0.2 * step},
+        training=None if step == 0 else {"feedback_id": f"fb-{step}", "loss": 0.5 / step},
+        rollouts=[
+            Rollout(
+                prompt=f"Why is the sky blue? ({marker} step {step})",
+                response=f"Rayleigh scattering {XSS}",
+                feedback="Shorter, please.",
+            )
         ],
-        "probes": [{"prompt": f"Name a colour ({marker})", "response": "Blue.", "score": 0.9}],
-    }
+        probes=[Probe(prompt=f"Name a colour ({marker})", response="Blue.", score=0.9)],
+    )
 
 
 @pytest.fixture(scope="module")

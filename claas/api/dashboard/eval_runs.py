@@ -1,12 +1,10 @@
 """The eval runs `claas eval` writes, as the dashboard reads them: `<data_dir>/evals/<run_id>/`.
 
 A run is a directory with `summary.json`, `steps.jsonl` (one line per preference and step) and
-PNG plots. It may be read while `claas eval` is still writing it, so a half-written or malformed
-run is skipped with a note saying what is wrong, never an error. The models are lenient: a
-field this reader does not know is kept and ignored.
-
-Everything the dashboard knows about the run files is in this module, so that it can read them
-through shared run models instead, once those exist.
+PNG plots, in the format `claas.runs` describes (`RunSummary`, `StepLine`: the models the eval
+writes them with). A run may be read while `claas eval` is still writing it, so a half-written
+or malformed run is skipped with a note saying what is wrong, never an error; a field this
+reader does not know is kept and ignored.
 """
 
 from __future__ import annotations
@@ -19,59 +17,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ValidationError
 
 from claas.api.auth import Principal
+from claas.runs import RunSummary, StepLine
 
 RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 PLOT_NAME = re.compile(r"[A-Za-z0-9_.-]+\.png")
 
 
-class _Lenient(BaseModel):
-    model_config = ConfigDict(extra="allow")
-
-
-class EvalSummary(_Lenient):
-    """`summary.json` of one run; unknown fields are kept and ignored."""
-
-    run_id: str
-    status: str
-    started_at: str
-    updated_at: str
-    divergence_mode: str = ""
-    url: str = ""
-    lora_ids: list[str]
-    table: list[dict[str, Any]] = Field(default_factory=list)
-    plots: list[str] = Field(default_factory=list)
-
-
-class EvalRollout(_Lenient):
-    prompt: str = ""
-    response: str = ""
-    feedback: str = ""
-
-
-class EvalProbe(_Lenient):
-    prompt: str = ""
-    response: str = ""
-    score: Any = None
-
-
-class EvalStep(_Lenient):
-    """One line of `steps.jsonl`: one preference at one step (0 is the baseline)."""
-
-    preference: str
-    step: int
-    metrics: dict[str, Any] = Field(default_factory=dict)
-    training: dict[str, Any] | None = None
-    rollouts: list[EvalRollout] = Field(default_factory=list)
-    probes: list[EvalProbe] = Field(default_factory=list)
-
-
 @dataclass(frozen=True)
 class EvalRunView:
     name: str  # the directory's name: the run's address in URLs
-    summary: EvalSummary
+    summary: RunSummary
 
 
 @dataclass(frozen=True)
@@ -90,7 +48,7 @@ def _problem(error: ValidationError) -> str:
     return f"{where}: {first.get('msg')}"
 
 
-def read_summary(run_dir: Path) -> EvalSummary:
+def read_summary(run_dir: Path) -> RunSummary:
     """The run's summary, or MalformedRun saying what is wrong with it."""
     path = run_dir / "summary.json"
     try:
@@ -100,12 +58,12 @@ def read_summary(run_dir: Path) -> EvalSummary:
     except (OSError, UnicodeDecodeError) as error:
         raise MalformedRun(f"summary.json is unreadable ({error})") from None
     try:
-        return EvalSummary.model_validate_json(text)
+        return RunSummary.model_validate_json(text)
     except ValidationError as error:
         raise MalformedRun(f"summary.json is malformed ({_problem(error)})") from None
 
 
-def read_steps(run_dir: Path) -> tuple[list[EvalStep], list[str]]:
+def read_steps(run_dir: Path) -> tuple[list[StepLine], list[str]]:
     """The run's steps, and a note for each line skipped (a run in progress may be mid-line)."""
     path = run_dir / "steps.jsonl"
     try:
@@ -119,13 +77,13 @@ def read_steps(run_dir: Path) -> tuple[list[EvalStep], list[str]]:
         if not line.strip():
             continue
         try:
-            steps.append(EvalStep.model_validate_json(line))
+            steps.append(StepLine.model_validate_json(line))
         except ValidationError as error:
             notes.append(f"steps.jsonl line {number} skipped: {_problem(error)}")
     return steps, notes
 
 
-def _run_visible(viewer: Principal, summary: EvalSummary) -> bool:
+def _run_visible(viewer: Principal, summary: RunSummary) -> bool:
     """An owner sees a run only if every adapter it evaluated is theirs."""
     if viewer.owner is None:
         return True
