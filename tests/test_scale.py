@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from postgres import PostgresCluster, free_port
-from serving import HELLO, save_tiny_model, wait_healthy
+from postgres import PostgresCluster
+from serving import HELLO, free_port, save_tiny_model, wait_healthy
 from sqlalchemy import select
 
 from claas.errors import DatabaseUnavailable
