@@ -31,6 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch
+from filelock import FileLock
 from tqdm.auto import tqdm
 from transformers import (
     AutoModelForCausalLM,
@@ -126,8 +127,19 @@ def convert_embedded(cache_root: Path) -> Path:
     target = embedded_cache_dir(cache_root)
     if (target / "config.json").is_file():
         return target
-    gguf = embedded_gguf_path()
     cache_root.mkdir(parents=True, exist_ok=True)
+    # Processes starting at once on a fresh cache (test workers, replicas) convert once: the
+    # others wait here for it instead of each spending the same minute converting.
+    with FileLock(cache_root / ".convert.lock"):
+        if (target / "config.json").is_file():
+            return target
+        return _convert(target)
+
+
+def _convert(target: Path) -> Path:
+    """Convert the embedded GGUF into `target` (staged next to it, then renamed into place)."""
+    cache_root = target.parent
+    gguf = embedded_gguf_path()
     steps = ["tokenizer", "dequantise weights", "write safetensors", "publish cache"]
     with (
         tempfile.TemporaryDirectory(dir=cache_root, prefix=".convert-") as tmp,
@@ -156,7 +168,7 @@ def convert_embedded(cache_root: Path) -> Path:
         try:
             staging.rename(target)
         except OSError:
-            if not (target / "config.json").is_file():  # lost a race to a broken dir: replace
+            if not (target / "config.json").is_file():  # a broken dir in the way: replace it
                 shutil.rmtree(target, ignore_errors=True)
                 staging.rename(target)
         bar.update()

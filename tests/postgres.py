@@ -65,8 +65,18 @@ class PostgresCluster:
         cluster._run(
             [str(bin_dir() / "initdb"), "-D", str(cluster.data), "-U", "claas", "-A", "trust"],
         )
-        cluster._start()
-        return cluster
+        # Another process (a second pytest-xdist worker's cluster) may take the free port
+        # before the server binds it: then another port.
+        tries = 3
+        while True:
+            try:
+                cluster._start()
+                return cluster
+            except subprocess.CalledProcessError:
+                tries -= 1
+                if tries == 0:
+                    raise
+                cluster.port = free_port()
 
     @property
     def data(self) -> Path:

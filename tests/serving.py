@@ -13,11 +13,9 @@ from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
-from claas.api.app import create_app
+from claas.eval.server import ThreadedServer
 from claas.models import LoadedModel, tiny_llama
-from claas.runtime import Runtime
 from claas.sdpo.engine import SDPOEngine
 from claas.settings import Settings
 
@@ -42,31 +40,17 @@ ADMIN_KEY = "sk-admin"
 ALICE, BOB, ADMIN = bearer("sk-alice"), bearer("sk-bob"), bearer(ADMIN_KEY)
 
 
-class LiveServer:
-    """A real uvicorn server on 127.0.0.1 (free port), in a background thread."""
+class LiveServer(ThreadedServer):
+    """A real uvicorn server on 127.0.0.1 (free port), in a background thread, started at once;
+    `client` calls it."""
 
     def __init__(self, settings: Settings, loaded: LoadedModel) -> None:
-        self.runtime = Runtime.build(settings, loaded=loaded)
-        config = uvicorn.Config(
-            create_app(self.runtime), host="127.0.0.1", port=0, log_level="warning"
-        )
-        self.server = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 60
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("the test server did not start")
-            time.sleep(0.02)
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{port}"
-        self.client = httpx.Client(base_url=self.url, timeout=120)
+        super().__init__(settings, loaded)
+        self.client = httpx.Client(base_url=self.start(), timeout=120)
 
     def close(self) -> None:
         self.client.close()
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
-        self.runtime.close()
+        super().close()
 
 
 def make_server(

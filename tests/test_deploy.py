@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import jsonschema
+import jsonschema  # type: ignore[import-untyped]  # ships no types; stubs are no dependency
 import pytest
 import yaml
 from serving import ADMIN_KEY, OWNER_KEYS, make_server
@@ -519,7 +519,7 @@ def test_vllm_service_is_started_as_claas_needs(stages: dict[str, Stage]) -> Non
     config = compose()
     vllm = config["services"]["vllm"]
     assert vllm["build"]["target"] == "vllm" and vllm["profiles"] == ["vllm"]
-    argv = stages["vllm"].exec_form("ENTRYPOINT") + vllm["command"]
+    argv: list[str] = stages["vllm"].exec_form("ENTRYPOINT") + vllm["command"]
 
     def flag(name: str) -> str:
         assert argv.count(name) == 1, f"{name} once in {argv}"

@@ -535,53 +535,47 @@ def test_claas_serve_writes_json_lines_at_its_log_level(
     """`claas serve --log-level` as a user runs it (a real process): every stderr line is JSON,
     the start-up line and one line per request are there, and debug lines only at debug."""
     import os
-    import socket
     import subprocess
     import sys
+    from concurrent.futures import ThreadPoolExecutor
 
-    from serving import save_tiny_model
+    from serving import free_port, save_tiny_model, wait_healthy
 
     model_dir = save_tiny_model(model_cache, tmp_path_factory.mktemp("tiny-model"))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = int(sock.getsockname()[1])
 
     def run(level: str) -> list[dict[str, Any]]:
-        stderr = tmp_path / f"stderr-{level}.log"
+        port, stderr = free_port(), tmp_path / f"stderr-{level}.log"
         with stderr.open("wb") as sink:
             process = subprocess.Popen(
                 [
                     *(sys.executable, "-m", "claas.cli", "serve", "--model", str(model_dir)),
                     *("--port", str(port), "--log-level", level),
                 ],
-                env={**os.environ, "CLAAS_DATA_DIR": str(tmp_path / "data")},
+                env={**os.environ, "CLAAS_DATA_DIR": str(tmp_path / f"data-{level}")},
                 stdout=subprocess.DEVNULL,
                 stderr=sink,
             )
             try:
-                deadline = time.monotonic() + 120
-                while True:
-                    try:
-                        health = httpx.get(f"http://127.0.0.1:{port}/v1/health", timeout=2)
-                        if health.status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        pass
-                    assert process.poll() is None and time.monotonic() < deadline
-                    time.sleep(0.2)
-                assert httpx.get(f"http://127.0.0.1:{port}/v1/models").status_code == 200
-                time.sleep(0.5)  # the line is written just after the response
+                url = f"http://127.0.0.1:{port}"
+                wait_healthy(url, process, timeout=120, output=stderr.read_text)
+                assert httpx.get(f"{url}/v1/models").status_code == 200
+                # The request's line is written just after the response.
+                deadline = time.monotonic() + 30
+                while '"/v1/models"' not in stderr.read_text():
+                    assert time.monotonic() < deadline, stderr.read_text()
+                    time.sleep(0.05)
             finally:
                 process.terminate()
                 process.wait(timeout=60)
         lines = [line for line in stderr.read_text().splitlines() if line.strip()]
         return [json.loads(line) for line in lines]  # every line parses as JSON
 
-    at_info = run("info")
+    # The two servers start at once: each is seconds of imports.
+    with ThreadPoolExecutor(2) as pool:
+        at_info, at_debug = pool.map(run, ["info", "debug"])
     assert any(r["logger"] == "claas.serve" and "ready" in r["message"] for r in at_info)
     models = [r for r in at_info if r["logger"] == "claas.http" and r["path"] == "/v1/models"]
     assert len(models) == 1 and models[0]["status"] == 200
     assert not any(r["level"] == "debug" for r in at_info)
     assert not any(r["logger"] == "uvicorn.access" for r in at_info)  # no second request line
-    at_debug = run("debug")
     assert any(r["level"] == "debug" and r.get("path") == "/v1/health" for r in at_debug)

@@ -21,8 +21,8 @@ from typing import Any
 
 import httpx
 import pytest
-from postgres import PostgresCluster, free_port
-from serving import HELLO, save_tiny_model, wait_healthy
+from postgres import PostgresCluster
+from serving import HELLO, free_port, save_tiny_model, wait_healthy
 from sqlalchemy import select
 
 from claas.errors import DatabaseUnavailable
@@ -130,8 +130,11 @@ def rows(store: Store) -> list[Any]:
 def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgres_restart(
     cluster: Cluster, postgres: PostgresCluster
 ) -> None:
-    replicas = [cluster.api("api-a"), cluster.api("api-b")]
-    workers = [cluster.worker("worker-1"), cluster.worker("worker-2")]
+    # The four processes start at once: each is seconds of imports and model loading.
+    with ThreadPoolExecutor(4) as starting:
+        replicas_started = starting.map(cluster.api, ["api-a", "api-b"])
+        workers_started = starting.map(cluster.worker, ["worker-1", "worker-2"])
+        replicas, workers = list(replicas_started), list(workers_started)
     a, b = replicas
     lora_ids = [f"team/a{i}" for i in range(4)]
     for lora_id in lora_ids:
@@ -155,7 +158,9 @@ def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgr
         item = {
             "completion_id": completion[(lora_id, served_by)],
             "feedback": f"shorter, please ({n})",
-            "training": {"steps_per_batch": 24},
+            # Steps enough that a batch is still training between the test seeing it running
+            # and killing its worker (milliseconds apart); more only add training time.
+            "training": {"steps_per_batch": 6},
         }
         answer = httpx.post(f"{through}/v1/feedback", json={"items": [item]}, timeout=120)
         assert answer.status_code == 202, answer.text
@@ -247,8 +252,10 @@ def test_a_replica_and_a_worker_on_one_sqlite_file(tmp_path: Path, tiny_dir: Pat
     replica queues, the worker trains, and `?wait=true` on the replica returns by polling."""
     deployment = Cluster(tmp_path, tiny_dir, f"sqlite:///{tmp_path / 'shared.db'}")
     try:
-        url = deployment.api("api")
-        deployment.worker("worker")
+        with ThreadPoolExecutor(2) as starting:  # at once, as on a fresh data dir
+            worker = starting.submit(deployment.worker, "worker")
+            url = deployment.api("api")
+            worker.result()
         assert httpx.post(f"{url}/v1/adapters", json={"lora_id": "solo/a", "rank": 4}).is_success
         answer = httpx.post(
             f"{url}/v1/chat/completions",

@@ -149,11 +149,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     """Run the API server on the configured model and training service."""
     import ipaddress
 
-    import uvicorn
-
-    from claas.api.app import create_app
     from claas.logs import configure_logging, uvicorn_logging
-    from claas.runtime import Runtime
 
     settings = settings_from(args)
     configure_logging(settings.log_level)  # before the runtime, so its warnings are JSON too
@@ -175,6 +171,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "reach this port can read and train every adapter",
             file=sys.stderr,
         )
+    # Imported only now: a refusal above is told at once, not after seconds of torch imports.
+    import uvicorn
+
+    from claas.api.app import create_app
+    from claas.runtime import Runtime
+
     runtime = Runtime.build(settings)
     app = create_app(runtime)
     config = uvicorn.Config(

@@ -14,10 +14,12 @@ renders either prompt. Two hindsight styles:
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AfterValidator
-from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:  # annotations only: the store imports this module, and needs no transformers
+    from transformers import PreTrainedTokenizerBase
 
 Message = Mapping[str, Any]
 

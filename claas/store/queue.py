@@ -167,6 +167,8 @@ class FeedbackStore(MemoryStore):
                         .limit(max_batch)
                     ).all()
                 ]
+                if not queued:  # claimed and finished by another worker since the listing
+                    continue
                 batch = [queued[0]]
                 for request in queued[1:]:  # a contiguous run with the same config
                     if request.training != batch[0].training:

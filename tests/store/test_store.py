@@ -453,11 +453,20 @@ def test_concurrent_workers_never_claim_one_adapter_twice(database: str) -> None
                 busy.discard(lora_id)
             store.mark_done([r.id for r in batch], 1, {})
 
-    threads = [threading.Thread(target=work, args=(f"w{i}", s)) for i, s in enumerate(stores)]
+    errors: list[BaseException] = []
+
+    def run(name: str, store: Store) -> None:
+        try:
+            work(name, store)
+        except BaseException as error:  # a claim that raises is a failure, not a quiet worker
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(f"w{i}", s)) for i, s in enumerate(stores)]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join()
+    assert errors == []
     assert overlap == []
     every = [i for _, ids in claimed for i in ids]
     assert sorted(every) == sorted(i for ids in queued.values() for i in ids)  # once each
