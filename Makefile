@@ -40,7 +40,7 @@ run: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check claas tests benchmarks
 	$(BIN)/ruff format --check claas tests benchmarks
-	$(BIN)/mypy claas
+	$(BIN)/mypy claas tests
 
 format: $(STAMP)
 	$(BIN)/ruff check --fix claas tests benchmarks
@@ -63,8 +63,9 @@ postgres:
 	  $(SUDO) apt-get update && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
 
+# Two workers, a test file each at a time: module-wide servers and models are made once per file.
 test: lint browser postgres
-	$(BIN)/pytest -q -m "not vllm"
+	$(BIN)/pytest -q -n 2 --dist loadfile -m "not vllm"
 
 $(VLLM_STAMP):
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
