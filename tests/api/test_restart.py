@@ -1,0 +1,91 @@
+"""A `claas serve` killed with SIGKILL while it trains: its queued feedback is trained after a
+restart, and nothing is lost or duplicated."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+from serving import HELLO, free_port, save_tiny_model, wait_healthy
+
+
+def _start(model_dir: Path, data_dir: Path, port: int) -> subprocess.Popen[bytes]:
+    # A short lease: the batch a killed process was training is taken back 5 s after its last
+    # heartbeat, not 30 s.
+    env = {**os.environ, "CLAAS_DATA_DIR": str(data_dir), "CLAAS_LEASE_SECONDS": "5"}
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "claas.cli",
+            "serve",
+            "--model",
+            str(model_dir),
+            "--port",
+            str(port),
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_healthy(f"http://127.0.0.1:{port}", process, timeout=120)
+    return process
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_model(model_cache, tmp_path_factory.mktemp("tiny-model"))
+
+
+def test_restart_after_sigkill_resumes_queued_feedback(tiny_dir: Path, tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    process = _start(tiny_dir, tmp_path, port)
+    try:
+        httpx.post(f"{url}/v1/adapters", json={"lora_id": "alice/durable", "rank": 4}, timeout=60)
+        answer = httpx.post(
+            f"{url}/v1/chat/completions",
+            json={"model": "alice/durable", "messages": HELLO, "max_tokens": 8},
+            timeout=60,
+        ).json()
+        items = [
+            {
+                "completion_id": answer["id"],
+                "feedback": "shorter",
+                "training": {"steps_per_batch": 64},
+            }
+        ]
+        first = httpx.post(f"{url}/v1/feedback", json={"items": items}, timeout=60).json()
+        second = httpx.post(f"{url}/v1/feedback", json={"items": items}, timeout=60).json()
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+        process = _start(tiny_dir, tmp_path, port)
+        deadline = time.monotonic() + 300
+        for feedback_id in (first["feedback_id"], second["feedback_id"]):
+            while (status := httpx.get(f"{url}/v1/feedback/{feedback_id}").json())[
+                "status"
+            ] != "done":
+                assert status["status"] != "failed", status
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        versions = httpx.get(f"{url}/v1/adapters/alice/durable").json()["versions"]
+        numbers = [v["version"] for v in versions]
+        assert numbers == list(range(1, len(numbers) + 1)) and len(numbers) in (2, 3)
+        made = {
+            httpx.get(f"{url}/v1/feedback/{f['feedback_id']}").json()["version"]
+            for f in (first, second)
+        }
+        assert made == set(numbers[1:])  # every version belongs to a request: none duplicated
+        checkpoints = tmp_path / "checkpoints"
+        runs_on_disk = {p.parent.parent.name for p in checkpoints.glob("*/weights/*")}
+        runs_in_db = {v["state_path"].split("/")[2] for v in versions}
+        assert runs_in_db <= runs_on_disk
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
