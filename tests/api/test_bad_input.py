@@ -40,6 +40,36 @@ def _bad_lora_id(bad: str) -> Any:
     )
 
 
+# Sampling at its extremes: a well-defined answer (name, fields), or a 4xx naming the field
+# (name, fields, the field); never a 500.
+SAMPLING_ACCEPTED: list[tuple[str, dict[str, Any]]] = [
+    ("top_p 5e-324 (a denormal)", {"temperature": 1, "top_p": 5e-324}),
+    ("top_p 1e-300", {"temperature": 1, "top_p": 1e-300}),
+    ("temperature 5e-324 (greedy)", {"temperature": 5e-324}),
+    ("temperature 1e-300 (greedy)", {"temperature": 1e-300}),
+    ("temperature 2 with top_p 1", {"temperature": 2, "top_p": 1}),
+    ("top_k 1", {"temperature": 1, "top_k": 1}),
+    ("top_k over the vocabulary", {"temperature": 1, "top_k": 10**9}),
+    ("penalties at their bounds", {"presence_penalty": 2, "frequency_penalty": -2}),
+    ("logit_bias +100 and -100", {"temperature": 1, "logit_bias": {"0": 100, "1": -100}}),
+    ("logit_bias 0-padded id", {"logit_bias": {"007": 5}}),
+]
+SAMPLING_REFUSED: list[tuple[str, dict[str, Any], str]] = [
+    ("top_p 0", {"top_p": 0}, "top_p"),
+    ("top_p NaN", {"top_p": math.nan}, "top_p"),
+    ("top_p over 1", {"top_p": 1.0000001}, "top_p"),
+    ("temperature below 0", {"temperature": -5e-324}, "temperature"),
+    ("temperature over 2", {"temperature": 2.0000001}, "temperature"),
+    ("temperature infinite", {"temperature": math.inf}, "temperature"),
+    ("top_k below 0", {"top_k": -1}, "top_k"),
+    ("presence_penalty over 2", {"presence_penalty": 2.0000001}, "presence_penalty"),
+    ("frequency_penalty below -2", {"frequency_penalty": -2.0000001}, "frequency_penalty"),
+    ("logit_bias over 100", {"logit_bias": {"0": 100.0000001}}, "logit_bias"),
+    ("logit_bias NaN", {"logit_bias": {"0": math.nan}}, "logit_bias"),
+    ("logit_bias id past the vocabulary", {"logit_bias": {"999999999": 1}}, "logit_bias"),
+    ("top_logprobs without logprobs", {"top_logprobs": 2}, "top_logprobs"),
+]
+
 # (method, path, body, expected status, a fragment of the error message). A dict body is sent as
 # Python's json writes it (NaN and lone surrogates as escapes, as some clients do); bytes as they
 # are. A tuple of statuses allows any of them; a None fragment checks the status only.
@@ -132,45 +162,20 @@ BAD_INPUTS = [
         "POST", "/v1/chat/completions", b"x" * 2_000_000, 413, "body",
         id="chat: a body over the size limit -> 413",
     ),
-    # Sampling at its extremes: a 4xx naming the field, or a well-defined answer; never a 500.
+    # Sampling at its extremes (SAMPLING_ACCEPTED, SAMPLING_REFUSED).
     *(
         pytest.param(
             "POST", "/v1/chat/completions", chat_body("alice/valid", **fields), 200, None,
             id=f"chat: {name} -> 200",
         )
-        for name, fields in [
-            ("top_p 5e-324 (a denormal)", {"temperature": 1, "top_p": 5e-324}),
-            ("top_p 1e-300", {"temperature": 1, "top_p": 1e-300}),
-            ("temperature 5e-324 (greedy)", {"temperature": 5e-324}),
-            ("temperature 1e-300 (greedy)", {"temperature": 1e-300}),
-            ("temperature 2 with top_p 1", {"temperature": 2, "top_p": 1}),
-            ("top_k 1", {"temperature": 1, "top_k": 1}),
-            ("top_k over the vocabulary", {"temperature": 1, "top_k": 10**9}),
-            ("penalties at their bounds", {"presence_penalty": 2, "frequency_penalty": -2}),
-            ("logit_bias +100 and -100", {"temperature": 1, "logit_bias": {"0": 100, "1": -100}}),
-            ("logit_bias 0-padded id", {"logit_bias": {"007": 5}}),
-        ]
+        for name, fields in SAMPLING_ACCEPTED
     ),
     *(
         pytest.param(
             "POST", "/v1/chat/completions", chat_body("alice/valid", **fields), 422, param,
             id=f"chat: {name} -> 422 {param}",
         )
-        for name, fields, param in [
-            ("top_p 0", {"top_p": 0}, "top_p"),
-            ("top_p NaN", {"top_p": math.nan}, "top_p"),
-            ("top_p over 1", {"top_p": 1.0000001}, "top_p"),
-            ("temperature below 0", {"temperature": -5e-324}, "temperature"),
-            ("temperature over 2", {"temperature": 2.0000001}, "temperature"),
-            ("temperature infinite", {"temperature": math.inf}, "temperature"),
-            ("top_k below 0", {"top_k": -1}, "top_k"),
-            ("presence_penalty over 2", {"presence_penalty": 2.0000001}, "presence_penalty"),
-            ("frequency_penalty below -2", {"frequency_penalty": -2.0000001}, "frequency_penalty"),
-            ("logit_bias over 100", {"logit_bias": {"0": 100.0000001}}, "logit_bias"),
-            ("logit_bias NaN", {"logit_bias": {"0": math.nan}}, "logit_bias"),
-            ("logit_bias id past the vocabulary", {"logit_bias": {"999999999": 1}}, "logit_bias"),
-            ("top_logprobs without logprobs", {"top_logprobs": 2}, "top_logprobs"),
-        ]
+        for name, fields, param in SAMPLING_REFUSED
     ),
     pytest.param(
         "POST", "/v1/chat/completions", chat_body("alice/valid", stream_options={}), 400,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import openai
 import pytest
+from openai.types.chat import ChatCompletionUserMessageParam
 from serving import HELLO, LiveServer, chat, create
 
 from claas.sdpo.prompts import chat_prompt_tokens
@@ -53,9 +54,10 @@ def test_chat_response_usage_and_rollout(server: LiveServer) -> None:
 def test_streaming_with_the_openai_client(server: LiveServer) -> None:
     create(server, "alice/streamer")
     client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    messages = [ChatCompletionUserMessageParam(role="user", content=m["content"]) for m in HELLO]
     stream = client.chat.completions.create(
         model="alice/streamer",
-        messages=HELLO,  # type: ignore[arg-type]
+        messages=messages,
         max_tokens=40,
         temperature=0,
         stream=True,
@@ -70,9 +72,9 @@ def test_streaming_with_the_openai_client(server: LiveServer) -> None:
                 finishes.append(choice.finish_reason)
     whole = client.chat.completions.create(
         model="alice/streamer",
-        messages=HELLO,
+        messages=messages,
         max_tokens=40,
-        temperature=0,  # type: ignore[arg-type]
+        temperature=0,
     )
     assert len(pieces) > 5  # token by token, not one block at the end
     assert "".join(pieces) == whole.choices[0].message.content
