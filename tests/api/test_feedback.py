@@ -8,11 +8,12 @@ import time
 
 import httpx
 import pytest
-from serving import LiveServer, chat, create, finished
+from serving import HeldTraining, LiveServer, chat, create, finished
 from sqlalchemy import text
 
 from claas.api.dashboard.feedback_log import feedback_rows
 from claas.sdpo.prompts import EXAMPLE_INTRO
+from claas.services.local import LocalServiceClient
 
 
 def test_feedback_by_text_and_status(server: LiveServer) -> None:
@@ -103,7 +104,9 @@ def test_training_failure_keeps_the_last_good_version(server: LiveServer) -> Non
     # Injected failure: the training state of the current version vanished from disk.
     version = server.runtime.store.latest_version("alice/fragile")
     assert version is not None
-    state_dir = server.runtime.service.checkpoint_dir(version.state_path)
+    service = server.runtime.service
+    assert isinstance(service, LocalServiceClient)
+    state_dir = service.checkpoint_dir(version.state_path)
     (state_dir / "adapter_model.safetensors").unlink()
     response = server.client.post(
         "/v1/feedback?wait=true",
@@ -156,7 +159,9 @@ def test_feedback_with_an_example_is_trained_with_it(server: LiveServer) -> None
     assert "Your name is Kuro.)\n\n" + EXAMPLE_INTRO + "\nI'm Kuro." in sample.teacher_prompt
 
 
-def test_a_bad_request_in_a_coalesced_batch_fails_alone(server: LiveServer) -> None:
+def test_a_bad_request_in_a_coalesced_batch_fails_alone(
+    server: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
     create(server, "alice/batch")
     answer = chat(server, "alice/batch").json()["id"]
     doomed = chat(server, "alice/batch").json()["id"]
@@ -171,12 +176,16 @@ def test_a_bad_request_in_a_coalesced_batch_fails_alone(server: LiveServer) -> N
         assert response.status_code == 202, response.text
         return str(response.json()["feedback_id"])
 
-    running = submit(answer, "first", 64)  # keeps the adapter busy while the next two queue
+    held = HeldTraining(server.runtime.queue.engine, monkeypatch)
+    # Held, it keeps the adapter busy while the next two queue; its other training config keeps
+    # it out of their batch.
+    running = submit(answer, "first", 1)
     expired = submit(doomed, "second", 2)
     fine = submit(answer, "third", 2)
     store = server.runtime.store
     with store._transaction() as db:  # simulates the rollout expiring while it was queued
         db.execute(text("DELETE FROM rollouts WHERE id = :id"), {"id": doomed})
+    held.release()
     results = {fid: finished(server.client, fid) for fid in (running, expired, fine)}
     assert results[running]["status"] == "done"
     assert results[expired]["status"] == "failed" and "expired" in results[expired]["error"]
