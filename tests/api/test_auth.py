@@ -61,6 +61,9 @@ def test_api_keys_scope_owners(tmp_path: Path, model_cache: Path) -> None:
 
 
 def test_no_keys_means_loopback_only() -> None:
+    """`claas serve --host 0.0.0.0` (the flag) with no API keys is refused, and the message
+    says how to go on, --insecure included. tests/test_deploy.py checks the image's way in
+    (CLAAS_HOST from the environment) and that a key lifts the refusal."""
     refused = subprocess.run(
         [sys.executable, "-m", "claas.cli", "serve", "--host", "0.0.0.0", "--port", "1"],
         capture_output=True,
