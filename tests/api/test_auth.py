@@ -5,59 +5,52 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-from serving import ADMIN, ADMIN_KEY, ALICE, BOB, OWNER_KEYS, bearer, chat, create, make_server
+from serving import ADMIN, ALICE, BOB, LiveServer, bearer, chat, create
 
 
-def test_api_keys_scope_owners(tmp_path: Path, model_cache: Path) -> None:
-    live = make_server(tmp_path, model_cache, api_keys=OWNER_KEYS, admin_key=ADMIN_KEY)
-    try:
-        assert live.client.get("/v1/adapters").status_code == 401
-        assert live.client.get("/v1/adapters", headers=bearer("x")).status_code == 401
-        create(live, "alice/private", headers=ALICE)
-        assert (
-            live.client.post(
-                "/v1/adapters", json={"lora_id": "alice/stolen"}, headers=BOB
-            ).status_code
-            == 403
-        )
-        assert live.client.get("/v1/adapters/alice/private", headers=BOB).status_code == 403
-        assert chat(live, "alice/private", h=BOB).status_code == 403
-        answer = chat(live, "alice/private", h=ALICE).json()
-        cross = live.client.post(
-            "/v1/feedback",
-            json={"items": [{"completion_id": answer["id"], "feedback": "x"}]},
-            headers=BOB,
-        )
-        assert cross.status_code == 404  # another owner's id looks like no id at all
-        mine = live.client.post(
-            "/v1/feedback",
-            json={
-                "items": [
-                    {
-                        "completion_id": answer["id"],
-                        "feedback": "x",
-                        "training": {"steps_per_batch": 1},
-                    }
-                ]
-            },
-            headers=ALICE,
-        )
-        assert mine.status_code == 202
-        feedback_id = mine.json()["feedback_id"]
-        assert live.client.get(f"/v1/feedback/{feedback_id}", headers=BOB).status_code == 404
-        assert live.client.get(f"/v1/feedback/{feedback_id}", headers=ALICE).status_code == 200
-        assert live.client.get("/v1/adapters", headers=BOB).json()["data"] == []
-        listed = live.client.get("/v1/adapters", headers=ADMIN)
-        assert [a["lora_id"] for a in listed.json()["data"]] == ["alice/private"]
-        assert chat(live, live.runtime.base_model, h=BOB).status_code == 200
-        for response in [live.client.get("/v1/adapters/alice/private", headers=BOB)]:
-            assert "alice" in response.json()["error"]["message"]
-        unknown = chat(live, "bob/nothing", h=BOB)  # 404 lists only bob's own names
-        assert unknown.status_code == 404 and "alice" not in unknown.json()["error"]["message"]
-    finally:
-        live.close()
+def test_api_keys_scope_owners(keyed: LiveServer) -> None:
+    assert keyed.client.get("/v1/adapters").status_code == 401
+    assert keyed.client.get("/v1/adapters", headers=bearer("x")).status_code == 401
+    create(keyed, "alice/private", headers=ALICE)
+    assert (
+        keyed.client.post("/v1/adapters", json={"lora_id": "alice/stolen"}, headers=BOB).status_code
+        == 403
+    )
+    assert keyed.client.get("/v1/adapters/alice/private", headers=BOB).status_code == 403
+    assert chat(keyed, "alice/private", h=BOB).status_code == 403
+    answer = chat(keyed, "alice/private", h=ALICE).json()
+    cross = keyed.client.post(
+        "/v1/feedback",
+        json={"items": [{"completion_id": answer["id"], "feedback": "x"}]},
+        headers=BOB,
+    )
+    assert cross.status_code == 404  # another owner's id looks like no id at all
+    mine = keyed.client.post(
+        "/v1/feedback",
+        json={
+            "items": [
+                {
+                    "completion_id": answer["id"],
+                    "feedback": "x",
+                    "training": {"steps_per_batch": 1},
+                }
+            ]
+        },
+        headers=ALICE,
+    )
+    assert mine.status_code == 202
+    feedback_id = mine.json()["feedback_id"]
+    assert keyed.client.get(f"/v1/feedback/{feedback_id}", headers=BOB).status_code == 404
+    assert keyed.client.get(f"/v1/feedback/{feedback_id}", headers=ALICE).status_code == 200
+    assert keyed.client.get("/v1/adapters", headers=BOB).json()["data"] == []
+    listed = keyed.client.get("/v1/adapters", headers=ADMIN)
+    assert [a["lora_id"] for a in listed.json()["data"]] == ["alice/private"]
+    assert chat(keyed, keyed.runtime.base_model, h=BOB).status_code == 200
+    for response in [keyed.client.get("/v1/adapters/alice/private", headers=BOB)]:
+        assert "alice" in response.json()["error"]["message"]
+    unknown = chat(keyed, "bob/nothing", h=BOB)  # 404 lists only bob's own names
+    assert unknown.status_code == 404 and "alice" not in unknown.json()["error"]["message"]
 
 
 def test_no_keys_means_loopback_only() -> None:
