@@ -14,6 +14,7 @@ from typing import Any
 import openai
 import pytest
 import torch
+from openai.types.chat import ChatCompletionMessageParam
 from serving import ALICE, BOB, LiveServer, create
 
 from claas.models import LoadedModel
@@ -26,7 +27,7 @@ from claas.services.local.decoding import (
 )
 from claas.services.protocol import HOSTED_TINKER
 
-PROMPT = [{"role": "user", "content": "Tell me about the sea."}]
+PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about the sea."}]
 
 
 def client(live: LiveServer, key: str = "sk-alice") -> openai.OpenAI:
@@ -36,7 +37,7 @@ def client(live: LiveServer, key: str = "sk-alice") -> openai.OpenAI:
 def greedy(live: LiveServer, model: str, **fields: Any) -> Any:
     return client(live).chat.completions.create(
         model=model,
-        messages=PROMPT,  # type: ignore[arg-type]
+        messages=PROMPT,
         temperature=0,
         max_tokens=fields.pop("max_tokens", 24),
         **fields,
@@ -208,7 +209,8 @@ def test_penalties_match_a_reference_decode_loop(tiny: LoadedModel) -> None:
         logits, cache = prefill(model, prompt, keep=1)
         stream = SampleStream(1, 24, rule, [], None, torch.Generator())
         ours = generate(model, logits[-1], cache, stream)[0]
-        sequence, expected = prompt.tolist(), []
+        sequence = prompt.tolist()
+        expected: list[int] = []
         for _ in range(24):
             raw = model(input_ids=torch.tensor([sequence])).logits[0, -1]
             counts = torch.bincount(torch.tensor(expected, dtype=torch.long), minlength=len(raw))
@@ -352,7 +354,8 @@ def test_log_probs_cover_exactly_the_text_when_a_stop_string_cuts_it(keyed: Live
     joined = b"".join(bytes(c.bytes or []) for c in content)
     assert joined.startswith(text.encode()) and len(joined) - len(text.encode()) < 8
     assert len(content) < cut.usage.completion_tokens  # the stop string's tokens are left out
-    sampled = {"temperature": 1.0, "seed": 5, "max_tokens": 30, "logprobs": 1}  # varied text
+    # sampled, for a varied text
+    sampled: dict[str, Any] = {"temperature": 1.0, "seed": 5, "max_tokens": 30, "logprobs": 1}
     legacy = client(keyed).completions.create(model="alice/cut", prompt="The sea is", **sampled)
     whole = legacy.choices[0].text
     stop = next(whole[i : i + 2] for i in range(3, len(whole)) if whole.find(whole[i : i + 2]) == i)
