@@ -206,8 +206,8 @@ def test_sixteen_concurrent_chats_on_four_adapters_store_correct_rollouts(
     try:
         adapters = [f"alice/a{i}" for i in range(4)]
         for i, lora_id in enumerate(adapters):
-            body = {"lora_id": lora_id, "rank": 4, "seed": i}
-            assert live.client.post("/v1/adapters", json=body).status_code == 201
+            spec = {"lora_id": lora_id, "rank": 4, "seed": i}
+            assert live.client.post("/v1/adapters", json=spec).status_code == 201
 
         def body(i: int) -> dict[str, Any]:
             return {
@@ -326,8 +326,8 @@ def test_a_chat_sent_during_a_training_task_starts_inside_it_and_changes_nothing
         datum = types.Datum(
             model_input=types.ModelInput.from_ints(tokens[:-1]),
             loss_fn_inputs={
-                "target_tokens": np.asarray(tokens[1:], dtype=np.int64),
-                "weights": np.ones(len(tokens) - 1, dtype=np.float32),
+                "target_tokens": types.TensorData.from_numpy(np.asarray(tokens[1:], np.int64)),
+                "weights": types.TensorData.from_numpy(np.ones(len(tokens) - 1, np.float32)),
             },
         )
         fb: dict[str, Any] = {}
