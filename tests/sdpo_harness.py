@@ -4,14 +4,13 @@ dir, on a private copy of a model, and a spy on the LoRA gradients."""
 from __future__ import annotations
 
 import asyncio
-import copy
-import dataclasses
 from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
 import torch
+from model_copies import private_copy
 from tinker import types
 
 from claas.adapters import Adapters, AdapterSpec
@@ -32,13 +31,6 @@ SHARP: dict[str, Any] = {"initializer_range": 0.3}
 """LlamaConfig overrides for a tiny model with peaked logits. The default one's are nearly
 uniform, so its GJS gradient is lost next to k3's; a much sharper one is chaotic: the feedback
 prompt moves the teacher's top-K to ids where the student has no mass, and GJS saturates."""
-
-
-def private_copy(loaded: LoadedModel) -> LoadedModel:
-    """A copy of `loaded` with weights of its own: a service's adapters change the model it
-    serves, so each harness (and each reference model) gets one, from a model loaded once per
-    module instead of built again."""
-    return dataclasses.replace(loaded, model=copy.deepcopy(loaded.model))
 
 
 class Harness:

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 import tinker
 import torch
+from model_copies import private_copy
 from peft import PeftModel
 from sdpo_harness import (
     LORA,
@@ -27,7 +28,6 @@ from sdpo_harness import (
     Harness,
     metric,
     perturb_latest,
-    private_copy,
     started,
 )
 

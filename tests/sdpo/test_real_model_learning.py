@@ -8,7 +8,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import pytest
-from sdpo_harness import Harness, metric, private_copy
+from model_copies import private_copy
+from sdpo_harness import Harness, metric
 from tinker import types
 
 from claas.adapters import AdapterSpec

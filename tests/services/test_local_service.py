@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 import tinker
 import torch
+from model_copies import private_copy
 from peft import LoraConfig, PeftModel, get_peft_model
 from tinker import types
 
@@ -29,15 +30,21 @@ from claas.services.local.worker import ModelWorker
 TOKENS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 2]
 
 
-@pytest.fixture
-def reference(model_cache: Path) -> LoadedModel:
-    """An untouched copy of the tiny model (same seed as the service's)."""
+@pytest.fixture(scope="module")
+def pristine(model_cache: Path) -> LoadedModel:
+    """The tiny model, built once; the services and references get copies of it."""
     return tiny_llama(model_cache, seed=0)
 
 
 @pytest.fixture
-def service(model_cache: Path, tmp_path: Path) -> Iterator[LocalServiceClient]:
-    svc = LocalServiceClient(tiny_llama(model_cache, seed=0), tmp_path / "checkpoints")
+def reference(pristine: LoadedModel) -> LoadedModel:
+    """An untouched copy of the tiny model (the service's weights)."""
+    return private_copy(pristine)
+
+
+@pytest.fixture
+def service(pristine: LoadedModel, tmp_path: Path) -> Iterator[LocalServiceClient]:
+    svc = LocalServiceClient(private_copy(pristine), tmp_path / "checkpoints")
     yield svc
     svc.close()
 
@@ -134,7 +141,7 @@ def test_importance_sampling_loss_is_tinkers_formula(
 
 
 def test_topk_cross_entropy_gradient_equals_autograd(
-    service: LocalServiceClient, model_cache: Path
+    service: LocalServiceClient, pristine: LoadedModel
 ) -> None:
     trainer = new_trainer(service)
     perturb(trainer)
@@ -157,7 +164,7 @@ def test_topk_cross_entropy_gradient_equals_autograd(
         ],
         lora_dropout=0.0,
     )
-    peft = get_peft_model(tiny_llama(model_cache, seed=0).model, config)
+    peft = get_peft_model(private_copy(pristine).model, config)
     params = {n.replace(".default.", "."): p for n, p in peft.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for name, value in trainer.lora_parameters().items():
@@ -511,7 +518,7 @@ def test_resume_with_optimizer_equals_training_straight_through(
     )
 
 
-def test_checkpoint_loads_in_plain_peft(service: LocalServiceClient, model_cache: Path) -> None:
+def test_checkpoint_loads_in_plain_peft(service: LocalServiceClient, pristine: LoadedModel) -> None:
     trainer = new_trainer(service)
     perturb(trainer)
     path = trainer.save_weights_for_sampler("v1").result().path
@@ -521,7 +528,7 @@ def test_checkpoint_loads_in_plain_peft(service: LocalServiceClient, model_cache
         "adapter_model.safetensors",
     }
     assert not (directory / "optimizer.pt").exists()
-    plain = PeftModel.from_pretrained(tiny_llama(model_cache, seed=0).model, directory)
+    plain = PeftModel.from_pretrained(private_copy(pristine).model, directory)
     sampler = service.create_sampling_client(model_path=path).result()
     ours = sampler.compute_logprobs(types.ModelInput.from_ints(TOKENS)).result()
     expected = plain_logprobs(plain, TOKENS)[torch.arange(len(TOKENS) - 1), TOKENS[1:]]
@@ -721,8 +728,8 @@ def test_sdk_semantics_of_last_n_topk_and_optimizer_args(service: LocalServiceCl
         trainer.forward_backward([masked], "cross_entropy")
 
 
-def test_two_services_on_one_host_share_one_worker(model_cache: Path, tmp_path: Path) -> None:
-    host = AdapterHost(tiny_llama(model_cache, seed=0))
+def test_two_services_on_one_host_share_one_worker(pristine: LoadedModel, tmp_path: Path) -> None:
+    host = AdapterHost(private_copy(pristine))
     first = LocalServiceClient(host, tmp_path / "a")
     second = LocalServiceClient(host, tmp_path / "b")
     try:
@@ -738,8 +745,8 @@ def test_two_services_on_one_host_share_one_worker(model_cache: Path, tmp_path: 
         first.create_lora_training_client(first.base_model, rank=2)
 
 
-def test_a_service_given_a_model_owns_its_host(model_cache: Path, tmp_path: Path) -> None:
-    service = LocalServiceClient(tiny_llama(model_cache, seed=0), tmp_path)
+def test_a_service_given_a_model_owns_its_host(pristine: LoadedModel, tmp_path: Path) -> None:
+    service = LocalServiceClient(private_copy(pristine), tmp_path)
     assert not service.host.closed
     service.close()
     assert service.host.closed
