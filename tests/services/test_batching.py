@@ -23,11 +23,12 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from model_copies import private_copy
 from serving import LiveServer, make_server
 from tinker import types
 
 from claas.errors import ServiceClosed
-from claas.models import tiny_llama
+from claas.models import LoadedModel, tiny_llama
 from claas.services.local import AdapterHost, LocalServiceClient, scheduler
 from claas.services.local.decoding import SampleStream, SamplingRule
 from claas.services.local.packed import PackedLinears
@@ -37,11 +38,17 @@ from claas.services.protocol import StopGeneration
 PRECISIONS = {torch.float64: (1.5, 1e-6), torch.float32: (0.5, 2e-4)}  # B scale, tolerance
 
 
+@pytest.fixture(scope="module")
+def pristine(model_cache: Path) -> LoadedModel:
+    """The tiny model, built once; each test's service gets a copy of it."""
+    return tiny_llama(model_cache, seed=0)
+
+
 @pytest.fixture(params=["float64", "float32"])
 def service(
-    request: pytest.FixtureRequest, model_cache: Path, tmp_path: Path
+    request: pytest.FixtureRequest, pristine: LoadedModel, tmp_path: Path
 ) -> Iterator[LocalServiceClient]:
-    loaded = tiny_llama(model_cache, seed=0)
+    loaded = private_copy(pristine)
     loaded.model.to(torch.float64 if request.param == "float64" else torch.float32)
     svc = LocalServiceClient(loaded, tmp_path / "checkpoints")
     yield svc
@@ -206,8 +213,8 @@ def test_sixteen_concurrent_chats_on_four_adapters_store_correct_rollouts(
     try:
         adapters = [f"alice/a{i}" for i in range(4)]
         for i, lora_id in enumerate(adapters):
-            body = {"lora_id": lora_id, "rank": 4, "seed": i}
-            assert live.client.post("/v1/adapters", json=body).status_code == 201
+            spec = {"lora_id": lora_id, "rank": 4, "seed": i}
+            assert live.client.post("/v1/adapters", json=spec).status_code == 201
 
         def body(i: int) -> dict[str, Any]:
             return {
@@ -262,9 +269,9 @@ def test_batched_log_probs_are_the_adapters_own(service: LocalServiceClient) -> 
 
 
 def test_packed_linears_give_the_plain_outputs_and_follow_in_place_changes(
-    model_cache: Path,
+    pristine: LoadedModel,
 ) -> None:
-    loaded = tiny_llama(model_cache, seed=0)
+    loaded = private_copy(pristine)
     model = loaded.model
     packed = PackedLinears(model)
     assert len(packed.layers) == 7 * model.config.num_hidden_layers + 1  # and the LM head
@@ -288,8 +295,10 @@ def test_packed_linears_give_the_plain_outputs_and_follow_in_place_changes(
 
 
 @pytest.mark.parametrize("packed", [True, False])
-def test_packed_weights_follow_the_setting(model_cache: Path, tmp_path: Path, packed: bool) -> None:
-    host = AdapterHost(tiny_llama(model_cache, seed=0), packed_weights=packed)
+def test_packed_weights_follow_the_setting(
+    pristine: LoadedModel, tmp_path: Path, packed: bool
+) -> None:
+    host = AdapterHost(private_copy(pristine), packed_weights=packed)
     service = LocalServiceClient(host, tmp_path / "checkpoints")
     try:
         sampler = service.create_sampling_client(base_model=service.base_model).result()
@@ -302,13 +311,13 @@ def test_packed_weights_follow_the_setting(model_cache: Path, tmp_path: Path, pa
 
 @pytest.mark.parametrize("during", ["forward", "backward"])
 def test_a_chat_sent_during_a_training_task_starts_inside_it_and_changes_nothing(
-    model_cache: Path, tmp_path: Path, during: str
+    pristine: LoadedModel, tmp_path: Path, during: str
 ) -> None:
     """A chat that arrives while a `forward_backward` runs gets its first token at the next
     yield point (a decoder layer of the forward, or of the backward), not after the task; the
     task's loss and gradients are bitwise those of the same task without the chat, and the
     chat's tokens are those it gets alone."""
-    loaded = tiny_llama(model_cache, seed=0)
+    loaded = private_copy(pristine)
     service = LocalServiceClient(loaded, tmp_path / "checkpoints")
     try:
         trainer = service.create_lora_training_client(service.base_model, rank=4, seed=1).result()
@@ -326,8 +335,8 @@ def test_a_chat_sent_during_a_training_task_starts_inside_it_and_changes_nothing
         datum = types.Datum(
             model_input=types.ModelInput.from_ints(tokens[:-1]),
             loss_fn_inputs={
-                "target_tokens": np.asarray(tokens[1:], dtype=np.int64),
-                "weights": np.ones(len(tokens) - 1, dtype=np.float32),
+                "target_tokens": types.TensorData.from_numpy(np.asarray(tokens[1:], np.int64)),
+                "weights": types.TensorData.from_numpy(np.ones(len(tokens) - 1, np.float32)),
             },
         )
         fb: dict[str, Any] = {}
@@ -387,11 +396,11 @@ def test_a_chat_sent_during_a_training_task_starts_inside_it_and_changes_nothing
 
 
 def test_a_chat_sent_during_a_base_model_pass_leaves_it_on_the_base_model(
-    model_cache: Path, tmp_path: Path
+    pristine: LoadedModel, tmp_path: Path
 ) -> None:
     """A yield point inside a base-model scoring pass (PEFT's adapters switched off) admits a
     chat on an adapter; the pass's remaining layers still run without any adapter."""
-    loaded = tiny_llama(model_cache, seed=0)
+    loaded = private_copy(pristine)
     service = LocalServiceClient(loaded, tmp_path / "checkpoints")
     try:
         chat_sampler = adapter_sampler(service, seed=2, rank=4)
@@ -420,12 +429,12 @@ def test_a_chat_sent_during_a_base_model_pass_leaves_it_on_the_base_model(
 
 
 def test_a_request_whose_caller_is_gone_disturbs_no_other(
-    model_cache: Path, tmp_path: Path
+    pristine: LoadedModel, tmp_path: Path
 ) -> None:
     """Requests prefilled together with one whose client left before its first token (its
     `on_token` stops it, and its callbacks raise, as a cancelled future's do) all finish, and
     the decoder goes on serving later requests."""
-    loaded = tiny_llama(model_cache, seed=0)
+    loaded = private_copy(pristine)
     host = AdapterHost(loaded)
     service = LocalServiceClient(host, tmp_path / "checkpoints")
     try:
@@ -465,12 +474,12 @@ def test_a_request_whose_caller_is_gone_disturbs_no_other(
 
 
 def test_adapters_created_while_a_base_chat_decodes_do_not_reach_it(
-    model_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    pristine: LoadedModel, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The first adapter turns the model into a PEFT model with new LoRA layers, between two
     decode slices of a running chat on the base model; its later tokens stay the base model's."""
     monkeypatch.setattr(scheduler, "SLICE_SECONDS", 0.0)  # one decode step per slice
-    loaded = tiny_llama(model_cache, seed=0)
+    loaded = private_copy(pristine)
     service = LocalServiceClient(loaded, tmp_path / "checkpoints")
     try:
         base = service.create_sampling_client(base_model=service.base_model).result()

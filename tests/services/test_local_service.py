@@ -7,6 +7,7 @@ the model, or a plain PEFT model, never the service's own code path.
 from __future__ import annotations
 
 import asyncio
+import functools
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +17,7 @@ import numpy as np
 import pytest
 import tinker
 import torch
+from model_copies import private_copy
 from peft import LoraConfig, PeftModel, get_peft_model
 from tinker import types
 
@@ -28,17 +30,37 @@ from claas.services.local.worker import ModelWorker
 TOKENS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 2]
 
 
-@pytest.fixture
-def reference(model_cache: Path) -> LoadedModel:
-    """An untouched copy of the tiny model (same seed as the service's)."""
+@pytest.fixture(scope="module")
+def pristine(model_cache: Path) -> LoadedModel:
+    """The tiny model, built once; the services and references get copies of it."""
     return tiny_llama(model_cache, seed=0)
 
 
 @pytest.fixture
-def service(model_cache: Path, tmp_path: Path) -> Iterator[LocalServiceClient]:
-    svc = LocalServiceClient(tiny_llama(model_cache, seed=0), tmp_path / "checkpoints")
+def reference(pristine: LoadedModel) -> LoadedModel:
+    """An untouched copy of the tiny model (the service's weights)."""
+    return private_copy(pristine)
+
+
+@pytest.fixture
+def service(pristine: LoadedModel, tmp_path: Path) -> Iterator[LocalServiceClient]:
+    svc = LocalServiceClient(private_copy(pristine), tmp_path / "checkpoints")
     yield svc
     svc.close()
+
+
+def inputs(**arrays: np.ndarray) -> dict[str, types.TensorData]:
+    """`loss_fn_inputs` from numpy arrays, as `types.Datum` would convert them itself."""
+    return {name: types.TensorData.from_numpy(array) for name, array in arrays.items()}
+
+
+def accumulated_grads(trainer: LocalTrainingClient) -> dict[str, torch.Tensor]:
+    """Copies of the accumulated LoRA gradients, left in place (every weight must have one)."""
+    found = {}
+    for name, param in trainer.lora_parameters().items():
+        assert param.grad is not None, f"{name} got no gradient"
+        found[name] = param.grad.clone()
+    return found
 
 
 def plain_logprobs(model: Any, tokens: list[int]) -> torch.Tensor:
@@ -59,7 +81,7 @@ def ce_datum(tokens: list[int], k: int = 0, seed: int = 0) -> types.Datum:
         weights = rng.normal(size=(n, k)).astype(np.float32)
     return types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={"target_tokens": targets, "weights": weights},
+        loss_fn_inputs=inputs(target_tokens=targets, weights=weights),
     )
 
 
@@ -109,7 +131,7 @@ def test_importance_sampling_loss_is_tinkers_formula(
     advantages = np.linspace(-1, 1, len(targets)).astype(np.float32)
     datum = types.Datum(
         model_input=types.ModelInput.from_ints(TOKENS[:-1]),
-        loss_fn_inputs={"target_tokens": targets, "logprobs": sampling, "advantages": advantages},
+        loss_fn_inputs=inputs(target_tokens=targets, logprobs=sampling, advantages=advantages),
     )
     out = trainer.forward([datum], "importance_sampling").result()
     logprobs = plain_logprobs(reference.model, TOKENS)
@@ -119,13 +141,13 @@ def test_importance_sampling_loss_is_tinkers_formula(
 
 
 def test_topk_cross_entropy_gradient_equals_autograd(
-    service: LocalServiceClient, model_cache: Path
+    service: LocalServiceClient, pristine: LoadedModel
 ) -> None:
     trainer = new_trainer(service)
     perturb(trainer)
     datums = [ce_datum(TOKENS, k=5, seed=2), ce_datum(TOKENS[:7], k=5, seed=3)]
     trainer.forward_backward(datums, "cross_entropy").result()
-    got = {name: p.grad.clone() for name, p in trainer.lora_parameters().items()}
+    got = accumulated_grads(trainer)
 
     # Independent: a plain PEFT model with the same weights, the loss written out by hand.
     config = LoraConfig(
@@ -142,7 +164,7 @@ def test_topk_cross_entropy_gradient_equals_autograd(
         ],
         lora_dropout=0.0,
     )
-    peft = get_peft_model(tiny_llama(model_cache, seed=0).model, config)
+    peft = get_peft_model(private_copy(pristine).model, config)
     params = {n.replace(".default.", "."): p for n, p in peft.named_parameters() if "lora_" in n}
     with torch.no_grad():
         for name, value in trainer.lora_parameters().items():
@@ -154,7 +176,7 @@ def test_topk_cross_entropy_gradient_equals_autograd(
         targets = datum.loss_fn_inputs["target_tokens"].to_torch()
         weights = datum.loss_fn_inputs["weights"].to_torch()
         loss = loss - (logprobs.gather(-1, targets) * weights).sum()
-    loss.backward()
+    loss.backward()  # type: ignore[no-untyped-call]
     assert set(got) == set(params)
     for name, param in params.items():
         assert param.grad is not None
@@ -177,10 +199,9 @@ def test_training_log_probs_keep_a_top_k_mass_within_one(model_cache: Path, tmp_
     try:
         datum = types.Datum(
             model_input=types.ModelInput.from_ints(tokens[:-1]),
-            loss_fn_inputs={
-                "target_tokens": ids.numpy(),
-                "weights": np.zeros(ids.shape, dtype=np.float32),
-            },
+            loss_fn_inputs=inputs(
+                target_tokens=ids.numpy(), weights=np.zeros(ids.shape, dtype=np.float32)
+            ),
         )
         out = new_trainer(service).forward([datum], "cross_entropy").result()
     finally:
@@ -197,10 +218,10 @@ def custom_datum(tokens: list[int], k: int, seed: int) -> types.Datum:
     distribution = rng.dirichlet(np.ones(k), size=n).astype(np.float32)
     return types.Datum(
         model_input=types.ModelInput.from_ints(tokens[:-1]),
-        loss_fn_inputs={
-            "target_tokens": rng.integers(0, 49152, size=(n, k)).astype(np.int64),
-            "target_distribution": distribution,
-        },
+        loss_fn_inputs=inputs(
+            target_tokens=rng.integers(0, 49152, size=(n, k)).astype(np.int64),
+            target_distribution=distribution,
+        ),
     )
 
 
@@ -303,11 +324,11 @@ def test_importance_sampling_step_raises_the_advantaged_token(
     advantages[5] = 1.0
     datum = types.Datum(
         model_input=types.ModelInput.from_ints(TOKENS[:-1]),
-        loss_fn_inputs={
-            "target_tokens": targets,
-            "logprobs": np.asarray(before[1:], dtype=np.float32),
-            "advantages": advantages,
-        },
+        loss_fn_inputs=inputs(
+            target_tokens=targets,
+            logprobs=np.asarray(before[1:], dtype=np.float32),
+            advantages=advantages,
+        ),
     )
     fwd = trainer.forward_backward([datum], "importance_sampling")
     opt = trainer.optim_step(types.AdamParams(learning_rate=1e-3))
@@ -322,8 +343,8 @@ def test_optim_step_honours_grad_clip_and_weight_decay(service: LocalServiceClie
     perturb(trainer)
     start = {n: p.detach().clone() for n, p in trainer.lora_parameters().items()}
     trainer.forward_backward([ce_datum(TOKENS, k=3)], "cross_entropy").result()
-    grads = {n: p.grad.clone() for n, p in trainer.lora_parameters().items()}
-    norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads.values()])))
+    taken = accumulated_grads(trainer)
+    norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in taken.values()])))
     params = types.AdamParams(
         learning_rate=1e-2, beta1=0.9, beta2=0.99, eps=1e-8, weight_decay=0.1, grad_clip_norm=0.5
     )
@@ -332,7 +353,7 @@ def test_optim_step_honours_grad_clip_and_weight_decay(service: LocalServiceClie
     # Independent AdamW step on copies, with the gradient clipped to norm 0.5.
     copies = {n: torch.nn.Parameter(v.clone()) for n, v in start.items()}
     for name, copy in copies.items():
-        copy.grad = grads[name] * min(1.0, 0.5 / (norm + 1e-6))
+        copy.grad = taken[name] * min(1.0, 0.5 / (norm + 1e-6))
     torch.optim.AdamW(
         list(copies.values()), lr=1e-2, betas=(0.9, 0.99), eps=1e-8, weight_decay=0.1
     ).step()
@@ -497,7 +518,7 @@ def test_resume_with_optimizer_equals_training_straight_through(
     )
 
 
-def test_checkpoint_loads_in_plain_peft(service: LocalServiceClient, model_cache: Path) -> None:
+def test_checkpoint_loads_in_plain_peft(service: LocalServiceClient, pristine: LoadedModel) -> None:
     trainer = new_trainer(service)
     perturb(trainer)
     path = trainer.save_weights_for_sampler("v1").result().path
@@ -507,7 +528,7 @@ def test_checkpoint_loads_in_plain_peft(service: LocalServiceClient, model_cache
         "adapter_model.safetensors",
     }
     assert not (directory / "optimizer.pt").exists()
-    plain = PeftModel.from_pretrained(tiny_llama(model_cache, seed=0).model, directory)
+    plain = PeftModel.from_pretrained(private_copy(pristine).model, directory)
     sampler = service.create_sampling_client(model_path=path).result()
     ours = sampler.compute_logprobs(types.ModelInput.from_ints(TOKENS)).result()
     expected = plain_logprobs(plain, TOKENS)[torch.arange(len(TOKENS) - 1), TOKENS[1:]]
@@ -579,22 +600,21 @@ def test_bad_inputs_raise_clear_errors(service: LocalServiceClient) -> None:
         trainer.forward_backward([datum], "dpo")  # type: ignore[arg-type]
     short = types.Datum(
         model_input=datum.model_input,
-        loss_fn_inputs={"target_tokens": np.asarray(TOKENS[1:4]), "weights": np.ones(3)},
+        loss_fn_inputs=inputs(target_tokens=np.asarray(TOKENS[1:4]), weights=np.ones(3)),
     )
     with pytest.raises(InvalidRequest, match="target_tokens has shape"):
         trainer.forward_backward([short], "cross_entropy")
     mismatched = types.Datum(
         model_input=datum.model_input,
-        loss_fn_inputs={"target_tokens": np.asarray(TOKENS[1:]), "weights": np.ones(3)},
+        loss_fn_inputs=inputs(target_tokens=np.asarray(TOKENS[1:]), weights=np.ones(3)),
     )
     with pytest.raises(InvalidRequest, match="weights has shape"):
         trainer.forward_backward([mismatched], "cross_entropy")
     nan = types.Datum(
         model_input=datum.model_input,
-        loss_fn_inputs={
-            "target_tokens": np.asarray(TOKENS[1:]),
-            "weights": np.full(len(TOKENS) - 1, np.nan),
-        },
+        loss_fn_inputs=inputs(
+            target_tokens=np.asarray(TOKENS[1:]), weights=np.full(len(TOKENS) - 1, np.nan)
+        ),
     )
     with pytest.raises(InvalidRequest, match="NaN"):
         trainer.forward_backward([nan], "cross_entropy")
@@ -658,6 +678,7 @@ def test_real_model_scoring_and_greedy_answer(smol: LoadedModel, tmp_path: Path)
         assert out.sequences[0].stop_reason == "stop"
         assert out.sequences[0].tokens[-1] in smol.stop_token_ids
         expected = plain_logprobs(smol.model, prompt)[torch.arange(len(prompt) - 1), prompt[1:]]
+        assert out.prompt_logprobs is not None
         np.testing.assert_allclose(
             np.asarray(out.prompt_logprobs[1:], dtype=np.float32), expected.numpy(), atol=1e-4
         )
@@ -701,14 +722,14 @@ def test_sdk_semantics_of_last_n_topk_and_optimizer_args(service: LocalServiceCl
     masked = ce_datum(TOKENS)
     masked = types.Datum(
         model_input=masked.model_input,
-        loss_fn_inputs={**masked.loss_fn_inputs, "mask": np.ones(len(TOKENS) - 1)},
+        loss_fn_inputs={**masked.loss_fn_inputs, **inputs(mask=np.ones(len(TOKENS) - 1))},
     )
     with pytest.raises(InvalidRequest, match="unexpected \\['mask'\\]"):
         trainer.forward_backward([masked], "cross_entropy")
 
 
-def test_two_services_on_one_host_share_one_worker(model_cache: Path, tmp_path: Path) -> None:
-    host = AdapterHost(tiny_llama(model_cache, seed=0))
+def test_two_services_on_one_host_share_one_worker(pristine: LoadedModel, tmp_path: Path) -> None:
+    host = AdapterHost(private_copy(pristine))
     first = LocalServiceClient(host, tmp_path / "a")
     second = LocalServiceClient(host, tmp_path / "b")
     try:
@@ -724,8 +745,8 @@ def test_two_services_on_one_host_share_one_worker(model_cache: Path, tmp_path: 
         first.create_lora_training_client(first.base_model, rank=2)
 
 
-def test_a_service_given_a_model_owns_its_host(model_cache: Path, tmp_path: Path) -> None:
-    service = LocalServiceClient(tiny_llama(model_cache, seed=0), tmp_path)
+def test_a_service_given_a_model_owns_its_host(pristine: LoadedModel, tmp_path: Path) -> None:
+    service = LocalServiceClient(private_copy(pristine), tmp_path)
     assert not service.host.closed
     service.close()
     assert service.host.closed
@@ -794,12 +815,22 @@ def test_an_urgent_task_runs_before_the_queued_ones_after_the_running_one() -> N
     worker = ModelWorker()
     started, release = threading.Event(), threading.Event()
     order: list[str] = []
+
+    def run(name: str) -> str:
+        order.append(name)
+        return name
+
+    def run_when_released() -> str:
+        started.set()
+        release.wait(5)
+        return run("running")
+
     try:
-        running = worker.submit(lambda: (started.set(), release.wait(5), order.append("running")))
+        running = worker.submit(run_when_released)
         assert started.wait(5)
-        queued = [worker.submit(lambda name=name: order.append(name)) for name in ("a", "b")]
-        batch = worker.submit_batched("k", "c", lambda items: [order.append(i) for i in items])
-        urgent = worker.submit(lambda: order.append("urgent"), urgent=True)
+        queued = [worker.submit(functools.partial(run, name)) for name in ("a", "b")]
+        batch = worker.submit_batched("k", "c", lambda items: [run(i) for i in items])
+        urgent = worker.submit(lambda: run("urgent"), urgent=True)
         release.set()
         for future in (running, *queued, batch, urgent):
             future.result()

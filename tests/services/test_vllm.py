@@ -223,7 +223,7 @@ def test_vllm_down_gives_503_and_a_degraded_health(tmp_path: Path, model_cache: 
 
 def test_a_reply_whose_ids_and_logprobs_do_not_pair_up_is_refused() -> None:
     """What vLLM returns is checked before a rollout is made of it."""
-    good = {
+    good: dict[str, Any] = {
         "finish_reason": "length",
         "logprobs": {"tokens": ["token_id:5", "token_id:7"], "token_logprobs": [-0.5, -1.0]},
     }
