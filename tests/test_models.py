@@ -99,5 +99,8 @@ def test_interrupted_conversion_leaves_no_cache(
     monkeypatch.setattr(models, "AutoModelForCausalLM", Interrupting)
     with pytest.raises(KeyboardInterrupt):
         convert_embedded(tmp_path)
-    assert list(tmp_path.iterdir()) == []
+    # Only the lock that serialises conversions stays (an empty file, never deleted: deleting a
+    # lock file others may hold is a race); no staging dir, no partial cache.
+    assert [p.name for p in tmp_path.iterdir()] == [".convert.lock"]
+    assert (tmp_path / ".convert.lock").stat().st_size == 0
     assert not embedded_cache_dir(tmp_path).exists()
