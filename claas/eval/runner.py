@@ -34,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
+import math
 import os
 import sys
 import time
@@ -67,6 +68,7 @@ from claas.runs import Probe, Rollout, RunStatus, RunSummary, Scalar, StepLine, 
 
 # The longest the server holds a `wait=true` feedback call; a longer wait polls after it.
 _SERVER_WAIT = 3600.0
+PLOT_SECONDS = 30.0  # while a run goes on, its PNGs are redrawn at most this often
 
 
 def _now() -> str:
@@ -125,6 +127,7 @@ class EvalRun:
         self.lines_path = run_dir / "steps.jsonl"
         self.lines: list[StepLine] = []
         self.started_at = _now()
+        self._plotted_at = -math.inf  # the plots are drawn by the first summary
         self.divergence_mode: str = config.training.divergence_mode
         self.measurer = Measurer(claas, config)
 
@@ -377,7 +380,10 @@ class EvalRun:
             metrics["length_drift"] = metrics["mean_length"] / base["mean_length"] - 1.0
 
     def _write_summary(self, status: RunStatus, error: str | None = None) -> None:
-        plots = report.plot_run(self.run_dir, self.lines, [p.name for p in self.preferences])
+        now = time.monotonic()  # plots cost more than a quick step: the last summary redraws them
+        if status != "running" or now - self._plotted_at >= PLOT_SECONDS:
+            report.plot_run(self.run_dir, self.lines, [p.name for p in self.preferences])
+            self._plotted_at = now
         body = report.summary(
             run_id=self.config.run_id or "",
             status=status,
@@ -390,7 +396,7 @@ class EvalRun:
             preferences=[p.name for p in self.preferences],
             stages=[p.name for p in self.stages],
             thresholds=self.config.thresholds,
-            plots=[p for p in plots if (self.run_dir / p).exists()],
+            plots=[p for p in report.PLOTS if (self.run_dir / p).exists()],
             continual=self.config.continual,
             error=error,
             changes_length={p.name for p in self.preferences if p.changes_length},
