@@ -16,6 +16,7 @@ import pytest
 
 from claas.eval.server import ThreadedServer
 from claas.models import LoadedModel, tiny_llama
+from claas.records import FINISHED
 from claas.sdpo.engine import SDPOEngine
 from claas.settings import Settings
 
@@ -115,7 +116,7 @@ def finished(
     deadline = time.monotonic() + timeout
     while True:
         status = client.get(f"/v1/feedback/{feedback_id}", headers=headers or {}).json()
-        if status["status"] in ("done", "failed"):
+        if status["status"] in FINISHED:
             return status
         assert time.monotonic() < deadline, status
         time.sleep(0.05)

@@ -26,6 +26,7 @@ from serving import HELLO, free_port, save_tiny_model, wait_healthy
 from sqlalchemy import select
 
 from claas.errors import DatabaseUnavailable
+from claas.records import PENDING
 from claas.store import Store
 from claas.store.tables import feedback
 
@@ -206,7 +207,7 @@ def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgr
 
         while True:
             final = rows(store)
-            if not any(r.status in ("queued", "running") for r in final):
+            if not any(r.status in PENDING for r in final):
                 break
             assert time.monotonic() < deadline, [(r.id, r.status) for r in final]
             time.sleep(0.5)
