@@ -16,7 +16,9 @@ A lost or refused connection is `DatabaseUnavailable`: nothing was changed, so r
 
 from __future__ import annotations
 
+import sqlite3
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,22 +44,45 @@ def database_url(target: Path | str) -> str:
     return f"sqlite:///{Path(target)}"
 
 
+SQLITE_BUSY_SECONDS = 10.0
+
+
+def use_wal(cursor: sqlite3.Cursor) -> None:
+    """Switch the file to WAL, waiting up to SQLITE_BUSY_SECONDS for another connection.
+
+    Two connections switching a new file at once can deadlock on its lock (each holds SHARED and
+    wants EXCLUSIVE); SQLite then answers one with "database is locked" at once, without its busy
+    handler. That one tries again: by then the file is in WAL, and the pragma only reads it.
+    """
+    deadline = time.monotonic() + SQLITE_BUSY_SECONDS
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as error:
+            if "locked" not in str(error) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
+
+
 def _sqlite_engine(url: str) -> Engine:
     path = make_url(url).database
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10})
+    engine = create_engine(
+        url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_SECONDS}
+    )
     state = threading.local()
 
     @event.listens_for(engine, "connect")
     def _configure(dbapi_connection: Any, _record: Any) -> None:
         dbapi_connection.isolation_level = None  # transactions are begun below, not by pysqlite
         cursor = dbapi_connection.cursor()
+        use_wal(cursor)
         for pragma in (
-            "journal_mode=WAL",
             "synchronous=FULL",
             "foreign_keys=ON",
-            "busy_timeout=10000",
+            f"busy_timeout={int(SQLITE_BUSY_SECONDS * 1000)}",
         ):
             cursor.execute(f"PRAGMA {pragma}")
         cursor.close()

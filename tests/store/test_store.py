@@ -38,6 +38,7 @@ from claas.errors import (
 from claas.ids import LORA_ID_PART, parse_lora_id, text_hash, validate_lora_id
 from claas.records import Rollout
 from claas.store import LEGACY_SQLITE_VERSION, Store, head_revision
+from claas.store.database import use_wal
 
 LORA = "alice/assistant"
 OTHER = "bob/helper"
@@ -782,6 +783,24 @@ def test_a_stale_worker_can_neither_register_nor_fail_what_another_worker_took(
     done = store.get_feedback(request.id)
     assert (done.status, done.version, done.error) == ("done", made.version, None)
     assert [v.version for v in store.list_versions(LORA)] == [1, 2]
+
+
+def test_switching_to_wal_waits_out_a_lock_sqlite_answers_at_once(tmp_path: Path) -> None:
+    """When two connections switch a new file to WAL at once, SQLite answers one "database is
+    locked" without its busy handler (each holds SHARED, each wants EXCLUSIVE). A connection
+    without a busy handler (timeout 0) meets the same immediate answer while another holds the
+    file's lock; the store's switch tries again until that lock is gone."""
+    path = tmp_path / "new.db"
+    holder = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN EXCLUSIVE")
+    threading.Timer(0.3, lambda: holder.execute("COMMIT")).start()
+    waiting = sqlite3.connect(path, timeout=0, check_same_thread=False)
+    with pytest.raises(sqlite3.OperationalError, match="locked"):
+        waiting.execute("PRAGMA journal_mode=WAL")
+    use_wal(waiting.cursor())
+    assert waiting.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    waiting.close()
+    holder.close()
 
 
 def test_two_processes_creating_one_new_sqlite_file_at_once_both_succeed(tmp_path: Path) -> None:
