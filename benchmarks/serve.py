@@ -51,7 +51,7 @@ ADAPTER = "bench/assistant"
 STARTUP_SECONDS = 300.0
 REQUEST_SECONDS = 600.0
 TRAIN_SECONDS = 900.0
-STEP_REPEATS = 3  # 8-step feedback steps alone and with a chat, alternated
+STEP_REPEATS = 5  # 8-step feedback steps alone and with a chat, alternated
 LONG_PROMPT = "Write a detailed essay on the history of the printing press and its effects."
 PROMPTS = [
     LONG_PROMPT,
@@ -323,7 +323,9 @@ def run(client: httpx.Client, startup: float) -> None:
 
     # Chats while a longer feedback step trains: TTFT against idle, and the step against the
     # same step alone.
-    idle_ttft = statistics.median(stream(client, ADAPTER, SHORT_PROMPT, 16)[0] for _ in range(3))
+    idle_ttft = statistics.median(
+        stream(client, ADAPTER, SHORT_PROMPT, 16)[0] for _ in range(STEP_REPEATS)
+    )
     idle = median_chat(client, ADAPTER, 3)
     one_ttft: list[float] = []
 
@@ -385,7 +387,7 @@ def run(client: httpx.Client, startup: float) -> None:
             f"on version 1, before feedback: {before * 1e3:.0f} ms",
         ),
         ("8-step feedback step, alone", f"{alone:.2f} s", f"median of {STEP_REPEATS}"),
-        ("TTFT, short chat, idle", f"{idle_ttft * 1e3:.0f} ms", "median of 3"),
+        ("TTFT, short chat, idle", f"{idle_ttft * 1e3:.0f} ms", f"median of {STEP_REPEATS}"),
         (
             "TTFT, one chat mid-step",
             f"{statistics.median(one_ttft) * 1e3:.0f} ms",
@@ -419,7 +421,7 @@ def run(client: httpx.Client, startup: float) -> None:
         "warm chat is the cost of loading the new adapter weights.\n"
         "Short chat: 16 tokens, streamed. While training: an 8-step feedback step (each on a\n"
         "new adapter: the same answer and feedback each time) runs alone and with one chat\n"
-        "sent 1 s into it, in turn, 3 times each (medians); then with chats sent back to back\n"
+        "sent 1 s into it, in turn, 5 times each (medians); then with chats sent back to back\n"
         "(the median of those that finished before the step).\n"
         "The step's time is finished_at - started_at."
     )

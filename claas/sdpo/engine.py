@@ -29,7 +29,8 @@ The engine is written once against the Tinker client API and runs unchanged on t
    `optim_step`, pipelined: the loss reads the *current* student's log-probs at the teacher's ids
    and at each sampled token from the step's own forward, and turns them into the loss terms of
    `claas.sdpo.datums` (on the local service the scores cost no pass of their own);
-5. saves state (with optimizer) and sampler weights, and returns them as a `TrainedCheckpoint`;
+5. saves state (with optimizer) and sampler weights, written while the final scoring runs, and
+   returns them as a `TrainedCheckpoint`;
    the feedback queue registers it as the adapter's next version (`claas.feedback`).
 
 The divergence-specific parts (what is scored, the loss terms, the datum) are the strategies of
@@ -46,8 +47,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Awaitable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 from transformers import PreTrainedTokenizerBase
 
@@ -183,7 +185,7 @@ class SDPOEngine:
             trainer = await self.service.create_training_client_from_state_with_optimizer(
                 start.state_path
             )
-        saved: list[str] = []
+        writes: list[Awaitable[Any]] = []
         data = [strategy.targets(s) for s in scored]  # the student's log-probs each step needs
         try:
             steps = []
@@ -193,17 +195,25 @@ class SDPOEngine:
                     steps.append(
                         await train_step(strategy, trainer, scored, data, config, step, rate)
                     )
+            # The trained weights are final: their checkpoints are written while the final
+            # scoring runs (the local service writes them off its worker thread).
+            name = f"v{start.version + 1}-{int(time.time())}"
+            writes.append(trainer.save_state(name))
+            writes.append(trainer.save_weights_for_sampler(name))
             with timed(timings, "final_scoring"):
                 final = await score_student(strategy, trainer, scored, data)
                 after = loss_terms(strategy, scored, final)
-            with timed(timings, "save"):
-                name = f"v{start.version + 1}-{int(time.time())}"
-                state = await trainer.save_state(name)
-                saved.append(state.path)
-                sampler = await trainer.save_weights_for_sampler(name)
-                saved.append(sampler.path)
+            with timed(timings, "save"):  # what is left of the writing
+                state, sampler = await asyncio.gather(*writes, return_exceptions=True)
+                if isinstance(state, BaseException):
+                    raise state
+                if isinstance(sampler, BaseException):
+                    raise sampler
         except BaseException:
-            await delete_checkpoints(self.service, saved)  # no half-made checkpoint remains
+            if writes:  # no half-made checkpoint remains
+                results = await asyncio.gather(*writes, return_exceptions=True)
+                written = [r.path for r in results if not isinstance(r, BaseException)]
+                await delete_checkpoints(self.service, written)
             raise
         return TrainedCheckpoint(
             lora_id=samples[0].lora_id,

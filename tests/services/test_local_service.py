@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,7 +25,13 @@ from tinker import types
 from claas.errors import CheckpointNotFound, ContextTooLong, InvalidRequest, ServiceClosed
 from claas.models import LoadedModel, tiny_llama
 from claas.sdpo.prompts import chat_prompt_tokens
-from claas.services.local import AdapterHost, LocalServiceClient, LocalTrainingClient
+from claas.services.local import (
+    AdapterHost,
+    LocalServiceClient,
+    LocalTrainingClient,
+    training_client,
+)
+from claas.services.local.checkpoints import write_checkpoint
 from claas.services.local.worker import ModelWorker
 
 TOKENS = [1, 9690, 198, 2683, 359, 253, 5356, 5646, 11173, 3365, 3511, 308, 34519, 28, 2]
@@ -516,6 +523,63 @@ def test_resume_with_optimizer_equals_training_straight_through(
     assert any(
         not torch.allclose(_weights(weights_only)[n], v) for n, v in _weights(straight).items()
     )
+
+
+def test_a_released_training_adapter_is_reused_with_the_new_weights_only(
+    service: LocalServiceClient,
+) -> None:
+    """A training client's adapter, released, becomes a spare slot: the next client from a
+    checkpoint of the same config takes it, with exactly the checkpoint's weights and no
+    gradient left from before; a slot an inflight sampler still reads is not taken."""
+    first = new_trainer(service, seed=5)
+    perturb(first)
+    path = first.save_state("saved").result().path
+    saved = _weights(first)
+    _train_steps(first, [1])  # weights and gradients move on after the save
+    moved, slot = _weights(first), first.adapter
+    del first
+    gc.collect()
+
+    resumed = service.create_training_client_from_state(path).result()
+    assert resumed.adapter == slot  # the spare slot, not a new PEFT adapter
+    for name, value in saved.items():
+        torch.testing.assert_close(_weights(resumed)[name], value, rtol=0, atol=0)
+    assert any(not torch.equal(_weights(resumed)[n], v) for n, v in moved.items())
+    assert all(p.grad is None for p in resumed.lora_parameters().values())
+    _train_steps(resumed, [2])
+
+    reader = resumed.save_weights_and_get_sampling_client(kind="inflight").result()
+    live = resumed.adapter
+    del resumed
+    gc.collect()
+    other = service.create_training_client_from_state(path).result()
+    assert other.adapter != live  # the inflight sampler keeps its client's adapter
+    assert reader.adapter == live and service.host.has_adapter(live)
+
+
+def test_a_save_writes_the_weights_of_its_own_moment(
+    service: LocalServiceClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Checkpoints are written off the worker, from a copy taken when the save runs: a step
+    run while the file is still being written does not reach it. (The real writer is held
+    until the step is done, so the order does not depend on timing.)"""
+    step_done = threading.Event()
+
+    def held_write(*args: Any, **kwargs: Any) -> Any:
+        step_done.wait(60)
+        return write_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(training_client, "write_checkpoint", held_write)  # the module's name
+    trainer = new_trainer(service, seed=5)
+    perturb(trainer)
+    before = _weights(trainer)
+    saving = trainer.save_state("then")
+    _train_steps(trainer, [1])
+    step_done.set()
+    loaded = service.create_training_client_from_state(saving.result().path).result()
+    for name, value in before.items():
+        torch.testing.assert_close(_weights(loaded)[name], value, rtol=0, atol=0)
+    assert any(not torch.equal(_weights(trainer)[n], v) for n, v in before.items())
 
 
 def test_checkpoint_loads_in_plain_peft(service: LocalServiceClient, pristine: LoadedModel) -> None:

@@ -54,12 +54,14 @@ class LocalSamplingClient:
         adapter: str | None,
         loader: Callable[[], LoadedCheckpoint] | None,
         model_path: str | None = None,
+        owner: object | None = None,
     ) -> None:
         self.service = service
         self.host = service.host
         self.adapter = adapter
         self.model_path = model_path
         self._loader = loader
+        self._owner = owner  # an inflight sampler's training client: its adapter stays its own
         if loader is not None and adapter is not None:
             weakref.finalize(self, self.host.release_adapter, adapter)
 

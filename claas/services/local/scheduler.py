@@ -229,6 +229,12 @@ class ContinuousDecoder:
         if self._pending:
             self._yield()
 
+    def serves(self, adapter: str) -> bool:
+        """Whether a chat on `adapter` waits or runs now."""
+        with self._lock:
+            waiting = any(job.adapter == adapter for job in self._pending)
+        return waiting or any(job.adapter == adapter for job in self.batch.jobs())
+
     def yield_point(self) -> None:
         """Admit waiting chats now, from a worker task between two stretches of its own work
         (a custom loss between its forward and backward). Elsewhere it does nothing."""

@@ -8,12 +8,13 @@ can pipeline `forward_backward` + `optim_step`. Checkpoints are PEFT directories
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 import uuid
 import weakref
-from collections.abc import Mapping, Sequence
-from typing import TYPE_CHECKING, Any, Literal
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +47,8 @@ from claas.services.protocol import CustomLoss
 if TYPE_CHECKING:
     from claas.services.local.service_client import LocalServiceClient
 
+R = TypeVar("R")
+
 
 class LocalTrainingClient:
     """In-process stand-in for `tinker.TrainingClient`: one LoRA adapter and its AdamW state.
@@ -66,11 +69,12 @@ class LocalTrainingClient:
         self.service = service
         self.host = service.host
         self.run_id = new_run_id()
-        self.adapter = f"train-{self.run_id}"
         self.adapter_config = dict(adapter_config)
         self.user_metadata = dict(user_metadata or {})
         self.optimizer_steps = steps
-        self.host.add_adapter(self.adapter, peft_lora_config(adapter_config), weights, seed)
+        self.adapter = self.host.add_training_adapter(
+            peft_lora_config(adapter_config), weights, seed
+        )
         self._params = self.host.adapter_parameters(self.adapter)
         for param in self._params.values():
             param.requires_grad_(True)
@@ -78,7 +82,7 @@ class LocalTrainingClient:
         self._optimizer = torch.optim.AdamW(ordered, lr=0.0, weight_decay=0.0)
         if optimizer_state is not None:
             self._optimizer.load_state_dict(optimizer_state)
-        weakref.finalize(self, self.host.release_adapter, self.adapter)
+        weakref.finalize(self, self.host.release_training_adapter, self.adapter)
 
     # -- Tinker surface ------------------------------------------------------------------------
     def get_tokenizer(self) -> PreTrainedTokenizerBase:
@@ -159,8 +163,8 @@ class LocalTrainingClient:
         user_metadata: dict[str, str] | None = None,
     ) -> APIFuture[types.SaveWeightsResponse]:
         path = CheckpointPath(self.run_id, "weights", check_segment(name, "name"))
-        return self.host.submit(
-            lambda: types.SaveWeightsResponse(path=self._save(path, True, overwrite))
+        return self.host.submit_write(
+            lambda: self._writer(path, True, overwrite, types.SaveWeightsResponse)
         )
 
     def save_weights_for_sampler(
@@ -170,8 +174,8 @@ class LocalTrainingClient:
         user_metadata: dict[str, str] | None = None,
     ) -> APIFuture[types.SaveWeightsForSamplerResponse]:
         path = CheckpointPath(self.run_id, "sampler_weights", check_segment(name, "name"))
-        return self.host.submit(
-            lambda: types.SaveWeightsForSamplerResponse(path=self._save(path, False, False))
+        return self.host.submit_write(
+            lambda: self._writer(path, False, False, types.SaveWeightsForSamplerResponse)
         )
 
     def save_weights_and_get_sampling_client(
@@ -184,7 +188,9 @@ class LocalTrainingClient:
         """`inflight`: a sampler on this adapter's live weights (no copy, no disk).
         `snapshot`: a sampler on an in-memory copy of the current weights."""
         if kind == "inflight":
-            return self.host.submit(lambda: LocalSamplingClient(self.service, self.adapter, None))
+            return self.host.submit(
+                lambda: LocalSamplingClient(self.service, self.adapter, None, owner=self)
+            )
         return self.host.submit(self._snapshot_sampler)
 
     def create_sampling_client(
@@ -302,22 +308,28 @@ class LocalTrainingClient:
             metrics={"grad_norm": norm, "learning_rate": params.learning_rate}
         )
 
-    def _save(self, path: CheckpointPath, with_optimizer: bool, overwrite: bool) -> str:
-        write_checkpoint(
-            self.service.storage_dir,
-            path,
-            self.adapter_config,
-            self.host.adapter_state_dict(self.adapter),
-            self._optimizer.state_dict() if with_optimizer else None,
-            {
-                "run_id": self.run_id,
-                "optimizer_steps": self.optimizer_steps,
-                "saved_at": time.time(),
-                "user_metadata": self.user_metadata,
-            },
-            overwrite=overwrite,
-        )
-        return str(path)
+    def _writer(
+        self, path: CheckpointPath, with_optimizer: bool, overwrite: bool, answer: Callable[..., R]
+    ) -> Callable[[], R]:
+        """On the worker: a copy of the weights (and the optimizer's state) as they are now; the
+        writing of the checkpoint from that copy, for the writer thread."""
+        weights = {
+            k: v.detach().clone() for k, v in self.host.adapter_state_dict(self.adapter).items()
+        }
+        optimizer = copy.deepcopy(self._optimizer.state_dict()) if with_optimizer else None
+        meta = {
+            "run_id": self.run_id,
+            "optimizer_steps": self.optimizer_steps,
+            "saved_at": time.time(),
+            "user_metadata": self.user_metadata,
+        }
+        root, config = self.service.storage_dir, self.adapter_config
+
+        def write() -> R:
+            write_checkpoint(root, path, config, weights, optimizer, meta, overwrite=overwrite)
+            return answer(path=str(path))
+
+        return write
 
     def _snapshot_sampler(self) -> LocalSamplingClient:
         weights = {
