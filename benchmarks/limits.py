@@ -94,8 +94,8 @@ async def decode_seconds_per_token(service: LocalServiceClient, prompt: list[int
 
 async def feedback_requests(
     loaded: LoadedModel, service: LocalServiceClient, store: Store, repeats: int
-) -> list[tuple[float, dict[str, float], int, int, int]]:
-    """Per request: its seconds, its phases, T, T_teacher and the adapter's parameters."""
+) -> list[tuple[float, dict[str, float], int, int]]:
+    """Per request: its seconds, its phases, T and T_teacher."""
     config = TrainingConfig()
     model_config = loaded.model.config
     engine = SDPOEngine(
@@ -128,9 +128,8 @@ async def feedback_requests(
         _, trained = await train_and_register(engine, store, [sample], config)
         seconds = time.perf_counter() - start
         teacher = len(loaded.tokenizer(trained.teacher_texts[0])["input_ids"])
-        lora = lora_parameters(loaded, AdapterSpec())
         if index:
-            results.append((seconds, trained.timings, len(prompt) + 100, teacher, lora))
+            results.append((seconds, trained.timings, len(prompt) + 100, teacher))
     return results
 
 
@@ -138,6 +137,10 @@ async def main(repeats: int) -> None:
     settings = Settings()
     loaded = shared_model(EMBEDDED_MODEL, settings.model_cache_dir, "cpu")
     threads = torch.get_num_threads()
+    # Counted before the service wraps the model in PEFT (whose adapters would count too).
+    nbytes = weight_bytes(loaded)
+    base = sum(p.numel() for p in loaded.model.parameters())
+    lora = lora_parameters(loaded, AdapterSpec())
     flops, bandwidth = matmul_flops(), streaming_read()
     print(f"{loaded.name} on CPU, {threads} threads")
     print(f"machine: matmul {flops / 1e9:.1f} GFLOP/s (float32, 2048², median of 7); ", end="")
@@ -154,7 +157,6 @@ async def main(repeats: int) -> None:
             service.close()
             store.close()
 
-    nbytes = weight_bytes(loaded)
     rate = nbytes / per_token
     verdict = "PASS" if rate / bandwidth >= DECODE_TARGET else "MISS"
     print(
@@ -163,9 +165,8 @@ async def main(repeats: int) -> None:
         f"(target >= {DECODE_TARGET:.0%}) {verdict}"
     )
 
-    base = sum(p.numel() for p in loaded.model.parameters())
     requests.sort(key=lambda r: r[0])
-    seconds, phases, tokens, teacher, lora = requests[len(requests) // 2]
+    seconds, phases, tokens, teacher = requests[len(requests) // 2]
     params = base + lora
     steps = TrainingConfig().steps_per_batch
     step_flops = steps * 4 * params * tokens
