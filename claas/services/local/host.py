@@ -138,6 +138,8 @@ class AdapterHost:
             self._peft.delete_adapter(name)
         self._samplers.pop(name, None)
         self._training.pop(name, None)
+        if name in self._spares:
+            self._spares.remove(name)
 
     def add_training_adapter(
         self, config: LoraConfig, weights: Mapping[str, torch.Tensor] | None, seed: int
