@@ -33,7 +33,7 @@ from claas.errors import InvalidRequest, ServiceClosed
 from claas.models import LoadedModel, load_model
 from claas.services.local.checkpoints import LoadedCheckpoint
 from claas.services.local.scheduler import ContinuousDecoder
-from claas.services.local.worker import ModelWorker
+from claas.services.local.worker import ModelWorker, run_into
 
 T = TypeVar("T")
 I = TypeVar("I")  # noqa: E741 - a batched item
@@ -58,7 +58,7 @@ class AdapterHost:
         self._peft: Any = None
         self._samplers: OrderedDict[str, None] = OrderedDict()  # LRU of loaded sampler adapters
         self.adapter_changes = 0  # counts adapters added and removed (new LoRA layers may come)
-        self._training: dict[str, tuple[Any, ...]] = {}  # training adapters -> their LoRA config
+        self._training: set[str] = set()  # the training clients' adapters
         self._spares: list[str] = []  # released training adapters, kept for the next client
 
     # -- the worker ------------------------------------------------------------------------
@@ -78,7 +78,7 @@ class AdapterHost:
         def on_worker() -> None:
             try:
                 write = prepare()
-                self._writer.submit(_resolve, write, result)
+                self._writer.submit(run_into, write, result)
             except BaseException as error:
                 result.set_exception(error)
 
@@ -137,7 +137,7 @@ class AdapterHost:
             self._peft.set_adapter(self.IDLE_ADAPTER)
             self._peft.delete_adapter(name)
         self._samplers.pop(name, None)
-        self._training.pop(name, None)
+        self._training.discard(name)
         if name in self._spares:
             self._spares.remove(name)
 
@@ -150,13 +150,14 @@ class AdapterHost:
         key = _config_key(config)
         if weights is not None:
             for slot in self._spares:
-                usable = self._training[slot] == key and not self.decoder.serves(slot)
+                same = _config_key(self._peft.peft_config[slot]) == key
+                usable = same and not self.decoder.serves(slot)
                 if usable and self._copy_weights(slot, weights):
                     self._spares.remove(slot)
                     return slot
         name = f"train-{uuid.uuid4().hex[:16]}"
         self.add_adapter(name, config, weights, seed)
-        self._training[name] = key
+        self._training.add(name)
         return name
 
     def release_training_adapter(self, name: str) -> None:
@@ -237,13 +238,6 @@ class AdapterHost:
         else:
             self._peft.set_adapter(adapter)
             yield self._peft
-
-
-def _resolve(fn: Callable[[], T], future: Future[T]) -> None:
-    try:
-        future.set_result(fn())
-    except BaseException as error:
-        future.set_exception(error)
 
 
 def _config_key(config: LoraConfig) -> tuple[Any, ...]:

@@ -78,7 +78,7 @@ class ModelWorker:
         with self._batch_lock:
             if not urgent:
                 self._open_batch = None  # later batched work must not overtake this task
-            self._enqueue(lambda: _run_into(fn, future), urgent)
+            self._enqueue(lambda: run_into(fn, future), urgent)
         return AwaitableConcurrentFuture(future)
 
     def _enqueue(self, task: Callable[[], None], urgent: bool) -> None:
@@ -133,7 +133,8 @@ class ModelWorker:
         self._executor.shutdown(wait=True)
 
 
-def _run_into(fn: Callable[[], T], future: Future[T]) -> None:
+def run_into(fn: Callable[[], T], future: Future[T]) -> None:
+    """Run `fn` and settle `future` with its result or error (unless it was cancelled)."""
     if not future.set_running_or_notify_cancel():
         return
     try:
