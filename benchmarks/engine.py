@@ -18,12 +18,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import local_engine
 from tinker import types
 
 from claas.adapters import Adapters, AdapterSpec
 from claas.feedback import train_and_register
 from claas.sdpo import datums
-from claas.sdpo.engine import FeedbackSample, SDPOEngine, TrainingConfig
+from claas.sdpo.engine import FeedbackSample, TrainingConfig
 from claas.sdpo.prompts import chat_prompt_tokens
 from claas.services.local import LocalServiceClient, shared_model
 from claas.settings import EMBEDDED_MODEL, Settings
@@ -68,14 +69,7 @@ async def main() -> None:
                 )
             )
         tokens = [len(s.prompt_tokens) + len(s.response_tokens) for s in samples]
-        model_config = loaded.model.config
-        engine = SDPOEngine(
-            service,
-            loaded.name,
-            loaded.max_context,
-            model_config.hidden_size,
-            model_config.model_type,
-        )
+        engine = local_engine(service, loaded)
         config = TrainingConfig()
         start = time.perf_counter()
         _, result = await train_and_register(engine, store, samples, config)

@@ -22,16 +22,16 @@ import asyncio
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import STREAM_BYTES, local_engine, median_seconds, streaming
 from tinker import types
 
 from claas.adapters import Adapters, AdapterSpec
 from claas.feedback import train_and_register
 from claas.models import LoadedModel
-from claas.sdpo.engine import FeedbackSample, SDPOEngine, TrainingConfig
+from claas.sdpo.engine import FeedbackSample, TrainingConfig
 from claas.sdpo.prompts import chat_prompt_tokens
 from claas.services.local import LocalServiceClient, shared_model
 from claas.settings import EMBEDDED_MODEL, Settings
@@ -43,24 +43,13 @@ QUESTION = "Explain how a rainbow forms."
 FEEDBACK = "Way too long. Answer in one short sentence."
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    run()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def matmul_flops(n: int = 2048) -> float:
     a, b = torch.randn(n, n), torch.randn(n, n)
     return 2 * n**3 / median_seconds(lambda: a @ b, 7)
 
 
 def streaming_read() -> float:
-    x = torch.ones(512 * 2**20 // 4)
-    return x.numel() * 4 / median_seconds(lambda: x.sum(), 7)
+    return STREAM_BYTES / median_seconds(streaming(), 7)
 
 
 def weight_bytes(loaded: LoadedModel) -> int:
@@ -97,14 +86,7 @@ async def feedback_requests(
 ) -> list[tuple[float, dict[str, float], int, int]]:
     """Per request: its seconds, its phases, T and T_teacher."""
     config = TrainingConfig()
-    model_config = loaded.model.config
-    engine = SDPOEngine(
-        service,
-        loaded.name,
-        loaded.max_context,
-        model_config.hidden_size,
-        model_config.model_type,
-    )
+    engine = local_engine(service, loaded)
     messages = [{"role": "user", "content": QUESTION}]
     prompt = chat_prompt_tokens(loaded.tokenizer, messages)
     results = []

@@ -19,10 +19,10 @@ step, where the base model's 540 MB stream through the caches between two LoRA l
 from __future__ import annotations
 
 import statistics
-import time
 from collections.abc import Callable
 
 import torch
+from common import STREAM_BYTES, median_seconds, streaming
 from tqdm import tqdm
 
 from claas.services.local import shared_model
@@ -105,29 +105,6 @@ def masked(
     return step
 
 
-STREAM_BYTES = 512 * 2**20  # well past the caches
-
-
-def streaming() -> Callable[[], None]:
-    """A streaming read of `STREAM_BYTES` (its time is scaled to the LoRA weights' bytes)."""
-    data = torch.ones(STREAM_BYTES // 4)
-
-    def read() -> None:
-        data.sum()
-
-    return read
-
-
-def median_seconds(step: Callable[[], None]) -> float:
-    step()  # first touch
-    times = []
-    for _ in range(REPEATS):
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def main() -> None:
     layers = shapes()
     lines = []
@@ -146,7 +123,7 @@ def main() -> None:
             for turn in range(3):  # alternated, so a busy spell hits all three
                 order = list(sides) if turn % 2 == 0 else list(sides)[::-1]
                 for name in order:
-                    seconds[name].append(median_seconds(sides[name]))
+                    seconds[name].append(median_seconds(sides[name], REPEATS))
             med = {name: statistics.median(values) for name, values in seconds.items()}
             med["stream"] *= nbytes / STREAM_BYTES
             lines.append(
