@@ -289,7 +289,11 @@ def test_feedback_log_in_the_browser(site: Site, browser: Browser) -> None:
         older = page.locator("a[rel=next]")
         if older.count() == 0:
             break
+        href = older.get_attribute("href")
+        assert href is not None
         older.click()
+        # The click only starts the navigation: read the rows once the older page is loaded.
+        page.wait_for_url(f"{site.url}{href}")
     assert seen == [r["id"] for r in reversed(site.alice)]
     expect(page.locator(".pager")).to_contain_text("page 2 of 2")
 
