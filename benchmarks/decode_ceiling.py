@@ -31,10 +31,11 @@ from pathlib import Path
 import torch
 from common import STREAM_BYTES, median_seconds, streaming
 from limits import QUESTION, decode_seconds_per_token, weight_bytes
+from tqdm import tqdm
 
 from claas.models import LoadedModel, load_model
 from claas.sdpo.prompts import chat_prompt_tokens
-from claas.services.local import LocalServiceClient, shared_model
+from claas.services.local import LocalServiceClient, packed, shared_model
 from claas.services.local.packed import PackedLinears
 from claas.settings import EMBEDDED_MODEL, Settings
 
@@ -55,9 +56,9 @@ def kernels(loaded: LoadedModel, bandwidth: float) -> None:
     rows = {m.in_features: torch.randn(1, m.in_features) for m in linears}
     nbytes = sum(m.weight.nbytes for m in linears)
     head = loaded.model.get_output_embeddings()
-    packed = PackedLinears(loaded.model)
+    copies = PackedLinears(loaded.model)
 
-    def run(layers: list[torch.nn.Linear], plain: bool) -> Callable[[], None]:
+    def run(layers: list[torch.nn.Linear], plain: bool = False) -> Callable[[], None]:
         def go() -> None:
             for m in layers:
                 x = rows[m.in_features]
@@ -65,23 +66,23 @@ def kernels(loaded: LoadedModel, bandwidth: float) -> None:
 
         return go
 
+    def measure(label: str, layers: list[torch.nn.Linear], split: bool) -> None:
+        packed.SPLIT_ONE_ROW = split
+        with torch.inference_mode(), copies.active():
+            seconds = median_seconds(run(layers), 9)
+        size = sum(m.weight.nbytes for m in layers)
+        report(label, size, seconds, bandwidth, f"{size / 1e6:.0f} MB")
+
     print(f"the kernels alone ({len(linears)} GEMVs, {nbytes / 1e6:.0f} MB, medians of 9):")
-    with torch.inference_mode(), packed.active():
-        report(
-            "oneDNN, packed weights (claas's)",
-            nbytes,
-            median_seconds(run(linears, False), 9),
-            bandwidth,
-        )
-        report(
-            "oneDNN, packed: the LM head alone",
-            head.weight.nbytes,
-            median_seconds(run([head], False), 9),
-            bandwidth,
-            f"{head.weight.nbytes / 1e6:.0f} MB",
-        )
+    try:
+        measure("split across the threads (claas's, one row)", linears, True)
+        measure("oneDNN, packed weights (claas's before)", linears, False)
+        measure("split: the LM head alone", [head], True)
+        measure("oneDNN, packed: the LM head alone", [head], False)
+    finally:
+        packed.SPLIT_ONE_ROW = True
     with torch.inference_mode():
-        report("MKL F.linear", nbytes, median_seconds(run(linears, True), 9), bandwidth)
+        report("MKL F.linear", nbytes, median_seconds(run(linears, plain=True), 9), bandwidth)
 
 
 def hf_decode(loaded: LoadedModel, bandwidth: float, compile_too: bool) -> None:
@@ -129,25 +130,33 @@ def hf_decode(loaded: LoadedModel, bandwidth: float, compile_too: bool) -> None:
     )
 
 
-async def claas_decode(bandwidth: float) -> None:
+async def claas_decode(bandwidth: float, rounds: int = 3) -> None:
+    """claas's decoder with one row as a split GEMV (`packed.SPLIT_ONE_ROW`, the default) and
+    as before it, on the packed copy, alternated."""
     settings = Settings()
     loaded = shared_model(EMBEDDED_MODEL, settings.model_cache_dir, "cpu")
     nbytes = weight_bytes(loaded)
     prompt = chat_prompt_tokens(loaded.tokenizer, [{"role": "user", "content": QUESTION}])
+    times: dict[bool, list[float]] = {True: [], False: []}
     with tempfile.TemporaryDirectory() as tmp:
         service = LocalServiceClient(loaded, Path(tmp) / "checkpoints")
         try:
-            seconds = await decode_seconds_per_token(service, prompt)
+            for _ in tqdm(range(rounds), desc="claas's decoder, split and not, alternated"):
+                for split in (True, False):
+                    packed.SPLIT_ONE_ROW = split
+                    times[split].append(await decode_seconds_per_token(service, prompt))
         finally:
+            packed.SPLIT_ONE_ROW = True
             service.close()
-    print("claas's decoder, 1 stream on the base model (medians of 3):")
-    report(
-        "continuous batching, packed weights",
-        nbytes,
-        seconds,
-        bandwidth,
-        f"{1 / seconds:.1f} tok/s",
-    )
+    print(f"claas's decoder, 1 stream on the base model (medians of {rounds}, alternated):")
+    for split, label in (
+        (True, "one row split across the threads"),
+        (False, "one row on the packed copy (before)"),
+    ):
+        seconds = statistics.median(times[split])
+        report(label, nbytes, seconds, bandwidth, f"{1 / seconds:.1f} tok/s")
+    ratio = statistics.median(times[False]) / statistics.median(times[True])
+    print(f"  split ÷ before: {ratio:.2f}x the tok/s")
 
 
 def main(compile_too: bool) -> None:

@@ -268,30 +268,48 @@ def test_batched_log_probs_are_the_adapters_own(service: LocalServiceClient) -> 
         )
 
 
+@pytest.mark.parametrize(
+    "ids",
+    [[[1, 17, 230, 94, 5], [1, 40, 41, 42, 43]], [[17]]],
+    ids=["rows on the packed copies", "one row split across the threads"],
+)
 def test_packed_linears_give_the_plain_outputs_and_follow_in_place_changes(
-    pristine: LoadedModel,
+    pristine: LoadedModel, ids: list[list[int]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     loaded = private_copy(pristine)
     model = loaded.model
     packed = PackedLinears(model)
     assert len(packed.layers) == 7 * model.config.num_hidden_layers + 1  # and the LM head
-    ids = torch.tensor([[1, 17, 230, 94, 5], [1, 40, 41, 42, 43]])
+    product = torch.bmm  # the split GEMV's product: counted, to see that one row takes it
+    calls: list[int] = []
+
+    def counted(*args: torch.Tensor) -> torch.Tensor:
+        calls.append(1)
+        return product(*args)
+
+    monkeypatch.setattr(torch, "bmm", counted)
 
     def both() -> tuple[torch.Tensor, torch.Tensor]:
         with torch.inference_mode():
-            plain = model(input_ids=ids).logits
+            plain = model(input_ids=torch.tensor(ids)).logits
             with packed.active():
-                fast = model(input_ids=ids).logits
+                fast = model(input_ids=torch.tensor(ids)).logits
         return plain, fast
 
-    plain, fast = both()
-    torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
-    assert all("forward" not in layer.__dict__ for layer in packed.layers)  # restored
-    with torch.no_grad():
-        packed.layers[3].weight.mul_(1.02)  # a weight changed in place is packed again
-    plain_after, fast_after = both()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)  # one row is split over the threads: at least two, here
+    try:
+        plain, fast = both()
+        torch.testing.assert_close(fast, plain, rtol=1e-5, atol=1e-5)
+        assert all("forward" not in layer.__dict__ for layer in packed.layers)  # restored
+        with torch.no_grad():
+            packed.layers[3].weight.mul_(1.02)  # a weight changed in place is followed
+        plain_after, fast_after = both()
+    finally:
+        torch.set_num_threads(threads)
     assert (plain_after - plain).abs().max() > 1e-3
     torch.testing.assert_close(fast_after, plain_after, rtol=1e-5, atol=1e-5)
+    assert bool(calls) is (len(ids) * len(ids[0]) == 1)  # one row, and only one, is split
 
 
 @pytest.mark.parametrize("packed", [True, False])

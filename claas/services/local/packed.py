@@ -7,6 +7,11 @@ decode step's time goes" in benchmarks/batching.md). So, on a CPU in float32, th
 batched forwards run the base linears on packed copies (`PackedLinears`). The copies cost the
 linear weights' memory again: `Settings.packed_weights` turns them off, and `PackedWeights`
 skips them when memory is short. LoRA's own A and B are left alone.
+
+One row (one stream's decode step) is the exception: there, even packed, a GEMV of a few MB
+reads its weight at about half the streaming rate, its threads barely used. It runs instead as
+a batched product over blocks of the weight's rows, one block per thread, on a view of the
+weight (`SPLIT_ONE_ROW`; measured in `benchmarks/decode_ceiling.py`).
 """
 
 from __future__ import annotations
@@ -24,6 +29,9 @@ from claas.models import LoadedModel
 logger = logging.getLogger(__name__)
 
 PACK_ROWS_HINT = 8  # the batch size oneDNN picks a packed layout for: a decode step's few rows
+# One row (one stream's decode step) runs as a GEMV split across the threads, on a view of the
+# weight; more rows run on the packed copy. Read when a forward starts (benchmarks switch it).
+SPLIT_ONE_ROW = True
 
 
 class PackedWeights:
@@ -108,9 +116,12 @@ class PackedLinears:
     @contextmanager
     def active(self) -> Iterator[None]:
         patched = []
+        parts = torch.get_num_threads() if SPLIT_ONE_ROW else 1
         try:
             for layer in self.layers:
-                layer.forward = _packed_forward(self._weight(layer), layer.bias)  # type: ignore[method-assign,assignment]
+                layer.forward = _packed_forward(  # type: ignore[method-assign,assignment]
+                    self._weight(layer), layer.weight.detach(), layer.bias, parts
+                )
                 patched.append(layer)
             yield
         finally:
@@ -130,7 +141,34 @@ def _linear(x: torch.Tensor, packed: torch.Tensor, bias: torch.Tensor | None) ->
     return out
 
 
+def _split_gemv(x: torch.Tensor, blocks: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + bias for ONE row of x, as a batched product over `blocks`, W's rows cut into one
+    block per thread (`_blocks`): the batch is split across the threads. A GEMV of a few MB run
+    by MKL or oneDNN does not use the second core (`benchmarks/speed.md`)."""
+    parts, k, n = blocks.shape
+    out = torch.bmm(x.reshape(1, 1, k).expand(parts, 1, k), blocks).reshape(
+        *x.shape[:-1], parts * n
+    )
+    return out if bias is None else out + bias
+
+
+def _blocks(weight: torch.Tensor, parts: int) -> torch.Tensor:
+    """W (out, in) as `parts` blocks of its rows, each transposed: (parts, in, out / parts), a
+    view of W (so it follows W's weights, no copy)."""
+    n, k = weight.shape
+    return weight.view(parts, n // parts, k).transpose(1, 2)
+
+
 def _packed_forward(
-    weight: torch.Tensor, bias: torch.Tensor | None
+    packed: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, parts: int
 ) -> Callable[[torch.Tensor], torch.Tensor]:
-    return lambda x: _linear(x, weight, bias)
+    """The forward of a linear with `weight`: one row as a split GEMV over `parts` threads
+    (when the rows divide evenly), more rows on the packed copy."""
+    blocks = _blocks(weight, parts) if parts > 1 and weight.shape[0] % parts == 0 else None
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if blocks is not None and x.numel() == x.shape[-1]:
+            return _split_gemv(x, blocks, bias)
+        return _linear(x, packed, bias)
+
+    return forward
