@@ -102,6 +102,8 @@ class PackedLinears:
             and ".lora_" not in f".{name}"
         ]
         self._packed: dict[int, tuple[int, int, torch.Tensor]] = {}
+        # per layer: its forward, made once per weight (storage, version) and thread count
+        self._forwards: dict[int, tuple[tuple[int, int, int], Callable[..., torch.Tensor]]] = {}
         self.nbytes = sum(layer.weight.nbytes for layer in self.layers)  # of the copies
 
     def _weight(self, layer: torch.nn.Linear) -> torch.Tensor:
@@ -113,15 +115,25 @@ class PackedLinears:
             self._packed[id(layer)] = cached
         return cached[2]
 
+    def _forward(self, layer: torch.nn.Linear, parts: int) -> Callable[..., torch.Tensor]:
+        """`layer`'s forward on its packed copy (one row split over `parts` threads), kept
+        between forwards while the weight and the thread count stay the same."""
+        weight = layer.weight
+        key = (weight.data_ptr(), weight._version, parts)
+        cached = self._forwards.get(id(layer))
+        if cached is None or cached[0] != key:
+            forward = _packed_forward(self._weight(layer), weight.detach(), layer.bias, parts)
+            cached = (key, forward)
+            self._forwards[id(layer)] = cached
+        return cached[1]
+
     @contextmanager
     def active(self) -> Iterator[None]:
         patched = []
         parts = torch.get_num_threads() if SPLIT_ONE_ROW else 1
         try:
             for layer in self.layers:
-                layer.forward = _packed_forward(  # type: ignore[method-assign,assignment]
-                    self._weight(layer), layer.weight.detach(), layer.bias, parts
-                )
+                layer.forward = self._forward(layer, parts)  # type: ignore[method-assign]
                 patched.append(layer)
             yield
         finally:

@@ -313,9 +313,7 @@ class LocalTrainingClient:
     ) -> Callable[[], R]:
         """On the worker: a copy of the weights (and the optimizer's state) as they are now; the
         writing of the checkpoint from that copy, for the writer thread."""
-        weights = {
-            k: v.detach().clone() for k, v in self.host.adapter_state_dict(self.adapter).items()
-        }
+        weights = self._weights_now()
         optimizer = copy.deepcopy(self._optimizer.state_dict()) if with_optimizer else None
         meta = {
             "run_id": self.run_id,
@@ -331,11 +329,14 @@ class LocalTrainingClient:
 
         return write
 
-    def _snapshot_sampler(self) -> LocalSamplingClient:
-        weights = {
+    def _weights_now(self) -> dict[str, torch.Tensor]:
+        """A copy of the adapter's weights as they are now (PEFT's on-disk key names)."""
+        return {
             k: v.detach().clone() for k, v in self.host.adapter_state_dict(self.adapter).items()
         }
-        snapshot = LoadedCheckpoint(self.adapter_config, weights, None, {})
+
+    def _snapshot_sampler(self) -> LocalSamplingClient:
+        snapshot = LoadedCheckpoint(self.adapter_config, self._weights_now(), None, {})
         return LocalSamplingClient(
             self.service, adapter=f"snapshot-{uuid.uuid4().hex[:16]}", loader=lambda: snapshot
         )
