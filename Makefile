@@ -78,10 +78,11 @@ model-cache: $(STAMP)
 	  convert_embedded(Path('$(TEST_MODEL_CACHE)'))"
 
 # Lint and the model conversion side by side (one core each), then two pytest workers, a test
-# file each at a time: module-wide servers and models are made once per file.
+# file each at a time: module-wide servers and models are made once per file. The files go out
+# in collected order, the `heavy` ones first (tests/conftest.py), so both workers end together.
 test: browser postgres $(STAMP)
 	$(MAKE) --no-print-directory -j2 lint model-cache
-	CLAAS_TEST_MODEL_CACHE=$(TEST_MODEL_CACHE) $(BIN)/pytest -q -n 2 --dist loadfile -m "not vllm"
+	CLAAS_TEST_MODEL_CACHE=$(TEST_MODEL_CACHE) $(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not vllm"
 
 $(VLLM_STAMP):
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)

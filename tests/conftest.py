@@ -27,6 +27,14 @@ if os.environ.get("CI"):
     settings.load_profile("ci")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The `heavy` modules first, each in its collected order. `make test` hands the files out
+    in this order (`--dist loadfile --no-loadscope-reorder`), so the two workers start on the
+    long files and end on short ones together, not one worker alone on a long file at the end
+    (xdist's own order, by count of tests, put the one- and two-test files last)."""
+    items.sort(key=lambda item: item.get_closest_marker("heavy") is None)
+
+
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     return Path(os.environ.get("CLAAS_TEST_MODEL_CACHE", REPO / ".cache" / "models"))

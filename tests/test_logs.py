@@ -52,6 +52,8 @@ from claas.sdpo.engine import SDPOEngine
 from claas.settings import Settings
 from claas.store import Store
 
+pytestmark = pytest.mark.heavy
+
 GUARD = 60.0  # seconds: only so that a missing log line fails a test instead of hanging it
 WRONG_KEY = "sk-not-a-key-of-this-server"
 SECRETS = [*OWNER_KEYS, ADMIN_KEY, WRONG_KEY]

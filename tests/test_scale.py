@@ -30,6 +30,8 @@ from claas.records import PENDING
 from claas.store import Store
 from claas.store.tables import feedback
 
+pytestmark = pytest.mark.heavy
+
 GUARD = 600.0  # seconds: the whole run must finish well within it on 2 loaded cores
 LEASE = 4.0
 

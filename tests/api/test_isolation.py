@@ -44,6 +44,8 @@ from claas.models import tiny_llama
 from claas.runtime import Runtime
 from claas.settings import Settings
 
+pytestmark = pytest.mark.heavy
+
 
 @pytest.fixture
 def keyed(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:

@@ -27,6 +27,8 @@ from claas.services.local.decoding import (
 )
 from claas.services.protocol import HOSTED_TINKER
 
+pytestmark = pytest.mark.heavy
+
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about the sea."}]
 
 

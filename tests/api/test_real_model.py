@@ -10,6 +10,8 @@ from serving import chat, make_server
 
 from claas.models import LoadedModel
 
+pytestmark = pytest.mark.heavy
+
 
 @pytest.mark.real_model
 def test_real_model_answers_shorter_after_feedback_at_the_defaults(

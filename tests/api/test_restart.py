@@ -23,6 +23,8 @@ from claas.models import load_model
 from claas.settings import Settings
 from claas.store import Store
 
+pytestmark = pytest.mark.heavy
+
 # A short lease: the batch the killed process was training is taken back 5 s after its last
 # heartbeat, not 30 s.
 LEASE_SECONDS = 5

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 from serving import ADMIN_KEY, ALICE, OWNER_KEYS, LiveServer, create, make_server
 
+pytestmark = pytest.mark.heavy
+
 
 @pytest.fixture(scope="module")
 def fuzz_server(

@@ -54,6 +54,8 @@ from claas.models import tiny_llama
 from claas.runs import StepLine, read_steps, read_summary
 from claas.settings import Settings
 
+pytestmark = pytest.mark.heavy
+
 QUICK: dict[str, Any] = {
     "num_steps": 2,
     "batch_size": 2,

@@ -16,6 +16,8 @@ from claas.adapters import AdapterSpec
 from claas.models import LoadedModel
 from claas.sdpo.engine import FeedbackSample, TrainingConfig
 
+pytestmark = pytest.mark.heavy
+
 MODES = {"topk_gjs": True, "scalar_kl": False}  # mode → use_topk_divergence
 
 
