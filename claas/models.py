@@ -16,6 +16,7 @@ naming the command that installs it.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -229,13 +230,20 @@ def load_model(spec: str, cache_root: Path, device: str = "auto") -> LoadedModel
     )
 
 
+@functools.cache
+def _embedded_tokenizer(cache_root: Path) -> PreTrainedTokenizerBase:
+    return load_tokenizer(EMBEDDED_MODEL, cache_root)
+
+
 def tiny_llama(cache_root: Path, seed: int = 0, **overrides: Any) -> LoadedModel:
     """A randomly initialised 2-layer Llama (hidden 64) with the real SmolLM2 tokenizer.
 
     For fast unit tests: same tokenizer, chat template and special tokens as the embedded model,
-    a few million parameters, deterministic for a given seed.
+    a few million parameters, deterministic for a given seed. The tokenizer is loaded once per
+    process and cache root, and shared (nothing in claas changes a tokenizer): a test suite
+    builds this model for nearly every server it starts, and the tokenizer was most of that.
     """
-    tokenizer = load_tokenizer(EMBEDDED_MODEL, cache_root)
+    tokenizer = _embedded_tokenizer(cache_root)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=64,

@@ -70,17 +70,21 @@ def wait_healthy(
     output: Callable[[], str] = lambda: "claas serve exited",
 ) -> None:
     """Until the `claas serve` process at `url` answers /v1/health with 200; fails (with
-    `output()`) if it exits or `timeout` seconds pass first."""
+    `output()`) if it exits or `timeout` seconds pass first.
+
+    One client polls: `httpx.get` builds a client, and so an SSL context with its CA bundle,
+    on every call, which made the polling cost more CPU than the process it waited for."""
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            if httpx.get(f"{url}/v1/health", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        assert process.poll() is None, output()
-        assert time.monotonic() < deadline, output()
-        time.sleep(0.2)
+    with httpx.Client(timeout=2) as probe:
+        while True:
+            try:
+                if probe.get(f"{url}/v1/health").status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            assert process.poll() is None, output()
+            assert time.monotonic() < deadline, output()
+            time.sleep(0.2)
 
 
 def save_tiny_model(model_cache: Path, directory: Path) -> Path:

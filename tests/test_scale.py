@@ -72,6 +72,9 @@ class Cluster:
             "OMP_NUM_THREADS": "1",
         }
         self.processes: list[Process] = []
+        # One client for every call (threads share it): `httpx.post` builds a client, and
+        # loads the CA bundle, on every call.
+        self.http = httpx.Client(timeout=300)
 
     def _spawn(self, name: str, args: list[str]) -> Process:
         log = self.root / f"{name}.log"
@@ -108,6 +111,7 @@ class Cluster:
     def close(self) -> None:
         for process in self.processes:
             process.kill()
+        self.http.close()
 
 
 @pytest.fixture
@@ -142,11 +146,12 @@ def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgr
     lora_ids = [f"team/a{i}" for i in range(4)]
     for lora_id in lora_ids:
         assert (
-            httpx.post(f"{a}/v1/adapters", json={"lora_id": lora_id, "rank": 4}).status_code == 201
+            cluster.http.post(f"{a}/v1/adapters", json={"lora_id": lora_id, "rank": 4}).status_code
+            == 201
         )
     # One answer per adapter from each replica; its feedback goes through the *other* replica.
     completion = {
-        (lora_id, url): httpx.post(
+        (lora_id, url): cluster.http.post(
             f"{url}/v1/chat/completions",
             json={"model": lora_id, "messages": HELLO, "max_tokens": 8},
             timeout=120,
@@ -165,13 +170,13 @@ def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgr
             # and killing its worker (milliseconds apart); more only add training time.
             "training": {"steps_per_batch": 6},
         }
-        answer = httpx.post(f"{through}/v1/feedback", json={"items": [item]}, timeout=120)
+        answer = cluster.http.post(f"{through}/v1/feedback", json={"items": [item]}, timeout=120)
         assert answer.status_code == 202, answer.text
         return str(answer.json()["feedback_id"])
 
     # `?wait=true` on a replica that trains nothing returns once a worker has trained it
     # (woken by PostgreSQL's notice).
-    waited = httpx.post(
+    waited = cluster.http.post(
         f"{a}/v1/feedback?wait=true",
         json={"items": [{"completion_id": completion[(lora_ids[0], b)], "feedback": "hi"}]},
         timeout=300,
@@ -198,7 +203,7 @@ def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgr
 
         # SIGKILL replica B: A keeps serving, and B's requests are trained all the same.
         next(p for p in cluster.processes if p.name == "api-b").kill()
-        chat = httpx.post(
+        chat = cluster.http.post(
             f"{a}/v1/chat/completions",
             json={"model": lora_ids[0], "messages": HELLO, "max_tokens": 4},
             timeout=120,
@@ -213,7 +218,7 @@ def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgr
                 break
             assert time.monotonic() < deadline, [(r.id, r.status) for r in final]
             time.sleep(0.5)
-        assert httpx.get(f"{a}/v1/health", timeout=30).status_code == 200  # reconnected
+        assert cluster.http.get(f"{a}/v1/health", timeout=30).status_code == 200  # reconnected
     finally:
         store.close()
 
@@ -229,7 +234,7 @@ def test_two_replicas_and_two_workers_lose_nothing_through_sigkills_and_a_postgr
         made = sorted(set(versions))
         start = 3 if lora_id == lora_ids[0] else 2
         assert made == list(range(start, start + len(made)))  # contiguous: none trained twice
-        listed = httpx.get(f"{a}/v1/adapters/{lora_id}").json()["versions"]
+        listed = cluster.http.get(f"{a}/v1/adapters/{lora_id}").json()["versions"]
         first = [2] if lora_id == lora_ids[0] else []  # the request that was waited for
         assert [v["version"] for v in listed] == [1, *first, *made]
         heads = defaultdict(list)
@@ -259,14 +264,16 @@ def test_a_replica_and_a_worker_on_one_sqlite_file(tmp_path: Path, tiny_dir: Pat
             worker = starting.submit(deployment.worker, "worker")
             url = deployment.api("api")
             worker.result()
-        assert httpx.post(f"{url}/v1/adapters", json={"lora_id": "solo/a", "rank": 4}).is_success
-        answer = httpx.post(
+        assert deployment.http.post(
+            f"{url}/v1/adapters", json={"lora_id": "solo/a", "rank": 4}
+        ).is_success
+        answer = deployment.http.post(
             f"{url}/v1/chat/completions",
             json={"model": "solo/a", "messages": HELLO, "max_tokens": 8},
             timeout=120,
         ).json()["id"]
         for version in (2, 3):
-            waited = httpx.post(
+            waited = deployment.http.post(
                 f"{url}/v1/feedback?wait=true",
                 json={"items": [{"completion_id": answer, "feedback": f"shorter {version}"}]},
                 timeout=300,
@@ -274,7 +281,7 @@ def test_a_replica_and_a_worker_on_one_sqlite_file(tmp_path: Path, tiny_dir: Pat
             assert waited.status_code == 200, waited.text
             assert (waited.json()["status"], waited.json()["version"]) == ("done", version)
         # The replica serves the worker's newest version on its next chat.
-        again = httpx.post(
+        again = deployment.http.post(
             f"{url}/v1/chat/completions",
             json={"model": "solo/a", "messages": HELLO, "max_tokens": 4},
             timeout=120,

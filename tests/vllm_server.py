@@ -65,16 +65,19 @@ def start(timeout: float) -> str:
     process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     (STATE / "server.pid").write_text(str(process.pid))
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise SystemExit(f"vLLM exited with {process.returncode}; see {STATE / 'server.log'}")
-        try:
-            if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                print(url)
-                return url
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
+    with httpx.Client(timeout=2) as probe:  # one client: each new one loads the CA bundle
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise SystemExit(
+                    f"vLLM exited with {process.returncode}; see {STATE / 'server.log'}"
+                )
+            try:
+                if probe.get(f"{url}/health").status_code == 200:
+                    print(url)
+                    return url
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
     process.terminate()
     raise SystemExit(f"vLLM did not answer within {timeout:.0f} s; see {STATE / 'server.log'}")
 

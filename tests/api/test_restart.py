@@ -71,12 +71,12 @@ def test_restart_after_sigkill_resumes_queued_feedback(
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     process = _start(tiny_dir, tmp_path, port)
+    http = httpx.Client(base_url=url, timeout=60)  # one client: a new one loads the CA bundle
     try:
-        httpx.post(f"{url}/v1/adapters", json={"lora_id": "alice/durable", "rank": 4}, timeout=60)
-        answer = httpx.post(
-            f"{url}/v1/chat/completions",
+        http.post("/v1/adapters", json={"lora_id": "alice/durable", "rank": 4})
+        answer = http.post(
+            "/v1/chat/completions",
             json={"model": "alice/durable", "messages": HELLO, "max_tokens": 8},
-            timeout=60,
         ).json()
         items = [
             {
@@ -85,15 +85,16 @@ def test_restart_after_sigkill_resumes_queued_feedback(
                 "training": {"steps_per_batch": STEPS},
             }
         ]
-        first = httpx.post(f"{url}/v1/feedback", json={"items": items}, timeout=60).json()
-        second = httpx.post(f"{url}/v1/feedback", json={"items": items}, timeout=60).json()
+        first = http.post("/v1/feedback", json={"items": items}).json()
+        second = http.post("/v1/feedback", json={"items": items}).json()
         deadline = time.monotonic() + 120
-        while httpx.get(f"{url}/v1/feedback/{first['feedback_id']}").json()["status"] == "queued":
+        while http.get(f"/v1/feedback/{first['feedback_id']}").json()["status"] == "queued":
             assert time.monotonic() < deadline
-            time.sleep(0.01)
+            time.sleep(0.05)  # each poll is a request the server answers: no more often
     finally:  # the kill, at once once the first request is seen training
         process.send_signal(signal.SIGKILL)
         process.wait(timeout=30)
+        http.close()
     settings = Settings(data_dir=tmp_path, lease_seconds=LEASE_SECONDS)
     store = Store(settings.database)
     try:  # killed mid-training: the first request still claimed, no version made yet

@@ -177,12 +177,13 @@ def test_async_client(shared: LiveServer, tmp_path: Path) -> None:
             created = await claas.adapters.create("bob/async", rank=4)
             assert created.current_version == 1
             assert [a.lora_id for a in await claas.adapters.list()] == ["bob/async"]
-            chat = await claas.openai().chat.completions.create(
-                model="bob/async",
-                messages=HELLO,  # type: ignore[arg-type]
-                max_tokens=8,
-                temperature=0,
-            )
+            async with claas.openai() as openai_client:
+                chat = await openai_client.chat.completions.create(
+                    model="bob/async",
+                    messages=HELLO,  # type: ignore[arg-type]
+                    max_tokens=8,
+                    temperature=0,
+                )
             item = FeedbackItem(completion_id=chat.id, feedback="Shorter.", training=QUICK)
             accepted = await claas.feedback.send(item)
             done = await claas.feedback.wait(accepted.feedback_id, timeout=300, interval=0.05)
