@@ -99,7 +99,7 @@ COPY --from=build /opt/model /opt/model
 # time, so the first start skips the conversion. A fresh named volume starts with this link;
 # a bind-mounted empty dir converts once instead (~20 s).
 RUN python -c "import sys; from pathlib import Path; \
-from claas.models import embedded_cache_dir; \
+from claas.model_files import embedded_cache_dir; \
 entry = embedded_cache_dir(Path('/data/models')); entry.parent.mkdir(parents=True); \
 entry.symlink_to(sys.argv[1])" /opt/model/SmolLM2-135M-Instruct \
     && chown -R claas:claas /data

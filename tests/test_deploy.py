@@ -33,7 +33,8 @@ import yaml
 from serving import ADMIN_KEY, OWNER_KEYS, make_server
 from sqlalchemy.engine import make_url
 
-from claas.models import convert_embedded, embedded_cache_dir, load_tokenizer
+from claas.model_files import embedded_cache_dir
+from claas.models import convert_embedded, load_tokenizer
 from claas.services.tinker import API_KEY_VARIABLES
 from claas.settings import EMBEDDED_MODEL, Settings
 

@@ -25,6 +25,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ),
     ("client", ("claas.client",)),  # talks to a server over HTTP: foundation only, no torch
     ("math", ("claas.sdpo.divergence",)),
+    ("model files", ("claas.model_files",)),  # where a model is, without torch
     ("services", ("claas.services", "claas.models")),
     ("sdpo", ("claas.sdpo",)),
     ("store", ("claas.store",)),

@@ -12,7 +12,8 @@ import torch
 
 from claas import models
 from claas.errors import ModelNotFound
-from claas.models import LoadedModel, convert_embedded, embedded_cache_dir, load_model
+from claas.model_files import embedded_cache_dir
+from claas.models import LoadedModel, convert_embedded, load_model
 from claas.sdpo.prompts import chat_prompt_tokens
 
 

@@ -171,6 +171,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "reach this port can read and train every adapter",
             file=sys.stderr,
         )
+    _check_local_model(settings)
     # Imported only now: a refusal above is told at once, not after seconds of torch imports.
     import uvicorn
 
@@ -196,10 +197,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     import signal
 
     from claas.logs import configure_logging
-    from claas.runtime import Runtime
 
     settings = settings_from(args).model_copy(update={"train": True})
     configure_logging(settings.log_level)
+    _check_local_model(settings)
+    from claas.runtime import Runtime  # after the check: seconds of torch imports
+
     runtime = Runtime.build(settings)
 
     async def work() -> None:
@@ -221,6 +224,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
     finally:
         runtime.close()
     return 0
+
+
+def _check_local_model(settings: Settings) -> None:
+    """A local service's model must be on this machine: say so before the runtime's imports.
+    (Tinker's base models are hosted; the Tinker service finds their tokenizers itself.)"""
+    if settings.service == "local":
+        from claas.model_files import check_model
+
+        check_model(settings.model)
 
 
 def _announcing_server(config: Any, model: str, service: str) -> Any:
