@@ -80,9 +80,11 @@ model-cache: $(STAMP)
 # Lint and the model conversion side by side (one core each), then two pytest workers, a test
 # file each at a time: module-wide servers and models are made once per file. The files go out
 # in collected order, the `heavy` ones first (tests/conftest.py), so both workers end together.
+# Two workers share two cores: OpenMP threads wait passively (they sleep, not spin), so a thread
+# waiting for its partner does not hold the core that the other worker needs.
 test: browser postgres $(STAMP)
 	$(MAKE) --no-print-directory -j2 lint model-cache
-	CLAAS_TEST_MODEL_CACHE=$(TEST_MODEL_CACHE) $(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not vllm"
+	OMP_WAIT_POLICY=PASSIVE CLAAS_TEST_MODEL_CACHE=$(TEST_MODEL_CACHE) $(BIN)/pytest -q -n 2 --dist loadfile --no-loadscope-reorder -m "not vllm"
 
 $(VLLM_STAMP):
 	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)

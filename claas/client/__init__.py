@@ -6,16 +6,16 @@ The whole loop, against `$CLAAS_URL` (default http://127.0.0.1:8000) with `$CLAA
 
     from claas.client import Client, FeedbackItem
 
-    claas = Client()
-    claas.adapters.create("alice/assistant")
-    chat, ask = claas.openai(), [{"role": "user", "content": "Explain how a rainbow forms."}]
-    first = chat.chat.completions.create(model="alice/assistant", messages=ask, max_tokens=64)
-    done = claas.feedback.send_and_wait(
-        FeedbackItem(completion_id=first.id, feedback="Way too long. One short sentence.")
-    )
-    print(f"{done.lora_id} is now at version {done.version}")
-    again = chat.chat.completions.create(model="alice/assistant", messages=ask, max_tokens=64)
-    print(again.choices[0].message.content)  # served by the new version
+    with Client() as claas, claas.openai() as chat:  # both closed at the end of the block
+        claas.adapters.create("alice/assistant")
+        ask = [{"role": "user", "content": "Explain how a rainbow forms."}]
+        first = chat.chat.completions.create(model="alice/assistant", messages=ask, max_tokens=64)
+        done = claas.feedback.send_and_wait(
+            FeedbackItem(completion_id=first.id, feedback="Way too long. One short sentence.")
+        )
+        print(f"{done.lora_id} is now at version {done.version}")
+        again = chat.chat.completions.create(model="alice/assistant", messages=ask, max_tokens=64)
+        print(again.choices[0].message.content)  # served by the new version
 
 `AsyncClient` has the same methods, to be awaited. An error answer of the server raises a
 `ClaasAPIError` subclass chosen by its status, carrying the server's message (which says what to

@@ -356,7 +356,7 @@ def test_the_schema_documents_every_status_with_the_real_error_body(server: Live
 
 def test_serve_prints_the_address_it_really_bound(tmp_path: Path, model_cache: Path) -> None:
     model_dir = save_tiny_model(model_cache, tmp_path / "tiny")
-    process = subprocess.Popen(
+    with subprocess.Popen(  # the block's end closes its stdout and waits for it
         [sys.executable, "-m", "claas.cli", "serve", "--model", str(model_dir), "--port", "0"],
         env={
             "CLAAS_DATA_DIR": str(tmp_path / "data"),
@@ -366,17 +366,16 @@ def test_serve_prints_the_address_it_really_bound(tmp_path: Path, model_cache: P
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
-    )
-    try:
-        assert process.stdout is not None
-        line = process.stdout.readline()
-        match = re.search(r" at (http://127\.0\.0\.1:(\d+)) ", line)
-        assert match, line
-        assert int(match.group(2)) > 0
-        assert httpx.get(f"{match.group(1)}/v1/health", timeout=10).status_code == 200
-    finally:
-        process.terminate()
-        process.wait(timeout=60)
+    ) as process:
+        try:
+            assert process.stdout is not None
+            line = process.stdout.readline()
+            match = re.search(r" at (http://127\.0\.0\.1:(\d+)) ", line)
+            assert match, line
+            assert int(match.group(2)) > 0
+            assert httpx.get(f"{match.group(1)}/v1/health", timeout=10).status_code == 200
+        finally:
+            process.terminate()
 
 
 def test_prompts_are_tokenised_off_the_event_loop(

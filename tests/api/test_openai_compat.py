@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import openai
@@ -32,8 +33,25 @@ pytestmark = pytest.mark.heavy
 PROMPT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "Tell me about the sea."}]
 
 
+_CLIENTS: dict[tuple[str, str], openai.OpenAI] = {}
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Each test's OpenAI clients are closed after it, with their connections."""
+    yield
+    for opened in _CLIENTS.values():
+        opened.close()
+    _CLIENTS.clear()
+
+
 def client(live: LiveServer, key: str = "sk-alice") -> openai.OpenAI:
-    return openai.OpenAI(base_url=f"{live.url}/v1", api_key=key, max_retries=0)
+    """The test's one OpenAI client for this server and key."""
+    if (live.url, key) not in _CLIENTS:
+        _CLIENTS[live.url, key] = openai.OpenAI(
+            base_url=f"{live.url}/v1", api_key=key, max_retries=0
+        )
+    return _CLIENTS[live.url, key]
 
 
 def greedy(live: LiveServer, model: str, **fields: Any) -> Any:
