@@ -17,8 +17,10 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from claas.errors import (
+    AdapterNotFound,
     ClaasError,
     ClaimLost,
+    Conflict,
     DatabaseUnavailable,
     FeedbackNotFound,
     InvalidFeedback,
@@ -263,7 +265,27 @@ async def train_and_register(
     start = TrainFrom(
         version=current.version, state_path=current.state_path, sampler_path=current.sampler_path
     )
-    trained = await engine.distill(samples, config, start, replay)
+
+    async def still_wanted(step: int) -> None:
+        """Before each step: an adapter rolled back or deleted since training started would
+        refuse the result, so the training stops here, not after its last step."""
+        try:
+            now = await asyncio.to_thread(store.get_adapter, lora_id)
+        except AdapterNotFound:
+            now = None
+        except DatabaseUnavailable:
+            return  # cannot tell now: the registration decides
+        if now is None or (now.current_version, now.created_at) != (
+            adapter.current_version,
+            adapter.created_at,
+        ):
+            raise Conflict(
+                f"adapter {lora_id} was rolled back, or deleted, while this request trained; "
+                f"its training stopped before step {step + 1} of {config.steps_per_batch}. "
+                "Send the feedback again"
+            )
+
+    trained = await engine.distill(samples, config, start, replay, before_step=still_wanted)
     try:
         version = await asyncio.to_thread(
             functools.partial(

@@ -47,7 +47,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -120,12 +120,14 @@ class SDPOEngine:
         config: TrainingConfig,
         start: TrainFrom,
         replay: Sequence[Lesson] = (),
+        before_step: Callable[[int], Awaitable[None]] | None = None,
     ) -> TrainedCheckpoint:
         """Train the adapter version `start` on one feedback batch, and on fresh answers to
-        `replay`'s earlier lessons; return the new checkpoint."""
+        `replay`'s earlier lessons; return the new checkpoint. `before_step(step)` is awaited
+        before each optimiser step: what it raises stops the training there."""
         if config.use_topk_divergence:
-            return await self._distill(TopKGJS(config), samples, config, start, replay)
-        return await self._distill(ScalarKL(config), samples, config, start, replay)
+            return await self._distill(TopKGJS(config), samples, config, start, replay, before_step)
+        return await self._distill(ScalarKL(config), samples, config, start, replay, before_step)
 
     async def _distill(
         self,
@@ -134,6 +136,7 @@ class SDPOEngine:
         config: TrainingConfig,
         start: TrainFrom,
         replay: Sequence[Lesson],
+        before_step: Callable[[int], Awaitable[None]] | None,
     ) -> TrainedCheckpoint:
         timings: dict[str, float] = {}
         with timed(timings, "validate"):
@@ -191,6 +194,8 @@ class SDPOEngine:
             steps = []
             rate = self.learning_rate_for(config)
             for step in range(config.steps_per_batch):
+                if before_step is not None:
+                    await before_step(step)
                 with timed(timings, "train"):
                     steps.append(
                         await train_step(strategy, trainer, scored, data, config, step, rate)

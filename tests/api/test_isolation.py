@@ -290,20 +290,28 @@ def test_deleting_an_adapter_while_it_trains_is_clean(
 ) -> None:
     create(server, "u/gone")
     answer = chat(server, "u/gone").json()["id"]
-    item = {"completion_id": answer, "feedback": "x", "training": {"steps_per_batch": 64}}
+    # Steps enough that the batch still trains when the delete lands (milliseconds after it is
+    # seen running; checked below), as in tests/api/test_restart.py.
+    item = {"completion_id": answer, "feedback": "x", "training": {"steps_per_batch": 16}}
     feedback_id = server.client.post("/v1/feedback", json={"items": [item]}).json()["feedback_id"]
     deadline = time.monotonic() + 120
     while server.client.get(f"/v1/feedback/{feedback_id}").json()["status"] != "running":
         assert time.monotonic() < deadline
         time.sleep(0.02)
     worker = server.runtime.queue._running[feedback_id]
-    with caplog.at_level(logging.ERROR):
+    assert not worker.done()  # the delete below lands mid-training
+    with caplog.at_level(logging.WARNING):
         assert server.client.delete("/v1/adapters/u/gone").status_code == 200
-        while not worker.done():  # the worker finishes its step, then stops
+        while not worker.done():  # the worker finishes the step it is in, then stops
             assert time.monotonic() < deadline + 300
             time.sleep(0.05)
     assert not worker.cancelled() and worker.exception() is None
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.records
+    # Nobody waits for its result: it stopped at a step boundary, not after its 16 steps.
+    (stopped,) = [r for r in caplog.records if "training stopped before step" in r.message]
+    assert stopped.name == "claas.feedback" and stopped.__dict__["status"] == "deleted"
+    step = int(stopped.message.split("before step ")[1].split(" of 16")[0])
+    assert 1 <= step <= 16, stopped.message
     assert server.client.get(f"/v1/feedback/{feedback_id}").status_code == 404
     # the same name can be created and trained again
     create(server, "u/gone")

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -78,7 +78,9 @@ class StandInEngine:
     - `distill` records (lora_id, feedback texts, start version, config), then waits while the
       adapter is held (`hold`), then raises if a feedback contains CRASH (a RuntimeError) or
       CLOSING (ServiceClosed), else returns
-      checkpoints `local://stand-in/{n}/state` and `.../sampler` for its n-th call;
+      checkpoints `local://stand-in/{n}/state` and `.../sampler` for its n-th call, as if
+      the adapter changed after its last step (it has no steps, so `before_step` is never
+      called; tests/api/test_isolation.py checks that hook on the real engine);
     - `most_at_once[lora_id]` is the most `distill` calls of one adapter ever in flight together;
     - `service.deleted` lists the checkpoint paths deleted through the rest client.
     """
@@ -116,6 +118,7 @@ class StandInEngine:
         config: TrainingConfig,
         start: TrainFrom,
         replay: Sequence[Lesson] = (),
+        before_step: Callable[[int], Awaitable[None]] | None = None,
     ) -> TrainedCheckpoint:
         lora_id = samples[0].lora_id
         feedback = [s.feedback for s in samples]
