@@ -42,6 +42,7 @@ from serving import (
 from claas.errors import ServiceClosed
 from claas.models import tiny_llama
 from claas.runtime import Runtime
+from claas.services.local.training_client import LocalTrainingClient
 from claas.settings import Settings
 
 pytestmark = pytest.mark.heavy
@@ -286,18 +287,25 @@ def test_start_up_sweeps_checkpoints_no_version_references(
 
 
 def test_deleting_an_adapter_while_it_trains_is_clean(
-    server: LiveServer, caplog: pytest.LogCaptureFixture
+    server: LiveServer, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # A spy, not a fake: the real training step, which also says when the first one starts.
+    stepping = threading.Event()
+    real_step = LocalTrainingClient.forward_backward_custom
+
+    def seen_stepping(client: LocalTrainingClient, *args: Any, **kwargs: Any) -> Any:
+        stepping.set()
+        return real_step(client, *args, **kwargs)
+
+    monkeypatch.setattr(LocalTrainingClient, "forward_backward_custom", seen_stepping)
     create(server, "u/gone")
     answer = chat(server, "u/gone").json()["id"]
-    # Steps enough that the batch still trains when the delete lands (milliseconds after it is
-    # seen running; checked below), as in tests/api/test_restart.py.
+    # Steps enough that the batch still trains when the delete lands (milliseconds after its
+    # first step starts; checked below), as in tests/api/test_restart.py.
     item = {"completion_id": answer, "feedback": "x", "training": {"steps_per_batch": 16}}
     feedback_id = server.client.post("/v1/feedback", json={"items": [item]}).json()["feedback_id"]
     deadline = time.monotonic() + 120
-    while server.client.get(f"/v1/feedback/{feedback_id}").json()["status"] != "running":
-        assert time.monotonic() < deadline
-        time.sleep(0.02)
+    assert stepping.wait(timeout=120)
     worker = server.runtime.queue._running[feedback_id]
     assert not worker.done()  # the delete below lands mid-training
     with caplog.at_level(logging.WARNING):
@@ -311,7 +319,7 @@ def test_deleting_an_adapter_while_it_trains_is_clean(
     (stopped,) = [r for r in caplog.records if "training stopped before step" in r.message]
     assert stopped.name == "claas.feedback" and stopped.__dict__["status"] == "deleted"
     step = int(stopped.message.split("before step ")[1].split(" of 16")[0])
-    assert 1 <= step <= 16, stopped.message
+    assert 2 <= step <= 16, stopped.message  # the first step had started before the delete
     assert server.client.get(f"/v1/feedback/{feedback_id}").status_code == 404
     # the same name can be created and trained again
     create(server, "u/gone")
