@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import copy
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -127,9 +128,16 @@ def test_feedback_loads_the_new_version_and_vllm_agrees_with_the_local_service(
     assert trained["status"] == "done", trained
     version = on_vllm.runtime.store.latest_version("alice/f")
     assert version is not None and version.version == 2
-    # Loaded into vLLM as soon as it was trained, before any chat asked for it.
-    models = httpx.get(f"{vllm_url()}/v1/models", timeout=30).json()["data"]
-    assert lora_name(version.sampler_path) in {m["id"] for m in models}
+    # Loaded into vLLM once it was trained, before any chat asked for it. `?wait=true` can
+    # return a moment before the load ends: it polls the request's status, which the
+    # registration sets, and the load follows the registration.
+    deadline = time.monotonic() + 30
+    with httpx.Client(timeout=30) as vllm:
+        while lora_name(version.sampler_path) not in {
+            m["id"] for m in vllm.get(f"{vllm_url()}/v1/models").json()["data"]
+        }:
+            assert time.monotonic() < deadline, "the new version never reached vLLM"
+            time.sleep(0.1)
 
     second = chat(on_vllm, "alice/f")
     rollout = on_vllm.runtime.store.get_rollout(second["id"])
