@@ -28,6 +28,14 @@ class Adapter(_Frozen):
     created_at: float
     current_version: int | None  # served and trained from; None before the first version
 
+    def unchanged_since(self, before: Adapter) -> bool:
+        """Whether this is still the adapter `before` was read as: not rolled back, nor deleted
+        and re-created, since (what a training result started from `before` needs)."""
+        return (self.current_version, self.created_at) == (
+            before.current_version,
+            before.created_at,
+        )
+
 
 class AdapterVersion(_Frozen):
     lora_id: str

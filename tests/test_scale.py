@@ -74,7 +74,7 @@ class Cluster:
         self.processes: list[Process] = []
         # One client for every call (threads share it): `httpx.post` builds a client, and
         # loads the CA bundle, on every call.
-        self.http = httpx.Client(timeout=300)
+        self.http = httpx.Client()  # httpx's default timeout, as `httpx.post` had
 
     def _spawn(self, name: str, args: list[str]) -> Process:
         log = self.root / f"{name}.log"

@@ -275,10 +275,7 @@ async def train_and_register(
             now = None
         except DatabaseUnavailable:
             return  # cannot tell now: the registration decides
-        if now is None or (now.current_version, now.created_at) != (
-            adapter.current_version,
-            adapter.created_at,
-        ):
+        if now is None or not now.unchanged_since(adapter):
             raise Conflict(
                 f"adapter {lora_id} was rolled back, or deleted, while this request trained; "
                 f"its training stopped before step {step + 1} of {config.steps_per_batch}. "

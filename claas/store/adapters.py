@@ -132,10 +132,7 @@ class AdapterStore(MemoryStore):
         """
         with self._transaction() as db:
             adapter = self.get_adapter(lora_id, lock=True)
-            if trained_from is not None and (
-                adapter.current_version != trained_from.current_version
-                or adapter.created_at != trained_from.created_at
-            ):
+            if trained_from is not None and not adapter.unchanged_since(trained_from):
                 raise Conflict(
                     f"adapter {lora_id} changed while this request trained (rolled back, or "
                     "deleted and re-created); its result was discarded. Send the feedback again"

@@ -88,7 +88,9 @@ def test_restart_after_sigkill_resumes_queued_feedback(
         first = http.post("/v1/feedback", json={"items": items}).json()
         second = http.post("/v1/feedback", json={"items": items}).json()
         deadline = time.monotonic() + 120
-        while http.get(f"/v1/feedback/{first['feedback_id']}").json()["status"] == "queued":
+        while (
+            http.get(f"/v1/feedback/{first['feedback_id']}", timeout=5).json()["status"] == "queued"
+        ):
             assert time.monotonic() < deadline
             time.sleep(0.05)  # each poll is a request the server answers: no more often
     finally:  # the kill, at once once the first request is seen training
