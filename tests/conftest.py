@@ -9,14 +9,19 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
-from postgres import PostgresCluster
-from serving import ADMIN_KEY, OWNER_KEYS, LiveServer, make_server
 
-from claas.models import LoadedModel, load_model, tiny_llama
-from claas.settings import EMBEDDED_MODEL
+# pytest-xdist's controller loads this file too, and only then starts the workers; it runs no
+# test. So the fixtures import claas (torch, transformers: 9 CPU-seconds) when they first run,
+# in a worker, and the workers do not wait for the controller to import what it never uses.
+if TYPE_CHECKING:
+    from postgres import PostgresCluster
+    from serving import LiveServer
+
+    from claas.models import LoadedModel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -43,18 +48,25 @@ def model_cache() -> Path:
 @pytest.fixture(scope="session")
 def tiny(model_cache: Path) -> LoadedModel:
     """Tiny random Llama (2 layers, hidden 64) with the real SmolLM2 tokenizer."""
+    from claas.models import tiny_llama
+
     return tiny_llama(model_cache, seed=0)
 
 
 @pytest.fixture(scope="session")
 def smol(model_cache: Path) -> LoadedModel:
     """The real embedded SmolLM2-135M-Instruct, on CPU."""
+    from claas.models import load_model
+    from claas.settings import EMBEDDED_MODEL
+
     return load_model(EMBEDDED_MODEL, model_cache, device="cpu")
 
 
 @pytest.fixture
 def server(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
     """A real server on 127.0.0.1 with the tiny model and a fresh data dir."""
+    from serving import make_server
+
     live = make_server(tmp_path, model_cache, max_tokens_cap=256)
     yield live
     live.close()
@@ -64,6 +76,8 @@ def server(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
 def keyed(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
     """A real server with the tiny model whose API keys are two owners' and an admin's
     (`serving.OWNER_KEYS`, `serving.ADMIN_KEY`): without a key, nothing is answered."""
+    from serving import ADMIN_KEY, OWNER_KEYS, make_server
+
     live = make_server(tmp_path, model_cache, api_keys=OWNER_KEYS, admin_key=ADMIN_KEY)
     yield live
     live.close()
@@ -73,6 +87,8 @@ def keyed(tmp_path: Path, model_cache: Path) -> Iterator[LiveServer]:
 def shared(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Iterator[LiveServer]:
     """One keyed server for a whole test module, for tests that each work on adapters of
     their own and so cannot see one another."""
+    from serving import ADMIN_KEY, OWNER_KEYS, make_server
+
     live = make_server(
         tmp_path_factory.mktemp("shared"),
         model_cache,
@@ -87,6 +103,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory, model_cache: Path) -> Itera
 @pytest.fixture(scope="session")
 def postgres() -> Iterator[PostgresCluster]:
     """One real PostgreSQL server for the whole run (Debian's package), stopped by its pid."""
+    from postgres import PostgresCluster
+
     cluster = PostgresCluster.start()
     yield cluster
     cluster.stop()

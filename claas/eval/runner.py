@@ -127,7 +127,7 @@ class EvalRun:
         self.lines_path = run_dir / "steps.jsonl"
         self.lines: list[StepLine] = []
         self.started_at = _now()
-        self._plotted_at = -math.inf  # the plots are drawn by the first summary
+        self._plotted_at = -math.inf  # the plots are drawn by the first summary with a step
         self.divergence_mode: str = config.training.divergence_mode
         self.measurer = Measurer(claas, config)
 
@@ -380,8 +380,10 @@ class EvalRun:
             metrics["length_drift"] = metrics["mean_length"] / base["mean_length"] - 1.0
 
     def _write_summary(self, status: RunStatus, error: str | None = None) -> None:
-        now = time.monotonic()  # plots cost more than a quick step: the last summary redraws them
-        if status != "running" or now - self._plotted_at >= PLOT_SECONDS:
+        # Plots cost more than a quick step (1.5 s for the four): the last summary redraws them,
+        # and a run with no step yet has nothing to draw.
+        now = time.monotonic()
+        if self.lines and (status != "running" or now - self._plotted_at >= PLOT_SECONDS):
             report.plot_run(self.run_dir, self.lines, [p.name for p in self.preferences])
             self._plotted_at = now
         body = report.summary(

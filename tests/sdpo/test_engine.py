@@ -2,7 +2,7 @@
 replayed answers, failure hygiene and validation, on the tiny model.
 
 The exact gradients are checked in test_gradient.py, the learning signal on the real model in
-test_real_model_learning.py.
+tests/api/test_real_model.py (through the API, in both divergence modes).
 """
 
 from __future__ import annotations
