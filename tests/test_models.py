@@ -61,6 +61,29 @@ def test_tiny_llama_shares_the_real_tokenizer(tiny: LoadedModel, smol: LoadedMod
     assert not any(p.requires_grad for p in tiny.model.parameters())
 
 
+def test_tiny_llama_copies_are_fresh_builds(model_cache: Path) -> None:
+    """A copy of the per-seed template is what building the model again would give: the same
+    weights and the same RNG state after it, weights of its own (a server's adapters change
+    its model), and a model of another seed is another model."""
+    first = models.tiny_llama(model_cache, seed=5)
+    rng_first = torch.get_rng_state()
+    with torch.no_grad():
+        first.model.model.embed_tokens.weight.mul_(1.02)  # what a copy must not share
+    torch.rand(3)  # whatever draws from the global RNG in between
+    second = models.tiny_llama(model_cache, seed=5)
+    assert torch.equal(torch.get_rng_state(), rng_first)
+    built = models._build_tiny(model_cache, 5, {})
+    assert torch.equal(torch.get_rng_state(), rng_first)
+    for (name, got), (_, want) in zip(
+        second.model.state_dict().items(), built.model.state_dict().items(), strict=True
+    ):
+        assert torch.equal(got, want), name
+    assert second.model.lm_head.weight is second.model.model.embed_tokens.weight  # still tied
+    assert not any(p.requires_grad for p in second.model.parameters())
+    other = models.tiny_llama(model_cache, seed=6).model.model.embed_tokens.weight
+    assert not torch.equal(other, built.model.model.embed_tokens.weight)
+
+
 def test_missing_embedded_package_names_the_install_command(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -90,14 +113,16 @@ def test_local_model_directory_loads(tiny: LoadedModel, tmp_path: Path) -> None:
 def test_interrupted_conversion_leaves_no_cache(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """Ctrl-C during dequantisation: no cache dir, no staging leftovers, next run starts clean."""
+    """Ctrl-C during the conversion, once its staging dir exists: no cache dir, no staging
+    leftovers, next run starts clean. The interrupt comes at the first step, reading the GGUF's
+    tokenizer (8 CPU-seconds when real); every later step leaves through the same `with`."""
 
     class Interrupting:
         @staticmethod
         def from_pretrained(*args: Any, **kwargs: Any) -> Any:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(models, "AutoModelForCausalLM", Interrupting)
+    monkeypatch.setattr(models, "AutoTokenizer", Interrupting)
     with pytest.raises(KeyboardInterrupt):
         convert_embedded(tmp_path)
     # Only the lock that serialises conversions stays (an empty file, never deleted: deleting a

@@ -34,7 +34,6 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import logging
-import math
 import os
 import sys
 import time
@@ -127,7 +126,8 @@ class EvalRun:
         self.lines_path = run_dir / "steps.jsonl"
         self.lines: list[StepLine] = []
         self.started_at = _now()
-        self._plotted_at = -math.inf  # the plots are drawn by the first summary with a step
+        # The first plots: PLOT_SECONDS into the run, or at its end if it ends sooner.
+        self._plotted_at = time.monotonic()
         self.divergence_mode: str = config.training.divergence_mode
         self.measurer = Measurer(claas, config)
 
@@ -380,8 +380,8 @@ class EvalRun:
             metrics["length_drift"] = metrics["mean_length"] / base["mean_length"] - 1.0
 
     def _write_summary(self, status: RunStatus, error: str | None = None) -> None:
-        # Plots cost more than a quick step (1.5 s for the four): the last summary redraws them,
-        # and a run with no step yet has nothing to draw.
+        # Plots cost more than a quick step (1.5 s for the four): they are redrawn at most every
+        # PLOT_SECONDS while the run goes on, and by its last summary; no step, nothing to draw.
         now = time.monotonic()
         if self.lines and (status != "running" or now - self._plotted_at >= PLOT_SECONDS):
             report.plot_run(self.run_dir, self.lines, [p.name for p in self.preferences])
