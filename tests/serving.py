@@ -65,7 +65,7 @@ def make_server(
 
 def wait_healthy(
     url: str,
-    process: subprocess.Popen[bytes],
+    process: subprocess.Popen[Any],
     timeout: float,
     output: Callable[[], str] = lambda: "claas serve exited",
 ) -> None:

@@ -52,8 +52,6 @@ from claas.sdpo.engine import SDPOEngine
 from claas.settings import Settings
 from claas.store import Store
 
-pytestmark = pytest.mark.heavy
-
 GUARD = 60.0  # seconds: only so that a missing log line fails a test instead of hanging it
 WRONG_KEY = "sk-not-a-key-of-this-server"
 SECRETS = [*OWNER_KEYS, ADMIN_KEY, WRONG_KEY]
@@ -529,55 +527,3 @@ def test_the_purge_runs_every_interval_until_the_queue_stops() -> None:
 
     stopped_at, later = asyncio.run(scenario())
     assert later == stopped_at
-
-
-def test_claas_serve_writes_json_lines_at_its_log_level(
-    model_cache: Path, tmp_path: Path, tmp_path_factory: pytest.TempPathFactory
-) -> None:
-    """`claas serve --log-level` as a user runs it (a real process): every stderr line is JSON,
-    the start-up line and one line per request are there, and debug lines only at debug."""
-    import os
-    import subprocess
-    import sys
-    from concurrent.futures import ThreadPoolExecutor
-
-    from serving import free_port, save_tiny_model, wait_healthy
-
-    model_dir = save_tiny_model(model_cache, tmp_path_factory.mktemp("tiny-model"))
-
-    def run(level: str) -> list[dict[str, Any]]:
-        port, stderr = free_port(), tmp_path / f"stderr-{level}.log"
-        with stderr.open("wb") as sink:
-            process = subprocess.Popen(
-                [
-                    *(sys.executable, "-m", "claas.cli", "serve", "--model", str(model_dir)),
-                    *("--port", str(port), "--log-level", level),
-                ],
-                env={**os.environ, "CLAAS_DATA_DIR": str(tmp_path / f"data-{level}")},
-                stdout=subprocess.DEVNULL,
-                stderr=sink,
-            )
-            try:
-                url = f"http://127.0.0.1:{port}"
-                wait_healthy(url, process, timeout=120, output=stderr.read_text)
-                assert httpx.get(f"{url}/v1/models").status_code == 200
-                # The request's line is written just after the response.
-                deadline = time.monotonic() + 30
-                while '"/v1/models"' not in stderr.read_text():
-                    assert time.monotonic() < deadline, stderr.read_text()
-                    time.sleep(0.05)
-            finally:
-                process.terminate()
-                process.wait(timeout=60)
-        lines = [line for line in stderr.read_text().splitlines() if line.strip()]
-        return [json.loads(line) for line in lines]  # every line parses as JSON
-
-    # The two servers start at once: each is seconds of imports.
-    with ThreadPoolExecutor(2) as pool:
-        at_info, at_debug = pool.map(run, ["info", "debug"])
-    assert any(r["logger"] == "claas.serve" and "ready" in r["message"] for r in at_info)
-    models = [r for r in at_info if r["logger"] == "claas.http" and r["path"] == "/v1/models"]
-    assert len(models) == 1 and models[0]["status"] == 200
-    assert not any(r["level"] == "debug" for r in at_info)
-    assert not any(r["logger"] == "uvicorn.access" for r in at_info)  # no second request line
-    assert any(r["level"] == "debug" and r.get("path") == "/v1/health" for r in at_debug)

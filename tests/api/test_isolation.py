@@ -13,8 +13,6 @@ import logging
 import os
 import re
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -36,7 +34,6 @@ from serving import (
     error_of,
     finished,
     make_server,
-    save_tiny_model,
 )
 
 from claas.errors import ServiceClosed
@@ -44,8 +41,6 @@ from claas.models import tiny_llama
 from claas.runtime import Runtime
 from claas.services.local.training_client import LocalTrainingClient
 from claas.settings import Settings
-
-pytestmark = pytest.mark.heavy
 
 
 @pytest.fixture
@@ -368,30 +363,6 @@ def test_the_schema_documents_every_status_with_the_real_error_body(server: Live
 # ---------------------------------------------------------------------------------------------
 # Smaller
 # ---------------------------------------------------------------------------------------------
-
-
-def test_serve_prints_the_address_it_really_bound(tmp_path: Path, model_cache: Path) -> None:
-    model_dir = save_tiny_model(model_cache, tmp_path / "tiny")
-    with subprocess.Popen(  # the block's end closes its stdout and waits for it
-        [sys.executable, "-m", "claas.cli", "serve", "--model", str(model_dir), "--port", "0"],
-        env={
-            "CLAAS_DATA_DIR": str(tmp_path / "data"),
-            "PATH": "/usr/bin:/bin",
-            "PYTHONUNBUFFERED": "1",
-        },
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    ) as process:
-        try:
-            assert process.stdout is not None
-            line = process.stdout.readline()
-            match = re.search(r" at (http://127\.0\.0\.1:(\d+)) ", line)
-            assert match, line
-            assert int(match.group(2)) > 0
-            assert httpx.get(f"{match.group(1)}/v1/health", timeout=10).status_code == 200
-        finally:
-            process.terminate()
 
 
 def test_prompts_are_tokenised_off_the_event_loop(
