@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 
+from claas.client.calls import tls_context
 from claas.eval.server import ThreadedServer
 from claas.models import LoadedModel, tiny_llama
 from claas.records import FINISHED
@@ -47,7 +48,7 @@ class LiveServer(ThreadedServer):
 
     def __init__(self, settings: Settings, loaded: LoadedModel) -> None:
         super().__init__(settings, loaded)
-        self.client = httpx.Client(base_url=self.start(), timeout=120)
+        self.client = httpx.Client(base_url=self.start(), timeout=120, verify=tls_context())
 
     def close(self) -> None:
         self.client.close()
@@ -75,7 +76,7 @@ def wait_healthy(
     One client polls: `httpx.get` builds a client, and so an SSL context with its CA bundle,
     on every call, which made the polling cost more CPU than the process it waited for."""
     deadline = time.monotonic() + timeout
-    with httpx.Client(timeout=2) as probe:
+    with httpx.Client(timeout=2, verify=tls_context()) as probe:
         while True:
             try:
                 if probe.get(f"{url}/v1/health").status_code == 200:

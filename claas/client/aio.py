@@ -41,7 +41,9 @@ class AsyncClient(calls.Endpoint):
         self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0
     ) -> None:
         super().__init__(base_url, api_key, timeout)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self._headers())
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self._headers(), verify=calls.tls_context()
+        )
         self.adapters = AsyncAdaptersAPI(self)
         self.feedback = AsyncFeedbackAPI(self)
 
@@ -54,12 +56,13 @@ class AsyncClient(calls.Endpoint):
 
     def openai(self) -> AsyncOpenAI:
         """An async OpenAI client for this server's chat API, with the same key and timeout."""
-        from openai import AsyncOpenAI
+        from openai import AsyncOpenAI, DefaultAsyncHttpxClient
 
         return AsyncOpenAI(
             base_url=self.openai_base_url,
             api_key=self.api_key or calls.NO_KEY,
             timeout=self.timeout,
+            http_client=DefaultAsyncHttpxClient(verify=calls.tls_context()),
         )
 
     async def close(self) -> None:

@@ -7,9 +7,11 @@ The sync client (`claas.client.sync`) and the async one (`claas.client.aio`) sen
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import re
+import ssl
 import zipfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -209,6 +211,13 @@ def health() -> Call[Health]:
             raise api_error(response) from None
 
     return Call("GET", "/v1/health", parse, accept=frozenset({503}))
+
+
+@functools.cache
+def tls_context() -> ssl.SSLContext:
+    """The TLS settings of every client this process makes (httpx's defaults, read once):
+    building them loads the CA bundle, 50 ms of CPU, and a client is often made for one call."""
+    return httpx.create_ssl_context()
 
 
 class Endpoint:

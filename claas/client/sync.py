@@ -43,7 +43,9 @@ class Client(calls.Endpoint):
         self, base_url: str | None = None, api_key: str | None = None, timeout: float = 60.0
     ) -> None:
         super().__init__(base_url, api_key, timeout)
-        self._http = httpx.Client(base_url=self.base_url, headers=self._headers())
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self._headers(), verify=calls.tls_context()
+        )
         self.adapters = AdaptersAPI(self)
         self.feedback = FeedbackAPI(self)
 
@@ -58,12 +60,13 @@ class Client(calls.Endpoint):
 
     def openai(self) -> OpenAI:
         """An OpenAI client for this server's chat API, with the same key and timeout."""
-        from openai import OpenAI
+        from openai import DefaultHttpxClient, OpenAI
 
         return OpenAI(
             base_url=self.openai_base_url,
             api_key=self.api_key or calls.NO_KEY,
             timeout=self.timeout,
+            http_client=DefaultHttpxClient(verify=calls.tls_context()),
         )
 
     def close(self) -> None:
