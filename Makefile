@@ -4,6 +4,11 @@
 # and for contributors: make format (ruff fix + format), make bench (the benchmark scripts),
 # make test-vllm (the vLLM backend against a real vLLM server, in a venv of its own)
 PYTHON ?= python3
+# Python writes its bytecode caches (.pyc) here even where the environment sets
+# PYTHONDONTWRITEBYTECODE (this machine and many images do): uv installs without them, so every
+# process would compile transformers, peft, sqlalchemy... from source again, 4 CPU-seconds each,
+# and a test run starts some thirty Python processes.
+export PYTHONDONTWRITEBYTECODE :=
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.claas-installed
