@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from transformers import LlamaForCausalLM
 
 from claas import models
 from claas.errors import ModelNotFound
@@ -72,16 +73,17 @@ def test_tiny_llama_copies_are_fresh_builds(model_cache: Path) -> None:
     torch.rand(3)  # whatever draws from the global RNG in between
     second = models.tiny_llama(model_cache, seed=5)
     assert torch.equal(torch.get_rng_state(), rng_first)
-    built = models._build_tiny(model_cache, 5, {})
+    torch.manual_seed(5)  # building it again, from the copy's own config
+    built = LlamaForCausalLM(second.model.config)
     assert torch.equal(torch.get_rng_state(), rng_first)
     for (name, got), (_, want) in zip(
-        second.model.state_dict().items(), built.model.state_dict().items(), strict=True
+        second.model.state_dict().items(), built.state_dict().items(), strict=True
     ):
         assert torch.equal(got, want), name
     assert second.model.lm_head.weight is second.model.model.embed_tokens.weight  # still tied
     assert not any(p.requires_grad for p in second.model.parameters())
     other = models.tiny_llama(model_cache, seed=6).model.model.embed_tokens.weight
-    assert not torch.equal(other, built.model.model.embed_tokens.weight)
+    assert not torch.equal(other, built.model.embed_tokens.weight)
 
 
 def test_missing_embedded_package_names_the_install_command(
